@@ -1,0 +1,364 @@
+r"""Stiffness measures on tensors, usable without Lightning.
+
+Definitions follow Fort, Nowak, Jastrzebski and Narayanan, "Stiffness: A New Perspective on Generalization in Neural
+Networks" (arXiv 1901.09491). With :math:`g_i = \nabla_\theta \ell(f(x_i), y_i)` the gradient of example
+:math:`i`'s own loss and :math:`G_{ij} = g_i \cdot g'_j` (:func:`gradient_gram`):
+
+- cosine stiffness :math:`\cos(g_i, g'_j) = G_{ij} / (|g_i| |g'_j|)` (:func:`cosine_stiffness`);
+- sign stiffness :math:`\operatorname{sign}(G_{ij})` (:func:`sign_stiffness`);
+- the class stiffness matrix :math:`C_{ab}`, the mean stiffness over pairs with :math:`i` in class :math:`a` and
+  :math:`j` in class :math:`b`, :math:`i \neq j` (:func:`class_stiffness`), its diagonal mean (within-class) and
+  off-diagonal mean (between-class) (:func:`within_between`);
+- stiffness against the distance between examples (:func:`pairwise_distances`, :func:`stiffness_by_distance`) and the
+  stiff-domain size :math:`\xi`, where a least-squares line through (distance, stiffness) crosses zero
+  (:func:`critical_distance`).
+
+Positive stiffness between :math:`i` and :math:`j`: a small gradient step on :math:`i` also lowers the loss on
+:math:`j`. Entries that are not finite (NaN from an example with a zero gradient) are left out of every mean and fit.
+"""
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_stiffness.gram import METHODS, gradient_gram
+
+__all__ = [
+    "METHODS",
+    "DistanceCurve",
+    "LineFitSums",
+    "class_stiffness",
+    "cosine_stiffness",
+    "critical_distance",
+    "critical_distance_from_sums",
+    "gradient_gram",
+    "line_fit_sums",
+    "pairwise_distances",
+    "sign_stiffness",
+    "stiffness_by_distance",
+    "within_between",
+]
+
+
+def _check_matrix(value: Tensor, name: str) -> None:
+    if not isinstance(value, Tensor) or value.dim() != 2:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must be a 2-D tensor [N, M], got {shape}.")
+    if value.numel() == 0:
+        raise ValueError(f"`{name}` must not be empty, got shape {tuple(value.shape)}.")
+
+
+def _check_vector(value: Tensor, name: str, length: int, what: str) -> None:
+    if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != length:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must be a 1-D tensor with one entry per {what} ({length}), got {shape}.")
+
+
+def cosine_stiffness(gram: Tensor, sq_norms: Tensor | None = None, sq_norms2: Tensor | None = None) -> Tensor:
+    r"""Cosine stiffness :math:`G_{ij} / \sqrt{|g_i|^2 |g'_j|^2}`, clamped to [-1, 1].
+
+    Args:
+        gram: Gram matrix [N, M] of per-example gradients.
+        sq_norms: squared gradient norms of the rows, [N]. Default: the diagonal of a square ``gram``.
+        sq_norms2: squared gradient norms of the columns, [M]. Default: ``sq_norms`` when ``gram`` is square.
+
+    Returns:
+        [N, M] tensor. An example with a zero gradient has no direction: its row or column is NaN (never inf, never
+        an exception).
+
+    Raises:
+        ValueError: if ``gram`` is not 2-D, or the norms are missing for a cross Gram matrix or have the wrong length.
+    """
+    _check_matrix(gram, "gram")
+    n, m = gram.shape
+    if sq_norms is None:
+        if n != m:
+            raise ValueError(f"`sq_norms` is required for a non-square `gram` ({n} x {m}).")
+        sq_norms = torch.diagonal(gram)
+    _check_vector(sq_norms, "sq_norms", n, "row of `gram`")
+    if sq_norms2 is None:
+        if n != m:
+            raise ValueError(f"`sq_norms2` is required for a non-square `gram` ({n} x {m}).")
+        sq_norms2 = sq_norms
+    _check_vector(sq_norms2, "sq_norms2", m, "column of `gram`")
+    denom = torch.sqrt(sq_norms.clamp_min(0)[:, None] * sq_norms2.clamp_min(0)[None, :])
+    cos = torch.where(denom > 0, gram / denom, torch.full_like(gram, float("nan")))
+    return cos.clamp(-1.0, 1.0)
+
+
+def sign_stiffness(gram: Tensor) -> Tensor:
+    r"""Sign stiffness :math:`\operatorname{sign}(G_{ij})` as a floating tensor (-1, 0 or 1)."""
+    _check_matrix(gram, "gram")
+    out = torch.sign(gram)
+    return out if out.is_floating_point() else out.to(torch.get_default_dtype())
+
+
+def _check_labels(labels: Tensor, name: str, length: int) -> None:
+    _check_vector(labels, name, length, "example")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer class indices, got dtype {labels.dtype}.")
+
+
+def class_stiffness(
+    stiffness: Tensor, labels: Tensor, labels2: Tensor | None = None, num_classes: int | None = None
+) -> Tensor:
+    r"""Class stiffness matrix: :math:`C_{ab}` = mean stiffness over pairs (i in class a, j in class b).
+
+    With a single set (``labels2`` is None, square ``stiffness``) the pairs i == j are left out, as in the paper.
+    Non-finite entries of ``stiffness`` are left out too.
+
+    Args:
+        stiffness: [N, M] stiffness (cosine or sign) between two sets of examples, or within one set.
+        labels: class of each row, integers in [0, num_classes).
+        labels2: class of each column; None when rows and columns are the same examples.
+        num_classes: number of classes C. Default: the largest label plus one.
+
+    Returns:
+        [C, C] tensor in the dtype of ``stiffness``; NaN where a class pair has no pairs.
+
+    Raises:
+        ValueError: on lengths that do not match ``stiffness``, non-integer labels, or labels outside
+            [0, num_classes).
+    """
+    _check_matrix(stiffness, "stiffness")
+    n, m = stiffness.shape
+    same_set = labels2 is None
+    if same_set and n != m:
+        raise ValueError(f"`labels2` is required for a non-square `stiffness` ({n} x {m}).")
+    _check_labels(labels, "labels", n)
+    labels2 = labels if same_set else labels2
+    _check_labels(labels2, "labels2", m)
+    highest = int(max(labels.max(), labels2.max()))
+    if num_classes is None:
+        num_classes = highest + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    lowest = int(min(labels.min(), labels2.min()))
+    if lowest < 0 or highest >= num_classes:
+        raise ValueError(f"`labels` and `labels2` must lie in [0, {num_classes}), got values in [{lowest}, {highest}].")
+
+    valid = torch.isfinite(stiffness)
+    if same_set:
+        valid &= ~torch.eye(n, dtype=torch.bool, device=stiffness.device)
+    values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
+    rows = torch.nn.functional.one_hot(labels.long(), num_classes).double()
+    cols = torch.nn.functional.one_hot(labels2.long().to(labels.device), num_classes).double()
+    sums = rows.T @ values @ cols
+    counts = rows.T @ valid.double() @ cols
+    mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+    return mean.to(stiffness.dtype if stiffness.is_floating_point() else torch.get_default_dtype())
+
+
+def within_between(class_matrix: Tensor) -> tuple[float, float]:
+    """Within-class and between-class stiffness: NaN-ignoring means of the diagonal and of the off-diagonal.
+
+    Args:
+        class_matrix: [C, C] class stiffness matrix (:func:`class_stiffness`).
+
+    Returns:
+        ``(within, between)`` as floats; NaN when every entry of that part is NaN (or, for between, when C == 1).
+    """
+    _check_matrix(class_matrix, "class_matrix")
+    if class_matrix.shape[0] != class_matrix.shape[1]:
+        raise ValueError(f"`class_matrix` must be square [C, C], got {tuple(class_matrix.shape)}.")
+    diagonal = torch.eye(class_matrix.shape[0], dtype=torch.bool, device=class_matrix.device)
+    within = torch.nanmean(class_matrix[diagonal].double())
+    off = class_matrix[~diagonal].double()
+    between = torch.nanmean(off) if off.numel() else torch.tensor(float("nan"))
+    return float(within), float(between)
+
+
+def _flatten_features(value: Tensor, name: str) -> Tensor:
+    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a tensor with at least one example per row, got {value!r:.80}.")
+    flat = value.reshape(value.shape[0], -1)
+    return flat if flat.is_floating_point() else flat.to(torch.get_default_dtype())
+
+
+def pairwise_distances(a: Tensor, b: Tensor | None = None, metric: Literal["cosine", "euclidean"] = "cosine") -> Tensor:
+    r"""Distances between examples, over their flattened features.
+
+    Args:
+        a: [N, ...] features (inputs or a layer's outputs).
+        b: [M, ...] features; None for the distances within ``a``.
+        metric: ``"cosine"``, :math:`1 - \cos(a_i, b_j)` in [0, 2] (the paper's input distance; NaN for an all-zero
+            example, which has no direction), or ``"euclidean"``, :math:`|a_i - b_j|`.
+
+    Returns:
+        [N, M] tensor. Within one set the diagonal is exactly 0.
+
+    Raises:
+        ValueError: for an unknown ``metric``, empty inputs or feature sizes that differ between ``a`` and ``b``.
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"`metric` must be 'cosine' or 'euclidean', got {metric!r}.")
+    x = _flatten_features(a, "a")
+    y = x if b is None else _flatten_features(b, "b").to(x.dtype)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"`a` and `b` must have the same number of features, got {x.shape[1]} and {y.shape[1]}.")
+    if metric == "cosine":
+        norms_x, norms_y = x.norm(dim=1), y.norm(dim=1)
+        denom = norms_x[:, None] * norms_y[None, :]
+        cos = torch.where(denom > 0, (x @ y.T) / denom, torch.full_like(denom, float("nan")))
+        dist = 1.0 - cos.clamp(-1.0, 1.0)
+    else:
+        dist = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    if b is None:
+        finite_diag = torch.isfinite(torch.diagonal(dist))
+        dist.diagonal().copy_(torch.where(finite_diag, torch.zeros_like(dist.diagonal()), dist.diagonal()))
+    return dist
+
+
+def _pair_values(stiffness: Tensor, distances: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The finite (distance, stiffness) pairs selected by ``mask``, as flat float64 tensors."""
+    _check_matrix(stiffness, "stiffness")
+    if not isinstance(distances, Tensor) or distances.shape != stiffness.shape:
+        shape = tuple(distances.shape) if isinstance(distances, Tensor) else type(distances).__name__
+        raise ValueError(f"`distances` must have the shape of `stiffness` {tuple(stiffness.shape)}, got {shape}.")
+    if mask is None:
+        n, m = stiffness.shape
+        mask = torch.ones(n, m, dtype=torch.bool, device=stiffness.device)
+        if n == m:
+            mask &= ~torch.eye(n, dtype=torch.bool, device=stiffness.device)
+    elif not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != stiffness.shape:
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"`mask` must be a boolean tensor of shape {tuple(stiffness.shape)}, got {shape}.")
+    keep = mask & torch.isfinite(stiffness) & torch.isfinite(distances)
+    return distances[keep].double(), stiffness[keep].double()
+
+
+class DistanceCurve(NamedTuple):
+    """Mean stiffness in bins of distance: ``edges`` [B + 1], ``mean`` [B] (NaN for empty bins), ``count`` [B]."""
+
+    edges: Tensor
+    mean: Tensor
+    count: Tensor
+
+
+def _bin_edges(values: Tensor, bins: int, binning: str) -> Tensor:
+    if values.numel() == 0:
+        return torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
+    low, high = values.min(), values.max()
+    if binning == "quantile":
+        ordered = values.sort().values
+        # Linear interpolation between order statistics, as torch.quantile does (which refuses large inputs).
+        positions = torch.linspace(0, ordered.numel() - 1, bins + 1, dtype=torch.float64)
+        below = positions.floor().long()
+        above = positions.ceil().long()
+        edges = ordered[below] + (positions - below) * (ordered[above] - ordered[below])
+    else:
+        edges = torch.linspace(float(low), float(high), bins + 1, dtype=torch.float64)
+    if float(high) == float(low):
+        edges = torch.linspace(float(low) - 0.5, float(high) + 0.5, bins + 1, dtype=torch.float64)
+    return edges
+
+
+def stiffness_by_distance(
+    stiffness: Tensor,
+    distances: Tensor,
+    mask: Tensor | None = None,
+    bins: int | Tensor = 20,
+    binning: Literal["width", "quantile"] = "width",
+) -> DistanceCurve:
+    """Mean stiffness against distance, in bins.
+
+    Args:
+        stiffness: [N, M] stiffness between examples.
+        distances: [N, M] distances between the same examples (:func:`pairwise_distances`).
+        mask: boolean [N, M] selecting the pairs to use (for example, same-class pairs). Default: every pair, minus
+            the diagonal when the matrices are square (a set against itself). Non-finite pairs are always left out.
+        bins: number of bins, or a 1-D tensor of increasing bin edges (pairs outside them are left out).
+        binning: ``"width"`` for equal-width bins between the smallest and largest distance, ``"quantile"`` for bins
+            holding about the same number of pairs. Ignored when ``bins`` is a tensor of edges.
+
+    Returns:
+        :class:`DistanceCurve` (float64): bin edges, mean stiffness per bin (NaN where a bin is empty), pair counts.
+        Bins are half-open ``[e_k, e_k+1)`` except the last, which includes its right edge.
+
+    Raises:
+        ValueError: on shapes that do not match, a bad ``mask``, ``bins`` < 1 or edges that are not increasing, or an
+            unknown ``binning``.
+    """
+    if binning not in ("width", "quantile"):
+        raise ValueError(f"`binning` must be 'width' or 'quantile', got {binning!r}.")
+    dist, stiff = _pair_values(stiffness, distances, mask)
+    if isinstance(bins, Tensor):
+        edges = bins.double().cpu()
+        if edges.dim() != 1 or edges.numel() < 2 or bool((edges[1:] < edges[:-1]).any()):
+            raise ValueError(f"`bins` given as edges must be a 1-D increasing tensor of at least 2 values, got {bins}.")
+        inside = (dist >= edges[0]) & (dist <= edges[-1])
+        dist, stiff = dist[inside], stiff[inside]
+    elif isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"`bins` must be a positive integer or a tensor of edges, got {bins!r}.")
+    else:
+        edges = _bin_edges(dist.cpu(), bins, binning)
+    dist, stiff = dist.cpu(), stiff.cpu()
+    num_bins = edges.numel() - 1
+    index = torch.bucketize(dist, edges[1:-1], right=True).clamp_max(num_bins - 1)
+    sums = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, stiff)
+    count = torch.zeros(num_bins, dtype=torch.long).index_add_(0, index, torch.ones_like(index))
+    mean = torch.where(count > 0, sums / count.clamp_min(1), torch.full_like(sums, float("nan")))
+    return DistanceCurve(edges=edges, mean=mean, count=count)
+
+
+class LineFitSums(NamedTuple):
+    """The sums a least-squares line needs: n, sum x, sum y, sum x^2, sum x*y (x: distance, y: stiffness).
+
+    Sums from disjoint sets of pairs add, which lets a metric accumulate them block by block.
+    """
+
+    n: float
+    sum_x: float
+    sum_y: float
+    sum_xx: float
+    sum_xy: float
+
+
+def line_fit_sums(stiffness: Tensor, distances: Tensor, mask: Tensor | None = None) -> LineFitSums:
+    """The :class:`LineFitSums` of the finite pairs selected by ``mask`` (default as in :func:`critical_distance`)."""
+    x, y = _pair_values(stiffness, distances, mask)
+    return LineFitSums(
+        n=float(x.numel()),
+        sum_x=float(x.sum()),
+        sum_y=float(y.sum()),
+        sum_xx=float((x * x).sum()),
+        sum_xy=float((x * y).sum()),
+    )
+
+
+def critical_distance_from_sums(sums: LineFitSums) -> float:
+    """Zero crossing -a / b of the least-squares line y = a + b x with these sums; NaN unless b < 0."""
+    n, sx, sy, sxx, sxy = sums
+    if n < 2:
+        return float("nan")
+    spread = n * sxx - sx * sx
+    # A relative threshold: all distances equal (up to rounding) leaves the slope undefined.
+    if spread <= 1e-12 * max(n * sxx, 1e-300):
+        return float("nan")
+    slope = (n * sxy - sx * sy) / spread
+    if not slope < 0:
+        return float("nan")
+    intercept = (sy - slope * sx) / n
+    return -intercept / slope
+
+
+def critical_distance(stiffness: Tensor, distances: Tensor, mask: Tensor | None = None) -> float:
+    r"""Stiff-domain size :math:`\xi` (Fort et al.): where the least-squares line of stiffness on distance crosses 0.
+
+    Fits ``stiffness = a + b * distance`` over the selected finite pairs and returns :math:`-a / b`.
+
+    Args:
+        stiffness: [N, M] stiffness between examples.
+        distances: [N, M] distances between the same examples.
+        mask: boolean [N, M] selecting the pairs (the paper uses same-class pairs). Default: every pair, minus the
+            diagonal when the matrices are square.
+
+    Returns:
+        :math:`\xi` as a float; NaN when the fitted line does not decrease (b >= 0), or there are fewer than two
+        distinct distances. A negative value means the line is already below zero at distance 0.
+
+    Raises:
+        ValueError: on shapes that do not match or a bad ``mask``.
+    """
+    return critical_distance_from_sums(line_fit_sums(stiffness, distances, mask))

@@ -1,0 +1,115 @@
+"""The torch.func Gram engine: per-example gradients with ``vmap(grad(...))`` over ``functional_call``.
+
+It works for any model ``functional_call`` can run, which makes it the reference engine and the fallback of the
+factored engine. Its cost is that of materialising per-example gradients, N x P numbers, so it never holds them
+all: it keeps a *panel* of rows and streams blocks of columns through it, computing each block of the Gram matrix
+as a sum over parameters of ``J_rows @ J_cols.T``. Only the upper triangle of a square Gram is computed.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_stiffness.gram.validation import LossFn
+
+#: Bytes the engine may spend on per-example gradients held at once when ``chunk_size`` is not given.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+Progress = Callable[[int, int], None] | None
+Gradients = dict[str, Tensor]
+
+
+def per_example_gradients(
+    model: nn.Module, loss_fn: LossFn, params: dict[str, Tensor], inputs: Tensor, targets: Tensor
+) -> Gradients:
+    """Gradients of each example's own loss, name -> [B, *param.shape], for the parameters in ``params``.
+
+    Parameters outside ``params`` and all buffers are passed to the model as constants.
+    """
+    diff = {name: p.detach() for name, p in params.items()}
+    constants = {name: p.detach() for name, p in model.named_parameters() if name not in diff}
+    constants.update({name: b.detach() for name, b in model.named_buffers()})
+
+    def example_loss(weights: Gradients, x: Tensor, y: Tensor) -> Tensor:
+        outputs = functional_call(model, (weights, constants), (x.unsqueeze(0),))
+        return loss_fn(outputs, y.unsqueeze(0)).sum()
+
+    return vmap(grad(example_loss), in_dims=(None, 0, 0))(diff, inputs, targets)
+
+
+def gram_of(rows: Gradients, cols: Gradients) -> Tensor:
+    """sum over parameters of rows[name] @ cols[name].T, without concatenating the parameters."""
+    out = None
+    for name, g in rows.items():
+        block = g.reshape(g.shape[0], -1) @ cols[name].reshape(cols[name].shape[0], -1).T
+        out = block if out is None else out.add_(block)
+    assert out is not None
+    return out
+
+
+def default_chunk_size(params: dict[str, Tensor], memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Examples per block so that a panel and a block of per-example gradients fit in ``memory_budget`` bytes."""
+    bytes_per_example = sum(p.numel() * p.element_size() for p in params.values())
+    # A block is a quarter of the budget; the panel of rows takes the rest (see `torchfunc_gram`).
+    return max(1, memory_budget // (4 * bytes_per_example))
+
+
+def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def torchfunc_gram(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: dict[str, Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    inputs2: Tensor | None = None,
+    targets2: Tensor | None = None,
+    chunk_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Progress = None,
+) -> Tensor:
+    """Gram matrix of per-example gradients, [N, M], computed block by block (see the module docstring).
+
+    ``chunk_size`` examples go through one ``vmap`` call; the panel of rows held while column blocks stream through
+    it is three blocks, so at most four blocks of per-example gradients are alive at once.
+    """
+    block = chunk_size or default_chunk_size(params)
+    panel = 3 * block
+    square = inputs2 is None
+    cols_x, cols_y = (inputs, targets) if square else (inputs2, targets2)
+    n, m = inputs.shape[0], cols_x.shape[0]
+    out = torch.empty(n, m, dtype=dtype, device=inputs.device)
+
+    def grads(x: Tensor, y: Tensor) -> Gradients:
+        return per_example_gradients(model, loss_fn, params, x, y)
+
+    # When every column fits in one block, compute the column gradients once instead of once per panel.
+    cached_cols = grads(cols_x, cols_y) if (not square and m <= block) else None
+    panels = list(_spans(n, panel))
+    total = sum(math.ceil(((m - p0) if square else m) / block) for p0, _ in panels)
+    done = 0
+    for p0, p1 in panels:
+        rows = grads(inputs[p0:p1], targets[p0:p1])
+        col_start = p0 if square else 0
+        for c0, c1 in _spans(m - col_start, block):
+            c0, c1 = c0 + col_start, c1 + col_start
+            if cached_cols is not None:
+                cols = cached_cols
+            elif square and c1 <= p1:
+                # Columns inside the panel: reuse its gradients.
+                cols = {name: g[c0 - p0 : c1 - p0] for name, g in rows.items()}
+            else:
+                cols = grads(cols_x[c0:c1], cols_y[c0:c1])
+            out[p0:p1, c0:c1] = gram_of(rows, cols).to(dtype)
+            if square and c0 >= p1:
+                out[c0:c1, p0:p1] = out[p0:p1, c0:c1].T
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return out

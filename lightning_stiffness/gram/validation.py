@@ -1,0 +1,98 @@
+"""Argument checks shared by the Gram engines.
+
+Every check raises ``ValueError`` naming the argument and what was expected, so that a wrong call fails at once
+with a message the caller can act on instead of producing a silently wrong Gram matrix.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# Modules whose output for one example depends on the other examples of the batch, or on random draws, when the
+# module is in training mode. Per-example gradients are not defined for them, so we refuse instead of guessing.
+_TRAIN_MODE_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.AlphaDropout)
+
+
+def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Per-example cross-entropy, the default loss of :func:`gradient_gram`."""
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def check_model_mode(model: nn.Module) -> None:
+    """Refuse a model whose per-example losses are coupled or random in training mode (BatchNorm, dropout)."""
+    offenders = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if module.training and isinstance(module, _TRAIN_MODE_COUPLED)
+    ]
+    if offenders:
+        shown = ", ".join(offenders[:5]) + (", ..." if len(offenders) > 5 else "")
+        raise ValueError(
+            f"`model` has BatchNorm or dropout modules in training mode ({shown}): their output for one example "
+            "depends on the rest of the batch or on random draws, so per-example gradients are not defined. "
+            "Call `model.eval()` before computing the gradient Gram matrix."
+        )
+
+
+def check_examples(inputs: Tensor, targets: Tensor, inputs_name: str, targets_name: str) -> None:
+    """Check that a set of examples is a non-empty pair of tensors of equal length."""
+    if not isinstance(inputs, Tensor):
+        raise ValueError(f"`{inputs_name}` must be a tensor with one example per row, got {type(inputs).__name__}.")
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"`{targets_name}` must be a tensor with one target per row, got {type(targets).__name__}.")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"`{inputs_name}` must hold at least one example, got shape {tuple(inputs.shape)}.")
+    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"`{targets_name}` must have one entry per example of `{inputs_name}` ({inputs.shape[0]}), "
+            f"got shape {tuple(targets.shape)}."
+        )
+
+
+def select_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[str, Tensor]:
+    """The parameters to differentiate, by name, in the model's own order.
+
+    Shared parameters appear once (``named_parameters`` removes duplicates), under their first name.
+    """
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {name: p for name, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise ValueError(
+                "`model` has no trainable parameters (none with requires_grad=True); pass `params` to choose some."
+            )
+        return chosen
+    if isinstance(params, str) or not isinstance(params, Sequence):
+        raise ValueError(f"`params` must be a list of parameter names, got {params!r}.")
+    if len(params) == 0:
+        raise ValueError("`params` must name at least one parameter, got an empty list.")
+    unknown = [name for name in params if name not in named]
+    if unknown:
+        valid = ", ".join(list(named)[:20]) + (", ..." if len(named) > 20 else "")
+        raise ValueError(f"`params` names parameters the model does not have: {unknown}. Valid names: {valid}.")
+    wanted = set(params)
+    return {name: p for name, p in named.items() if name in wanted}
+
+
+def floating_dtype(params: dict[str, Tensor]) -> torch.dtype:
+    """The floating dtype the Gram matrix is computed and returned in: that of the differentiated parameters."""
+    for p in params.values():
+        if p.is_floating_point():
+            return p.dtype
+    raise ValueError("`params` must include at least one floating-point parameter to differentiate.")
+
+
+def check_loss_fn(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
+    """Run the loss on a few examples and check it returns one loss per example."""
+    n = min(2, inputs.shape[0])
+    with torch.no_grad():
+        losses = loss_fn(model(inputs[:n]), targets[:n])
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"`loss_fn` must return per-example losses of shape [N]; on {n} examples it returned {shape}. "
+            "Use reduction='none' (for example `nn.CrossEntropyLoss(reduction='none')`)."
+        )
