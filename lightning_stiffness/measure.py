@@ -1,0 +1,172 @@
+"""One probe's measures, from the Gram matrix of its examples to the numbers and curves that get logged.
+
+Pure PyTorch: the callback computes a :class:`StiffnessResult` with :func:`measure_stiffness` and writes it out; the
+offline report reads the same object back from disk with :meth:`StiffnessResult.from_dict`.
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_stiffness.functional import (
+    DistanceCurve,
+    class_stiffness,
+    cosine_stiffness,
+    critical_distance,
+    pairwise_distances,
+    sign_stiffness,
+    stiffness_by_distance,
+    within_between,
+)
+
+#: Stiffness kinds, in the order they are computed and logged.
+KINDS = ("cosine", "sign")
+#: Which probe sets each pair compares: (rows, columns).
+PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}
+
+
+@dataclass
+class StiffnessResult:
+    """Everything one probe measured. Matrices are on the CPU; ``"{pair}/{kind}"`` keys index per-kind values.
+
+    Attributes:
+        epoch: the epoch the probe ran at (0 for the probe at initialisation).
+        step: the trainer's global step (0 for the probe at initialisation).
+        kinds: the stiffness kinds measured (``"cosine"``, ``"sign"``).
+        xi_kind: the kind the critical distances are fitted on (cosine when measured, else sign).
+        num_classes: C, the size of the class matrices.
+        labels, indices: per probe set (``"train"``, ``"val"``), the examples' labels and dataset indices.
+        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness between the pair's examples.
+        distances: ``pair`` -> [N, M] input-space cosine distances.
+        class_matrices: ``"{pair}/{kind}"`` -> [C, C] class stiffness matrix.
+        within_class, between_class: ``"{pair}/{kind}"`` -> float.
+        critical_distance: ``pair`` -> xi over same-class pairs, input-space cosine distance.
+        curves: ``pair`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve` (shared bin edges).
+    """
+
+    epoch: int
+    step: int
+    kinds: tuple[str, ...]
+    xi_kind: str
+    num_classes: int
+    labels: dict[str, Tensor]
+    indices: dict[str, Tensor]
+    stiffness: dict[str, Tensor] = field(default_factory=dict)
+    distances: dict[str, Tensor] = field(default_factory=dict)
+    class_matrices: dict[str, Tensor] = field(default_factory=dict)
+    within_class: dict[str, float] = field(default_factory=dict)
+    between_class: dict[str, float] = field(default_factory=dict)
+    critical_distance: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> list[str]:
+        return list(self.distances)
+
+    def scalars(self) -> dict[str, float]:
+        """The logged scalars, by tag (see the README's table)."""
+        out = {}
+        for pair in self.pairs:
+            for kind in self.kinds:
+                out[f"stiffness/{pair}/{kind}/within_class"] = self.within_class[f"{pair}/{kind}"]
+                out[f"stiffness/{pair}/{kind}/between_class"] = self.between_class[f"{pair}/{kind}"]
+            out[f"stiffness/{pair}/critical_distance/input"] = self.critical_distance[pair]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists, floats and tensors, for ``torch.save`` (loads with ``weights_only=True``)."""
+        data = asdict(self)
+        data["kinds"] = list(self.kinds)
+        data["curves"] = {
+            pair: {side: curve._asdict() for side, curve in sides.items()} for pair, sides in self.curves.items()
+        }
+        data["format_version"] = 1
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StiffnessResult":
+        """Inverse of :meth:`to_dict`."""
+        data = {k: v for k, v in data.items() if k != "format_version"}
+        data["kinds"] = tuple(data["kinds"])
+        data["curves"] = {
+            pair: {side: DistanceCurve(**curve) for side, curve in sides.items()}
+            for pair, sides in data["curves"].items()
+        }
+        return cls(**data)
+
+
+def measure_stiffness(
+    gram: Tensor,
+    inputs: dict[str, Tensor],
+    labels: dict[str, Tensor],
+    indices: dict[str, Tensor],
+    *,
+    kinds: tuple[str, ...] = KINDS,
+    num_classes: int,
+    num_distance_bins: int = 20,
+    epoch: int = 0,
+    step: int = 0,
+) -> StiffnessResult:
+    """Measure every pair of probe sets from the Gram matrix of all probe examples.
+
+    Args:
+        gram: [T, T] Gram matrix of the probe sets' examples, concatenated in the order of ``inputs``.
+        inputs: probe set name (``"train"``, optionally ``"val"``) -> its inputs (for input-space distances).
+        labels: probe set name -> integer labels.
+        indices: probe set name -> dataset indices (recorded, not used).
+        kinds: stiffness kinds to measure.
+        num_classes: C.
+        num_distance_bins: bins of the stiffness-against-distance curves.
+        epoch: recorded in the result.
+        step: recorded in the result.
+    """
+    offsets, start = {}, 0
+    for name, x in inputs.items():
+        offsets[name] = slice(start, start + x.shape[0])
+        start += x.shape[0]
+    if gram.shape != (start, start):
+        raise ValueError(f"`gram` must be [{start}, {start}] for these probe sets, got {tuple(gram.shape)}.")
+    gram = gram.detach().cpu()
+    sq_norms = torch.diagonal(gram)
+    xi_kind = "cosine" if "cosine" in kinds else kinds[0]
+    result = StiffnessResult(
+        epoch=epoch,
+        step=step,
+        kinds=tuple(kinds),
+        xi_kind=xi_kind,
+        num_classes=num_classes,
+        labels={k: v.cpu() for k, v in labels.items()},
+        indices={k: v.cpu() for k, v in indices.items()},
+    )
+    for pair, (rows, cols) in PAIRS.items():
+        if rows not in inputs or cols not in inputs:
+            continue
+        same_set = rows == cols
+        block = gram[offsets[rows], offsets[cols]]
+        labels_r, labels_c = result.labels[rows], result.labels[cols]
+        measured = {}
+        for kind in kinds:
+            if kind == "cosine":
+                measured[kind] = cosine_stiffness(block, sq_norms[offsets[rows]], sq_norms[offsets[cols]])
+            else:
+                measured[kind] = sign_stiffness(block)
+            key = f"{pair}/{kind}"
+            result.stiffness[key] = measured[kind]
+            matrix = class_stiffness(measured[kind], labels_r, None if same_set else labels_c, num_classes)
+            result.class_matrices[key] = matrix
+            result.within_class[key], result.between_class[key] = within_between(matrix)
+        distances = pairwise_distances(inputs[rows].detach().cpu(), inputs[cols].detach().cpu()).to(block.dtype)
+        result.distances[pair] = distances
+        not_self = ~torch.eye(*block.shape, dtype=torch.bool) if same_set else torch.ones_like(block, dtype=torch.bool)
+        same_class = (labels_r[:, None] == labels_c[None, :]) & not_self
+        different_class = (labels_r[:, None] != labels_c[None, :]) & not_self
+        stiffness = measured[xi_kind]
+        result.critical_distance[pair] = critical_distance(stiffness, distances, same_class)
+        edges = stiffness_by_distance(stiffness, distances, not_self, bins=num_distance_bins).edges
+        result.curves[pair] = {
+            "within": stiffness_by_distance(stiffness, distances, same_class, bins=edges),
+            "between": stiffness_by_distance(stiffness, distances, different_class, bins=edges),
+        }
+    return result

@@ -1,0 +1,83 @@
+"""Figures as RGB arrays (H, W, 3, uint8), built with matplotlib's object API.
+
+No pyplot: figures are created from :class:`matplotlib.figure.Figure` on an Agg canvas and released after rendering,
+so nothing accumulates in a long run and nothing depends on a display.
+"""
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from lightning_stiffness.functional import DistanceCurve
+
+DPI = 100
+#: Diverging colour map for stiffness, fixed to [-1, 1] so that colours mean the same thing in every image.
+STIFFNESS_CMAP = "RdBu_r"
+
+
+@contextmanager
+def _figure(width: float, height: float) -> Iterator[Figure]:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    try:
+        yield figure
+    finally:
+        figure.clear()
+
+
+def _to_rgb(figure: Figure) -> np.ndarray:
+    canvas = figure.canvas
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def class_matrix_image(matrix: Tensor, class_names: Sequence[str], title: str) -> np.ndarray:
+    """Heatmap of a class stiffness matrix, rows and columns named, values written in each cell up to 12 classes."""
+    values = matrix.detach().cpu().double().numpy()
+    size = len(class_names)
+    side = max(6.0, 0.45 * size + 2.5)
+    with _figure(side + 1.0, side) as figure:
+        axes = figure.add_subplot()
+        image = axes.imshow(np.ma.masked_invalid(values), cmap=STIFFNESS_CMAP, vmin=-1.0, vmax=1.0)
+        axes.set_xticks(
+            range(size), labels=list(class_names), rotation=45 if size > 6 else 0, ha="right" if size > 6 else "center"
+        )
+        axes.set_yticks(range(size), labels=list(class_names))
+        axes.set_xlabel("class of j")
+        axes.set_ylabel("class of i")
+        axes.set_title(title, fontsize=11)
+        if size <= 12:
+            for a in range(size):
+                for b in range(size):
+                    value = values[a, b]
+                    text = "–" if math.isnan(value) else f"{value:.2f}"
+                    axes.text(
+                        b, a, text, ha="center", va="center", fontsize=8, color="white" if abs(value) > 0.6 else "black"
+                    )
+        figure.colorbar(image, ax=axes, label="stiffness", shrink=0.85)
+        return _to_rgb(figure)
+
+
+def distance_curve_image(curves: dict[str, DistanceCurve], xi: float, title: str, ylabel: str) -> np.ndarray:
+    """Mean stiffness against distance for within-class and between-class pairs, with xi marked."""
+    with _figure(6.4, 4.8) as figure:
+        axes = figure.add_subplot()
+        styles = {"within": ("within class", "tab:blue", "o"), "between": ("between classes", "tab:red", "s")}
+        for side, curve in curves.items():
+            label, colour, marker = styles[side]
+            centres = ((curve.edges[1:] + curve.edges[:-1]) / 2).numpy()
+            axes.plot(centres, curve.mean.numpy(), marker=marker, color=colour, label=label, markersize=4)
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        if math.isfinite(xi):
+            axes.axvline(xi, color="black", linestyle="--", linewidth=1.0, label=f"ξ = {xi:.3f}")
+        axes.set_xlabel("input distance (1 − cos)")
+        axes.set_ylabel(ylabel)
+        axes.set_title(title, fontsize=11)
+        axes.legend(loc="best", fontsize=9)
+        axes.grid(alpha=0.3)
+        return _to_rgb(figure)
