@@ -123,7 +123,7 @@ class DigitsDataModule(LightningDataModule):
         order = np.random.default_rng(self.split_seed).permutation(len(labels))
         if self.max_examples is not None:
             order = order[: self.max_examples]
-        n_val = int(round(self.val_fraction * len(order)))
+        n_val = round(self.val_fraction * len(order))
         val_idx, train_idx = order[:n_val], order[n_val:]
         # Standardise with the training split's statistics, per channel.
         mean = images[train_idx].mean(axis=(0, 2, 3), keepdims=True)
