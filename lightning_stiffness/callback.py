@@ -69,7 +69,7 @@ class StiffnessCallback(Callback):
         every_n_epochs: probe at the end of every n-th epoch; 0 for no epoch-end probes. Default: every epoch,
             unless ``epochs`` is given.
         probe_at_start: probe once when training starts, before the first optimiser step (epoch 0, step 0).
-        kinds: stiffness kinds to measure: ``"cosine"``, ``"sign"``.
+        kinds: stiffness kinds to measure, among ``"cosine"`` and ``"sign"``. Default: both.
         method: Gram engine, see :func:`lightning_stiffness.functional.gradient_gram`.
         chunk_size: examples per block of per-example gradients (bounds memory); default from a memory budget.
         seed: seed of the callback's own generator, which draws the probe examples.

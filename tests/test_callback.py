@@ -1,0 +1,276 @@
+"""StiffnessCallback in real Trainer runs on bundled digits: what it logs, what it saves, what it must not change."""
+
+import copy
+import io
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
+
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.functional import class_stiffness, within_between
+from lightning_stiffness.measure import StiffnessResult
+from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
+from tests.reference import reference_gradients
+
+PAIRS = ["train-train", "train-val", "val-val"]
+KINDS = ["cosine", "sign"]
+SCALAR_TAGS = [f"stiffness/{p}/{k}/{side}" for p in PAIRS for k in KINDS for side in ("within_class", "between_class")]
+SCALAR_TAGS += [f"stiffness/{p}/critical_distance/input" for p in PAIRS]
+IMAGE_TAGS = [f"stiffness/{p}/{k}/class_matrix" for p in PAIRS for k in KINDS]
+IMAGE_TAGS += [f"stiffness/{p}/distance_curve" for p in PAIRS]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 2-epoch run probed at initialisation and after each epoch (steps 0, 4, 8)."""
+    tmp_path = tmp_path_factory.mktemp("run")
+    seed_everything(0)
+    model = TinyNet()
+    callback = StiffnessCallback(samples_per_class=3, seed=1)
+    fit = trainer(tmp_path, [callback])
+    fit.fit(model, datamodule=DigitsData())
+    return fit, model, callback
+
+
+def test_every_documented_scalar_once_per_probe(run):
+    fit, _, _ = run
+    scalars = events(fit.log_dir)
+    for tag in SCALAR_TAGS:
+        assert [e.step for e in scalars.Scalars(tag)] == [0, 4, 8], tag
+    assert [e.step for e in scalars.Scalars("stiffness/probe_seconds")] == [0, 4, 8]
+
+
+def test_every_documented_image_decodes(run):
+    fit, _, _ = run
+    images = events(fit.log_dir)
+    assert sorted(t for t in images.Tags()["images"]) == sorted(IMAGE_TAGS)
+    for tag in IMAGE_TAGS:
+        entries = images.Images(tag)
+        assert [e.step for e in entries] == [0, 4, 8], tag
+        picture = Image.open(io.BytesIO(entries[-1].encoded_image_string))
+        assert min(picture.size) >= 400 and picture.mode == "RGB"
+        assert len(np.unique(np.asarray(picture).reshape(-1, 3), axis=0)) > 10  # not a blank canvas
+
+
+def test_raw_files_load_and_agree_with_scalars(run):
+    fit, _, _ = run
+    raw = raw_results(fit.log_dir)
+    assert sorted(raw) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt", "epoch=1-step=8.pt"]
+    scalars = events(fit.log_dir)
+    for index, data in enumerate(raw[name] for name in ["epoch=0-step=0.pt", "epoch=0-step=4.pt", "epoch=1-step=8.pt"]):
+        result = StiffnessResult.from_dict(data)
+        for tag, value in result.scalars().items():
+            logged = scalars.Scalars(tag)[index].value
+            assert (math.isnan(value) and math.isnan(logged)) or logged == pytest.approx(value, rel=1e-6), tag
+        # The class matrices and within/between numbers follow from the saved stiffness matrices.
+        matrix = class_stiffness(result.stiffness["train-train/cosine"], result.labels["train"], num_classes=10)
+        torch.testing.assert_close(matrix, result.class_matrices["train-train/cosine"], equal_nan=True)
+        assert within_between(matrix)[0] == pytest.approx(result.within_class["train-train/cosine"])
+        assert len(result.indices["train"]) == 30 and len(result.indices["val"]) == 30
+        assert torch.bincount(result.labels["train"], minlength=10).tolist() == [3] * 10
+
+
+def test_last_probe_matches_brute_force_float64(run):
+    fit, model, _ = run
+    last = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=1-step=8.pt"])
+    data = fit.datamodule
+    reference = copy.deepcopy(model.net).double().eval()
+    grads = {}
+    for name, dataset in (("train", data.train_set), ("val", data.val_set)):
+        x, y = dataset.tensors[0][last.indices[name]], dataset.tensors[1][last.indices[name]]
+        assert torch.equal(y, last.labels[name])
+        grads[name] = reference_gradients(reference, x.double(), y)
+    for pair in PAIRS:
+        rows, cols = pair.split("-")
+        a, b = grads[rows], grads[cols]
+        cosine = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
+        torch.testing.assert_close(last.stiffness[f"{pair}/cosine"].double(), cosine, atol=2e-5, rtol=1e-4)
+        sign = torch.sign(a @ b.T)
+        agree = (last.stiffness[f"{pair}/sign"].double() == sign).double().mean()
+        assert agree > 0.99  # float32 vs float64 may differ only where the dot product is ~0
+
+
+def test_last_result_kept_and_state_dict_has_indices(run):
+    _, _, callback = run
+    assert callback.last_result is not None and callback.last_result.step == 8
+    state = callback.state_dict()
+    assert torch.equal(state["indices"]["train"], callback.last_result.indices["train"])
+    assert state["probes_done"] == 3
+
+
+def _train(tmp_path, callbacks, **kwargs):
+    seed_everything(7)
+    model = TinyNet(dropout=0.3)
+    trainer(tmp_path, callbacks, **kwargs).fit(model, datamodule=DigitsData())
+    return model
+
+
+def test_training_trajectory_unchanged(tmp_path):
+    plain = _train(tmp_path / "plain", [])
+    probed = _train(tmp_path / "probed", [StiffnessCallback(samples_per_class=2)])
+    for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert probed.training  # mode restored after the probes
+
+
+def test_resume_probes_the_same_examples(tmp_path):
+    first = trainer(
+        tmp_path, [StiffnessCallback(samples_per_class=2, seed=3), ModelCheckpoint(save_last=True)], max_epochs=1
+    )
+    seed_everything(0)
+    first.fit(TinyNet(), datamodule=DigitsData())
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    second = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, seed=99)], max_epochs=2)
+    second.fit(TinyNet(), datamodule=DigitsData(), ckpt_path=ckpt)
+    before = raw_results(first.log_dir)["epoch=0-step=4.pt"]
+    after = raw_results(second.log_dir)
+    assert sorted(after) == ["epoch=1-step=8.pt"]  # no probe "at initialisation" on a resumed run
+    for name in ("train", "val"):
+        assert torch.equal(after["epoch=1-step=8.pt"]["indices"][name], before["indices"][name])
+
+
+def test_schedule_epochs_and_no_start_probe(tmp_path):
+    callback = StiffnessCallback(samples_per_class=2, epochs=[1, 2], probe_at_start=False, log_images=False)
+    fit = trainer(tmp_path, [callback], max_epochs=3)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert sorted(raw_results(fit.log_dir)) == ["epoch=1-step=8.pt", "epoch=2-step=12.pt"]
+    assert "images" not in events(fit.log_dir).Tags() or not events(fit.log_dir).Tags()["images"]
+
+
+def test_every_n_epochs_and_image_cadence(tmp_path):
+    callback = StiffnessCallback(samples_per_class=2, every_n_epochs=2, images_every_n_probes=2, kinds=["sign"])
+    fit = trainer(tmp_path, [callback], max_epochs=4)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert sorted(raw_results(fit.log_dir)) == ["epoch=0-step=0.pt", "epoch=1-step=8.pt", "epoch=3-step=16.pt"]
+    acc = events(fit.log_dir)
+    assert [e.step for e in acc.Images("stiffness/train-train/sign/class_matrix")] == [0, 16]
+    assert not any("cosine" in tag for tag in acc.Tags()["scalars"])
+
+
+def test_monitors_can_use_stiffness(tmp_path):
+    tag = "stiffness/train-train/cosine/within_class"
+    stop = EarlyStopping(monitor=tag, mode="max", patience=0, min_delta=10.0)  # stops after the second check
+    checkpoint = ModelCheckpoint(monitor=tag, mode="max", filename="best")
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False), stop, checkpoint], max_epochs=5)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert fit.current_epoch == 2  # stopped early, driven by the stiffness scalar
+    assert tag in fit.callback_metrics
+    assert checkpoint.best_model_score is not None
+
+
+def test_csv_logger_gets_scalars_and_images_warn_once(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], logger=CSVLogger(tmp_path), max_epochs=2)
+    with pytest.warns(UserWarning, match="no TensorBoard logger") as caught:
+        fit.fit(TinyNet(), datamodule=DigitsData())
+    assert sum("no TensorBoard logger" in str(w.message) for w in caught) == 1
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "stiffness/train-val/cosine/within_class" in metrics
+    assert len(raw_results(fit.log_dir)) == 3
+
+
+def test_dict_items_and_batch_to_xy_import_path(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False)], max_epochs=1)
+    fit.fit(TinyNet(), datamodule=DigitsData(dict_items=True))
+    assert len(raw_results(fit.log_dir)) == 2
+    callback = StiffnessCallback(samples_per_class=2, batch_to_xy="tests.test_callback.swap_xy", log_images=False)
+    assert callback._batch_to_xy is swap_xy
+
+
+def swap_xy(item):
+    return item["image"], item["label"]
+
+
+def test_probe_failure_warns_and_training_goes_on(tmp_path):
+    model = TinyNet(nan_after_epoch=1)
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False)], max_epochs=3)
+    with pytest.warns(
+        UserWarning, match=r"probe at epoch 1 \(step 8\) was skipped: ProbeSkipped: the loss is not finite"
+    ):
+        fit.fit(model, datamodule=DigitsData())
+    assert fit.current_epoch == 3  # training finished
+    assert sorted(raw_results(fit.log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt"]
+    assert model.training
+
+
+def test_short_class_uses_what_it_has_with_one_warning(tmp_path):
+    with pytest.warns(UserWarning, match="fewer than 40 examples") as caught:
+        fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=40, log_images=False)], max_epochs=1)
+        fit.fit(TinyNet(), datamodule=DigitsData(n=300))
+    assert sum("fewer than 40" in str(w.message) for w in caught) == 2  # once for train, once for val
+
+
+def test_fast_dev_run_is_idle(tmp_path):
+    callback = StiffnessCallback(samples_per_class=2)
+    fit = trainer(tmp_path, [callback], fast_dev_run=True)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert callback.last_result is None
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_no_validation_data_probes_train_only(tmp_path):
+    fit = trainer(
+        tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False)], limit_val_batches=0, max_epochs=1
+    )
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    result = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
+    assert result.pairs == ["train-train"]
+
+
+def test_regression_targets_refused(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1)
+    with pytest.raises(MisconfigurationException, match="integer class labels"):
+        fit.fit(TinyNet(), datamodule=DigitsData(float_labels=True))
+
+
+def test_no_logger_refused(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], logger=False)
+    with pytest.raises(MisconfigurationException, match="needs a logger"):
+        fit.fit(TinyNet(), datamodule=DigitsData())
+
+
+def test_sharded_strategy_refused(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class FakeTrainer:
+        strategy = FSDPStrategy()
+
+    with pytest.raises(MisconfigurationException, match="sharded strategy FSDPStrategy"):
+        StiffnessCallback().setup(FakeTrainer(), TinyNet(), "fit")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"samples_per_class": 1}, "`samples_per_class` must be an integer >= 2"),
+        ({"epochs": []}, "`epochs` must be a non-empty list"),
+        ({"epochs": [1, -2]}, "`epochs` must be an integer >= 0"),
+        ({"every_n_epochs": -1}, "`every_n_epochs` must be an integer >= 0"),
+        ({"epochs": [1], "every_n_epochs": 2}, "either `epochs` or `every_n_epochs`"),
+        ({"kinds": ["cosine", "euclid"]}, "`kinds` must be distinct values among"),
+        ({"method": "magic"}, "`method` must be one of"),
+        ({"chunk_size": 0}, "`chunk_size` must be an integer >= 1"),
+        ({"num_distance_bins": 0}, "`num_distance_bins` must be an integer >= 1"),
+        ({"loss_fn": "no_such_module.loss"}, "`loss_fn`: cannot import"),
+        ({"batch_to_xy": 3}, "`batch_to_xy` must be a callable or an import path"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(MisconfigurationException, match=message):
+        StiffnessCallback(**kwargs)
+
+
+def test_no_warnings_in_a_plain_run(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(TinyNet(), datamodule=DigitsData())
+    assert not [w for w in caught if "Stiffness" in str(w.message)]

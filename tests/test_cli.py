@@ -1,0 +1,66 @@
+"""The callback configured from YAML through LightningCLI, as users of examples/digits.py do."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_stiffness import StiffnessCallback
+from tests.helpers import raw_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_cli():
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples" / "digits.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["digits_example"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("config, overrides", [("fc.yaml", ["--model.hidden=[32, 16]"]), ("cnn.yaml", [])])
+def test_yaml_config_trains_and_probes(tmp_path, digits_cli, config, overrides):
+    cli = digits_cli.main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "examples" / "configs" / config),
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks.init_args.samples_per_class=2",
+            *overrides,
+        ]
+    )
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, StiffnessCallback)]
+    assert len(callbacks) == 1 and callbacks[0].samples_per_class == 2
+    assert callbacks[0].class_names == [str(d) for d in range(10)]  # from the dataset's `classes`
+    assert sorted(raw_results(cli.trainer.log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=3.pt"]
+
+
+def test_callback_help_lists_every_argument(digits_cli, capsys):
+    with pytest.raises(SystemExit):
+        digits_cli.main(["fit", "--trainer.callbacks.help", "lightning_stiffness.StiffnessCallback"])
+    shown = capsys.readouterr().out
+    for name in (
+        "samples_per_class",
+        "epochs",
+        "every_n_epochs",
+        "probe_at_start",
+        "kinds",
+        "method",
+        "chunk_size",
+        "seed",
+        "loss_fn",
+        "batch_to_xy",
+        "num_distance_bins",
+        "save_raw",
+        "log_images",
+    ):
+        assert f"--trainer.callbacks.{name}" in shown, name
+    assert "probe examples drawn per class" in shown
