@@ -3,7 +3,10 @@
 :func:`gradient_gram` checks its arguments and hands the work to an engine:
 
 - ``"torch.func"``: ``vmap(grad(...))`` over ``functional_call``, exact for any model (:mod:`.torchfunc`).
-- ``"auto"``: the fastest exact engine available for the model.
+- ``"factored"``: one batched forward/backward with hooks and per-layer rules (:mod:`.rules`), the torch.func engine
+  for whatever the rules do not cover (:mod:`.factored`). Exact for every model, and much faster where layers are
+  covered (Linear, Conv1d/2d, LayerNorm, GroupNorm, BatchNorm in eval mode).
+- ``"auto"``: the fastest exact engine, which is ``"factored"``.
 """
 
 from collections.abc import Sequence
@@ -11,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
 from lightning_stiffness.gram.torchfunc import Progress, torchfunc_gram
 from lightning_stiffness.gram.validation import (
     LossFn,
@@ -23,9 +27,9 @@ from lightning_stiffness.gram.validation import (
 )
 
 #: The values ``method`` accepts.
-METHODS = ("auto", "torch.func")
+METHODS = ("auto", "factored", "torch.func")
 
-__all__ = ["METHODS", "gradient_gram"]
+__all__ = ["METHODS", "GramPlan", "gradient_gram", "gram_plan"]
 
 
 def gradient_gram(
@@ -39,8 +43,9 @@ def gradient_gram(
     params: Sequence[str] | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
+    per_layer: bool = False,
     progress: Progress = None,
-) -> Tensor:
+) -> Tensor | dict[str, Tensor]:
     r"""Gram matrix of per-example loss gradients.
 
     .. math::
@@ -65,14 +70,17 @@ def gradient_gram(
             with ``reduction="none"``.
         params: names (as in ``model.named_parameters()``) of the parameters to differentiate. Default: every
             parameter with ``requires_grad=True``.
-        method: ``"auto"`` or ``"torch.func"`` (see the module docstring).
-        chunk_size: examples per block of per-example gradients; bounds memory. Default: chosen from a memory budget
-            of 2 GiB for the blocks held at once.
-        progress: called as ``progress(done, total)`` after each block of the Gram matrix.
+        method: ``"auto"``, ``"factored"`` or ``"torch.func"`` (see the module docstring). All are exact.
+        chunk_size: examples per block; bounds memory. For torch.func, examples per block of per-example gradients
+            (default: from a memory budget of 2 GiB for the blocks held at once); for the factored engine, examples
+            per batched forward/backward (default 1024).
+        per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
+        progress: called as ``progress(done, total)`` as the computation advances.
 
     Returns:
         A tensor [N, M] (M = N when ``inputs2`` is None) on the model's device, in the floating dtype of the
-        differentiated parameters.
+        differentiated parameters. With ``per_layer``, a dict: module name (or, for a parameter registered on the
+        model itself, the parameter name) -> [N, M], in the model's order.
 
     Raises:
         ValueError: for an unknown ``method``; empty inputs or mismatched lengths; a ``loss_fn`` that does not return
@@ -113,15 +121,51 @@ def gradient_gram(
 
     # Both engines are plain functions of the parameters: no .grad is written, nothing in the model changes.
     with torch.enable_grad():
-        return torchfunc_gram(
-            model,
-            loss_fn,
-            chosen,
-            inputs,
-            targets,
-            inputs2,
-            targets2,
-            chunk_size=chunk_size,
-            dtype=dtype,
-            progress=progress,
-        )
+        if method == "torch.func":
+            groups = {name: owner(name) for name in chosen} if per_layer else None
+            grams = torchfunc_gram(
+                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, groups
+            )
+        else:
+            grams, _ = factored_grams(
+                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress
+            )
+    if per_layer:
+        order = list(dict.fromkeys(owner(name) for name in chosen))
+        return {key: grams[key] for key in order}
+    total = None
+    for gram in grams.values():
+        total = gram if total is None else total.add_(gram)
+    return total
+
+
+def gram_plan(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Sequence[str] | None = None,
+) -> GramPlan:
+    """How the factored engine computes each parameter's share of the Gram matrix, from a run on a few examples.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_stiffness.gram import gram_plan
+        >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
+        >>> plan = gram_plan(model, torch.randint(0, 10, (2, 2)), torch.tensor([0, 1]))
+        >>> plan.forms["2.weight"], plan.fallback["0.weight"]
+        ('outer', 'no factored rule for its module')
+    """
+    check_examples(inputs, targets, "inputs", "targets")
+    check_model_mode(model)
+    chosen = select_parameters(model, params)
+    loss_fn = loss_fn or default_loss_fn
+    device = next(iter(chosen.values())).device
+    few_x, few_y = inputs[:2].to(device), targets[:2].to(device)
+    check_loss_fn(model, loss_fn, few_x, few_y)
+    with torch.enable_grad():
+        _, plan = factored_grams(model, loss_fn, chosen, few_x, few_y, dtype=floating_dtype(chosen))
+    return plan

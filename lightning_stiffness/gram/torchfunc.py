@@ -40,10 +40,11 @@ def per_example_gradients(
     return vmap(grad(example_loss), in_dims=(None, 0, 0))(diff, inputs, targets)
 
 
-def gram_of(rows: Gradients, cols: Gradients) -> Tensor:
-    """sum over parameters of rows[name] @ cols[name].T, without concatenating the parameters."""
+def gram_of(rows: Gradients, cols: Gradients, names: list[str] | None = None) -> Tensor:
+    """sum over parameters (``names``, default all) of rows[name] @ cols[name].T, without concatenating them."""
     out = None
-    for name, g in rows.items():
+    for name in names if names is not None else list(rows):
+        g = rows[name]
         block = g.reshape(g.shape[0], -1) @ cols[name].reshape(cols[name].shape[0], -1).T
         out = block if out is None else out.add_(block)
     assert out is not None
@@ -73,18 +74,26 @@ def torchfunc_gram(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress = None,
-) -> Tensor:
-    """Gram matrix of per-example gradients, [N, M], computed block by block (see the module docstring).
+    groups: dict[str, str] | None = None,
+) -> dict[str, Tensor]:
+    """Gram matrices of per-example gradients, [N, M], computed block by block (see the module docstring).
 
     ``chunk_size`` examples go through one ``vmap`` call; the panel of rows held while column blocks stream through
     it is three blocks, so at most four blocks of per-example gradients are alive at once.
+
+    Returns:
+        group name -> the Gram matrix of that group's parameters, with ``groups`` mapping each parameter name to its
+        group; without ``groups``, one entry ``""`` for all parameters.
     """
+    members: dict[str, list[str]] = {}
+    for name in params:
+        members.setdefault(groups[name] if groups is not None else "", []).append(name)
     block = chunk_size or default_chunk_size(params)
     panel = 3 * block
     square = inputs2 is None
     cols_x, cols_y = (inputs, targets) if square else (inputs2, targets2)
     n, m = inputs.shape[0], cols_x.shape[0]
-    out = torch.empty(n, m, dtype=dtype, device=inputs.device)
+    out = {group: torch.empty(n, m, dtype=dtype, device=inputs.device) for group in members}
 
     def grads(x: Tensor, y: Tensor) -> Gradients:
         return per_example_gradients(model, loss_fn, params, x, y)
@@ -106,9 +115,10 @@ def torchfunc_gram(
                 cols = {name: g[c0 - p0 : c1 - p0] for name, g in rows.items()}
             else:
                 cols = grads(cols_x[c0:c1], cols_y[c0:c1])
-            out[p0:p1, c0:c1] = gram_of(rows, cols).to(dtype)
-            if square and c0 >= p1:
-                out[c0:c1, p0:p1] = out[p0:p1, c0:c1].T
+            for group, names in members.items():
+                out[group][p0:p1, c0:c1] = gram_of(rows, cols, names).to(dtype)
+                if square and c0 >= p1:
+                    out[group][c0:c1, p0:p1] = out[group][p0:p1, c0:c1].T
             done += 1
             if progress is not None:
                 progress(done, total)

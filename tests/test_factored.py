@@ -1,0 +1,220 @@
+"""The factored engine: each rule alone and in mixes, every fallback path, per-layer grams, against the loop."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_stiffness.functional import gradient_gram
+from lightning_stiffness.gram import gram_plan
+from lightning_stiffness.gram.terms import GhostTerm, MaterialisedTerm, sequence_term
+from tests.reference import reference_gram
+
+
+class Sequence(nn.Module):
+    """Linear layers applied at every position of a sequence, then mean-pooled."""
+
+    def __init__(self, d=5, p=4):
+        super().__init__()
+        self.proj = nn.Linear(d, p)
+        self.norm = nn.LayerNorm(p)
+        self.head = nn.Linear(p, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.proj(x))).mean(dim=1))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean(dim=2))
+
+
+class OutsideUse(nn.Module):
+    """A Linear whose weight is also used directly in forward: the rule alone would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.layer(x)) + 0.5 * F.linear(x, self.layer.weight)
+        return self.head(h)
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass that changes forward: must not be treated as a plain Linear."""
+
+    def forward(self, x):
+        return F.linear(x, 2.0 * self.weight, self.bias)
+
+
+def _convnet(**conv):
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, **conv),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    )
+
+
+CASES = {
+    "conv2d": (lambda: _convnet(padding=1), (2, 7, 7), {"0.weight": "materialised", "1.weight": "flat"}),
+    "conv2d_strided": (lambda: _convnet(stride=2, dilation=2, padding=2), (2, 9, 9), {"0.weight": "materialised"}),
+    "conv2d_groups": (lambda: _convnet(groups=2), (2, 6, 6), {"0.weight": None}),
+    "conv2d_same": (lambda: _convnet(padding="same"), (2, 6, 6), {"0.weight": None}),
+    "conv2d_reflect": (lambda: _convnet(padding=1, padding_mode="reflect"), (2, 6, 6), {"0.weight": None}),
+    "conv1d": (Conv1dNet, (2, 9), {"conv.weight": "materialised", "conv.bias": "flat"}),
+    "sequence": (Sequence, (7, 5), {"proj.weight": "materialised", "norm.weight": "flat", "head.weight": "outer"}),
+    "batchnorm_eval": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)),
+        (2, 5, 5),
+        {"1.weight": "flat", "1.bias": "flat"},
+    ),
+    "batchnorm1d_eval": (
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)),
+        (6,),
+        {"1.weight": "flat", "0.weight": "outer"},
+    ),
+    "layernorm_no_bias": (
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5, bias=False), nn.Tanh(), nn.Linear(5, 3)),
+        (6,),
+        {"1.weight": "flat"},
+    ),
+    "embedding": (
+        lambda: nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(12, 3)),
+        None,
+        {"0.weight": None, "2.weight": "outer"},
+    ),
+    "outside_use": (OutsideUse, (6,), {"layer.weight": None, "layer.bias": "flat", "head.weight": "outer"}),
+    "subclass": (
+        lambda: nn.Sequential(ScaledLinear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
+        (6,),
+        {"0.weight": None, "2.weight": "outer"},
+    ),
+}
+
+
+def _build(name, seed=0):
+    torch.manual_seed(seed)
+    make, shape, _ = CASES[name]
+    model = make().double()
+    if "batchnorm" in name:  # give the running statistics values other than 0 and 1
+        model.train()
+        with torch.no_grad():
+            model(_inputs(name, 16, 9))
+    return model.eval()
+
+
+def _inputs(name, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = CASES[name][1]
+    if shape is None:
+        return torch.randint(0, 9, (n, 3), generator=gen)
+    return torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+
+def _targets(n, seed):
+    return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 100))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_or_fallback_matches_loop(name):
+    model = _build(name)
+    x, y = _inputs(name, 7, 1), _targets(7, 1)
+    x2, y2 = _inputs(name, 4, 2), _targets(4, 2)
+    torch.testing.assert_close(gradient_gram(model, x, y, method="factored"), reference_gram(model, x, y))
+    torch.testing.assert_close(
+        gradient_gram(model, x, y, x2, y2, method="factored", chunk_size=3), reference_gram(model, x, y, x2, y2)
+    )
+    plan = gram_plan(model, x, y)
+    for param, form in CASES[name][2].items():
+        if form is None:
+            assert param in plan.fallback, (param, str(plan))
+        else:
+            assert plan.forms.get(param) == form, (param, str(plan))
+
+
+@pytest.mark.parametrize("name", ["conv2d", "sequence", "outside_use", "embedding"])
+def test_per_layer_grams_match_loop_per_layer(name):
+    model = _build(name)
+    x, y = _inputs(name, 6, 3), _targets(6, 3)
+    for method in ("factored", "torch.func"):
+        layers = gradient_gram(model, x, y, method=method, per_layer=True)
+        owners = {}
+        for param, p in model.named_parameters():
+            owners.setdefault(param.rpartition(".")[0] or param, []).append(param)
+        assert list(layers) == list(owners)
+        for layer, params in owners.items():
+            torch.testing.assert_close(layers[layer], reference_gram(model, x, y, params=params))
+        total = sum(layers.values())
+        torch.testing.assert_close(total, gradient_gram(model, x, y, method=method))
+
+
+def test_float32_within_1e5_relative():
+    model = _build("conv2d").float()
+    x, y = _inputs("conv2d", 9, 4).float(), _targets(9, 4)
+    expected = reference_gram(model.double(), x.double(), y)
+    got = gradient_gram(model.float(), x, y, method="factored").double()
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("t, d, p", [(3, 4, 5), (6, 2, 3), (1, 7, 2)])
+def test_ghost_equals_materialised(t, d, p):
+    gen = torch.Generator().manual_seed(t)
+    a1, b1 = (
+        torch.randn(5, t, d, generator=gen, dtype=torch.float64),
+        torch.randn(5, t, p, generator=gen, dtype=torch.float64),
+    )
+    a2, b2 = (
+        torch.randn(3, t, d, generator=gen, dtype=torch.float64),
+        torch.randn(3, t, p, generator=gen, dtype=torch.float64),
+    )
+    direct = torch.einsum("ntp,ntd->npd", b1, a1).flatten(1) @ torch.einsum("ntp,ntd->npd", b2, a2).flatten(1).T
+    torch.testing.assert_close(GhostTerm(a1, b1).gram(GhostTerm(a2, b2)), direct)
+    torch.testing.assert_close(MaterialisedTerm(a1, b1).gram(MaterialisedTerm(a2, b2)), direct)
+    square = MaterialisedTerm(a1, b1)
+    torch.testing.assert_close(
+        square.gram(square),
+        torch.einsum("ntp,ntd->npd", b1, a1).flatten(1) @ torch.einsum("ntp,ntd->npd", b1, a1).flatten(1).T,
+    )
+
+
+def test_cost_model_picks_ghost_for_short_sequences_of_wide_layers():
+    wide = torch.zeros(4, 2, 64), torch.zeros(4, 2, 64)
+    long = torch.zeros(4, 50, 3), torch.zeros(4, 50, 4)
+    assert sequence_term(*wide, n=100, m=100)[1] == "ghost"
+    assert sequence_term(*long, n=100, m=100)[1] == "materialised"
+
+
+def test_ghost_form_in_a_model_matches_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Flatten(), nn.Linear(80, 3)).double().eval()
+    x = torch.randn(5, 2, 40, dtype=torch.float64)
+    y = _targets(5, 0)
+    assert gram_plan(model, x, y).forms["0.weight"] == "ghost"
+    torch.testing.assert_close(gradient_gram(model, x, y, method="factored"), reference_gram(model, x, y))
+
+
+def test_unused_layer_contributes_zero():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = Unused().double().eval()
+    x, y = torch.randn(4, 6, dtype=torch.float64), _targets(4, 0)
+    layers = gradient_gram(model, x, y, per_layer=True)
+    assert torch.equal(layers["spare"], torch.zeros(4, 4, dtype=torch.float64))
+    torch.testing.assert_close(layers["used"], reference_gram(model, x, y))
