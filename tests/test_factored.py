@@ -104,7 +104,7 @@ CASES = {
 
 def _build(name, seed=0):
     torch.manual_seed(seed)
-    make, shape, _ = CASES[name]
+    make = CASES[name][0]
     model = make().double()
     if "batchnorm" in name:  # give the running statistics values other than 0 and 1
         model.train()
@@ -149,7 +149,7 @@ def test_per_layer_grams_match_loop_per_layer(name):
     for method in ("factored", "torch.func"):
         layers = gradient_gram(model, x, y, method=method, per_layer=True)
         owners = {}
-        for param, p in model.named_parameters():
+        for param, _ in model.named_parameters():
             owners.setdefault(param.rpartition(".")[0] or param, []).append(param)
         assert list(layers) == list(owners)
         for layer, params in owners.items():
@@ -169,22 +169,17 @@ def test_float32_within_1e5_relative():
 @pytest.mark.parametrize("t, d, p", [(3, 4, 5), (6, 2, 3), (1, 7, 2)])
 def test_ghost_equals_materialised(t, d, p):
     gen = torch.Generator().manual_seed(t)
-    a1, b1 = (
-        torch.randn(5, t, d, generator=gen, dtype=torch.float64),
-        torch.randn(5, t, p, generator=gen, dtype=torch.float64),
-    )
-    a2, b2 = (
-        torch.randn(3, t, d, generator=gen, dtype=torch.float64),
-        torch.randn(3, t, p, generator=gen, dtype=torch.float64),
-    )
-    direct = torch.einsum("ntp,ntd->npd", b1, a1).flatten(1) @ torch.einsum("ntp,ntd->npd", b2, a2).flatten(1).T
-    torch.testing.assert_close(GhostTerm(a1, b1).gram(GhostTerm(a2, b2)), direct)
-    torch.testing.assert_close(MaterialisedTerm(a1, b1).gram(MaterialisedTerm(a2, b2)), direct)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    a1, b1, a2, b2 = randn(5, t, d), randn(5, t, p), randn(3, t, d), randn(3, t, p)
+    g1 = torch.einsum("ntp,ntd->npd", b1, a1).flatten(1)
+    g2 = torch.einsum("ntp,ntd->npd", b2, a2).flatten(1)
+    torch.testing.assert_close(GhostTerm(a1, b1).gram(GhostTerm(a2, b2)), g1 @ g2.T)
+    torch.testing.assert_close(MaterialisedTerm(a1, b1).gram(MaterialisedTerm(a2, b2)), g1 @ g2.T)
     square = MaterialisedTerm(a1, b1)
-    torch.testing.assert_close(
-        square.gram(square),
-        torch.einsum("ntp,ntd->npd", b1, a1).flatten(1) @ torch.einsum("ntp,ntd->npd", b1, a1).flatten(1).T,
-    )
+    torch.testing.assert_close(square.gram(square), g1 @ g1.T)
 
 
 def test_cost_model_picks_ghost_for_short_sequences_of_wide_layers():
