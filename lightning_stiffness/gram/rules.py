@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_stiffness.gram.terms import FlatTerm, GhostTerm, MaterialisedTerm, OuterTerm, sequence_term
+from lightning_stiffness.gram.terms import (
+    FlatTerm,
+    GhostTerm,
+    LazyPositions,
+    MaterialisedTerm,
+    OuterTerm,
+    sequence_term,
+)
 
 Term = OuterTerm | FlatTerm | GhostTerm | MaterialisedTerm
 RuleFn = Callable[[nn.Module, Tensor, Tensor, set[str], int, int], dict[str, Term]]
@@ -86,22 +93,17 @@ def _plain_convolution(conv: nn.Module) -> bool:
 @register_gram_rule(nn.Conv1d, nn.Conv2d, supports=_plain_convolution)
 def convolution_rule(layer: nn.Module, activations: Tensor, backprops: Tensor, params: set[str], n: int, m: int):
     if isinstance(layer, nn.Conv1d):
-        patches = F.unfold(
-            activations.unsqueeze(2),
-            kernel_size=(1, layer.kernel_size[0]),
-            dilation=(1, layer.dilation[0]),
-            padding=(0, layer.padding[0]),
-            stride=(1, layer.stride[0]),
-        )
+        source = activations.unsqueeze(2)
+        kernel, dilation = (1, layer.kernel_size[0]), (1, layer.dilation[0])
+        padding, stride = (0, layer.padding[0]), (1, layer.stride[0])
     else:
-        patches = F.unfold(
-            activations,
-            kernel_size=layer.kernel_size,
-            dilation=layer.dilation,
-            padding=layer.padding,
-            stride=layer.stride,
-        )
-    acts = patches.transpose(1, 2)  # [N, T, C_in * prod(kernel)]
+        source = activations
+        kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
+
+    def patches(x: Tensor) -> Tensor:  # [n, T, C_in * prod(kernel)], in the order of the flattened weight
+        return F.unfold(x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+
+    acts = LazyPositions(source, patches)
     grads = backprops.reshape(backprops.shape[0], backprops.shape[1], -1).transpose(1, 2)  # [N, T, C_out]
     terms: dict[str, Term] = {}
     if "weight" in params:

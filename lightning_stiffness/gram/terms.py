@@ -15,6 +15,7 @@ per-example gradients, or forms them a block at a time, whichever costs fewer op
 Every ``gram`` works in blocks sized from a memory budget, so one layer's working set stays bounded.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,30 @@ WORKING_SET_BYTES = 512 * 1024**2
 
 def _rows_per_block(bytes_per_row: int) -> int:
     return max(1, WORKING_SET_BYTES // max(1, bytes_per_row))
+
+
+class LazyPositions:
+    """Per-position activations [N, T, d] formed a slice of examples at a time (convolution patches).
+
+    Unfolding a whole probe set at once multiplies the input's memory by the kernel size; a materialised term only
+    ever needs one block of examples.
+    """
+
+    def __init__(self, source: Tensor, expand: Callable[[Tensor], Tensor]) -> None:
+        self.source = source
+        self.expand = expand
+        one = expand(source[:1])
+        self.shape = (source.shape[0], one.shape[1], one.shape[2])
+        self.dtype, self.device = one.dtype, one.device
+
+    def __getitem__(self, index: slice) -> Tensor:
+        return self.expand(self.source[index])
+
+    def element_size(self) -> int:
+        return self.source.element_size()
+
+    def full(self) -> Tensor:
+        return self.expand(self.source)
 
 
 @dataclass
@@ -60,11 +85,19 @@ class FlatTerm:
 class _PositionsTerm:
     """A weight applied at T positions: activations [N, T, d], output gradients [N, T, p]."""
 
-    activations: Tensor
+    activations: Tensor | LazyPositions
     backprops: Tensor
 
     def summed(self) -> Tensor:
-        return torch.einsum("ntp,ntd->pd", self.backprops, self.activations).flatten()
+        n = self.activations.shape[0]
+        block = _rows_per_block(self.activations.shape[1] * self.activations.shape[2] * self.backprops.element_size())
+        total = None
+        for start in range(0, n, block):
+            part = torch.einsum(
+                "ntp,ntd->pd", self.backprops[start : start + block], self.activations[start : start + block]
+            )
+            total = part if total is None else total.add_(part)
+        return total.flatten()
 
 
 @dataclass
@@ -117,7 +150,9 @@ class MaterialisedTerm(_PositionsTerm):
         return out
 
 
-def sequence_term(activations: Tensor, backprops: Tensor, n: int, m: int) -> tuple[GhostTerm | MaterialisedTerm, str]:
+def sequence_term(
+    activations: Tensor | LazyPositions, backprops: Tensor, n: int, m: int
+) -> tuple[GhostTerm | MaterialisedTerm, str]:
     """The cheaper of the ghost and materialised forms for a layer applied at T positions, and its name.
 
     Args:
@@ -130,5 +165,6 @@ def sequence_term(activations: Tensor, backprops: Tensor, n: int, m: int) -> tup
     ghost_ops = n * m * t * t * (d + p)
     materialised_ops = (n + m) * t * d * p + n * m * d * p
     if ghost_ops < materialised_ops:
-        return GhostTerm(activations, backprops), "ghost"
+        full = activations.full() if isinstance(activations, LazyPositions) else activations
+        return GhostTerm(full, backprops), "ghost"
     return MaterialisedTerm(activations, backprops), "materialised"

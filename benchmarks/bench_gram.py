@@ -1,0 +1,198 @@
+"""Time and peak memory of the Gram engines, side by side, with ratios against the factored engine.
+
+Each measurement runs in a fresh subprocess so that its peak resident memory (VmHWM, above the process's baseline
+after the model and data are built) is its own. Engines: a per-example loop (one autograd.grad per example, then one
+matmul), the torch.func engine, the factored engine, and BackPACK's BatchGrad + matmul when BackPACK is installed.
+
+    python benchmarks/bench_gram.py                 # the default table (several minutes on 2 cores)
+    python benchmarks/bench_gram.py --quick         # small sizes, a smoke run
+    python benchmarks/bench_gram.py --case mlp512 4096 torch.func
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def paper_fc() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 500),
+        nn.ReLU(),
+        nn.Linear(500, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def paper_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def mlp512() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+MODELS = {"paper_fc": paper_fc, "paper_cnn": paper_cnn, "mlp512": mlp512}
+ENGINES = ["loop", "torch.func", "factored", "backpack"]
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:  # "5" resets the peak resident set size (Linux)
+        handle.write("5")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def loop_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    jac = torch.stack(rows)
+    return jac @ jac.T
+
+
+def backpack_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchGrad
+
+    model = extend(model)
+    loss_fn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    model.zero_grad()
+    with backpack(BatchGrad()):
+        loss_fn(model(x), y).backward()
+    jac = torch.cat([p.grad_batch.flatten(1) for p in model.parameters()], dim=1)
+    return jac @ jac.T
+
+
+def run_case(model_name: str, n: int, engine: str) -> dict:
+    """One measurement in this process."""
+    from lightning_stiffness.functional import gradient_gram
+
+    torch.manual_seed(0)
+    model = MODELS[model_name]().eval()
+    x = torch.randn(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    params = sum(p.numel() for p in model.parameters())
+    if engine == "backpack":
+        try:
+            import backpack  # noqa: F401
+        except ImportError:
+            return {"skipped": "BackPACK is not installed (pip install --no-deps backpack-for-pytorch einops unfoldNd)"}
+    # Warm up on a few examples (lazy initialisation, kernels), then measure from a fresh peak.
+    warm = {"loop": loop_gram, "backpack": backpack_gram}.get(engine)
+    if warm is not None:
+        warm(model, x[:4], y[:4])
+    else:
+        gradient_gram(model, x[:4], y[:4], method=engine)
+    _peak_rss_reset()
+    baseline = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    if engine == "loop":
+        gram = loop_gram(model, x, y)
+    elif engine == "backpack":
+        gram = backpack_gram(model, x, y)
+    else:
+        gram = gradient_gram(model, x, y, method=engine)
+    seconds = time.perf_counter() - start
+    peak_mib = (_rss_kib("VmHWM") - baseline) / 1024
+    checksum = float(gram.double().diagonal().sum())
+    return {"seconds": seconds, "peak_mib": peak_mib, "params": params, "trace": checksum}
+
+
+DEFAULT_TABLE = [
+    ("paper_fc", 256, ["loop", "torch.func", "factored", "backpack"]),
+    ("paper_fc", 1024, ["loop", "torch.func", "factored", "backpack"]),
+    ("paper_cnn", 256, ["loop", "torch.func", "factored", "backpack"]),
+    ("paper_cnn", 1024, ["torch.func", "factored", "backpack"]),
+    ("paper_cnn", 2048, ["torch.func", "factored"]),
+    ("mlp512", 1024, ["torch.func", "factored", "backpack"]),
+    ("mlp512", 4096, ["torch.func", "factored"]),
+]
+QUICK_TABLE = [
+    ("paper_fc", 64, ["loop", "torch.func", "factored", "backpack"]),
+    ("paper_cnn", 64, ["loop", "torch.func", "factored"]),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--case", nargs=3, metavar=("MODEL", "N", "ENGINE"), help="run one measurement, print JSON")
+    args = parser.parse_args()
+    if args.case:
+        model_name, n, engine = args.case
+        print(json.dumps(run_case(model_name, int(n), engine)))
+        return
+    table = QUICK_TABLE if args.quick else DEFAULT_TABLE
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    header = f"{'model':<10} {'N':>5} {'P':>9} {'engine':<11} {'seconds':>9} {'peak MiB':>9} {'x factored time':>16}"
+    print(header)
+    print("-" * len(header))
+    for model_name, n, engines in table:
+        results = {}
+        for engine in engines:
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", model_name, str(n), engine], capture_output=True, text=True
+            )
+            if out.returncode != 0:
+                results[engine] = {"skipped": out.stderr.strip().splitlines()[-1] if out.stderr else "failed"}
+            else:
+                results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = results.get("factored", {}).get("seconds")
+        traces = [r["trace"] for r in results.values() if "trace" in r]
+        for engine, r in results.items():
+            if "skipped" in r:
+                print(f"{model_name:<10} {n:>5} {'':>9} {engine:<11} skipped: {r['skipped']}")
+                continue
+            ratio = f"{r['seconds'] / base:.1f}x" if base else "-"
+            print(
+                f"{model_name:<10} {n:>5} {r['params']:>9} {engine:<11} {r['seconds']:>9.3f} {r['peak_mib']:>9.0f} "
+                f"{ratio:>16}"
+            )
+        if traces:
+            spread = (max(traces) - min(traces)) / max(abs(max(traces)), 1e-30)
+            print(f"{'':<10} {'':>5} {'':>9} (engines agree on trace(G) to {spread:.1e} relative)")
+
+
+if __name__ == "__main__":
+    main()
