@@ -28,7 +28,7 @@ from typing_extensions import override
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import KINDS, StiffnessResult, measure_stiffness
-from lightning_stiffness.plots import class_matrix_image, distance_curve_image
+from lightning_stiffness.plots import class_matrix_image, distance_curve_image, layer_stiffness_image
 from lightning_stiffness.probe import (
     ProbeDataError,
     ProbeSet,
@@ -83,6 +83,9 @@ class StiffnessCallback(Callback):
         log_images: log class-matrix and distance-curve images (TensorBoard loggers only).
         images_every_n_probes: render images at every n-th probe only (rendering costs about 0.2 s an image).
         class_names: names for the class axes; default: the training dataset's ``classes`` attribute, or the labels.
+        per_layer: also measure each layer's own gradients: scalars
+            ``stiffness/{pair}/{kind}/by_layer/{layer}/within_class`` (and ``between_class``) and an image
+            ``stiffness/{pair}/by_layer`` of within/between cosine stiffness per layer.
 
     Raises:
         MisconfigurationException:
@@ -116,6 +119,7 @@ class StiffnessCallback(Callback):
         log_images: bool = True,
         images_every_n_probes: int = 1,
         class_names: list[str] | None = None,
+        per_layer: bool = False,
     ) -> None:
         _check_int(samples_per_class, "samples_per_class", minimum=2)
         if epochs is not None:
@@ -158,6 +162,7 @@ class StiffnessCallback(Callback):
         self.log_images = log_images
         self.images_every_n_probes = images_every_n_probes
         self.class_names = class_names
+        self.per_layer = per_layer
 
         self._idle = False
         self._probe_sets: dict[str, ProbeSet] = {}
@@ -309,9 +314,17 @@ class StiffnessCallback(Callback):
         bad = int((~torch.isfinite(losses)).sum())
         if bad:
             raise ProbeSkipped(f"the loss is not finite for {bad} of {len(all_y)} probe examples")
-        gram = gradient_gram(
-            pl_module, all_x, all_y, loss_fn=self._loss_fn, method=self.method, chunk_size=self.chunk_size
+        grams = gradient_gram(
+            pl_module,
+            all_x,
+            all_y,
+            loss_fn=self._loss_fn,
+            method=self.method,
+            chunk_size=self.chunk_size,
+            per_layer=self.per_layer,
         )
+        layer_grams = grams if self.per_layer else None
+        gram = sum(grams.values()) if self.per_layer else grams
         return measure_stiffness(
             gram,
             inputs,
@@ -322,6 +335,7 @@ class StiffnessCallback(Callback):
             num_distance_bins=self.num_distance_bins,
             epoch=epoch,
             step=step,
+            layer_grams=layer_grams,
         )
 
     # --------------------------------------------------------------------------------------------------------- outputs
@@ -363,6 +377,13 @@ class StiffnessCallback(Callback):
                 f"{result.xi_kind} stiffness against input distance, {pair} ({when})",
                 f"mean {result.xi_kind} stiffness",
             )
+            if result.layers and "cosine" in result.kinds:
+                images[f"stiffness/{pair}/by_layer"] = layer_stiffness_image(
+                    result.layers,
+                    [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.layers],
+                    [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.layers],
+                    f"cosine stiffness by layer, {pair} ({when})",
+                )
         for logger in loggers:
             for tag, image in images.items():
                 logger.experiment.add_image(tag, image, global_step=result.step, dataformats="HWC")

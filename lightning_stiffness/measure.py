@@ -44,6 +44,8 @@ class StiffnessResult:
         within_class, between_class: ``"{pair}/{kind}"`` -> float.
         critical_distance: ``pair`` -> xi over same-class pairs, input-space cosine distance.
         curves: ``pair`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve` (shared bin edges).
+        layers: the layers measured one by one (empty unless per-layer grams were given), in network order.
+        layer_within_class, layer_between_class: ``"{pair}/{kind}/{layer}"`` -> float, from each layer's own Gram.
     """
 
     epoch: int
@@ -60,6 +62,9 @@ class StiffnessResult:
     between_class: dict[str, float] = field(default_factory=dict)
     critical_distance: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
+    layers: list[str] = field(default_factory=list)
+    layer_within_class: dict[str, float] = field(default_factory=dict)
+    layer_between_class: dict[str, float] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[str]:
@@ -73,6 +78,11 @@ class StiffnessResult:
                 out[f"stiffness/{pair}/{kind}/within_class"] = self.within_class[f"{pair}/{kind}"]
                 out[f"stiffness/{pair}/{kind}/between_class"] = self.between_class[f"{pair}/{kind}"]
             out[f"stiffness/{pair}/critical_distance/input"] = self.critical_distance[pair]
+            for kind in self.kinds:
+                for layer in self.layers:
+                    key = f"{pair}/{kind}/{layer}"
+                    out[f"stiffness/{pair}/{kind}/by_layer/{layer}/within_class"] = self.layer_within_class[key]
+                    out[f"stiffness/{pair}/{kind}/by_layer/{layer}/between_class"] = self.layer_between_class[key]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +118,7 @@ def measure_stiffness(
     num_distance_bins: int = 20,
     epoch: int = 0,
     step: int = 0,
+    layer_grams: dict[str, Tensor] | None = None,
 ) -> StiffnessResult:
     """Measure every pair of probe sets from the Gram matrix of all probe examples.
 
@@ -121,6 +132,8 @@ def measure_stiffness(
         num_distance_bins: bins of the stiffness-against-distance curves.
         epoch: recorded in the result.
         step: recorded in the result.
+        layer_grams: per-layer Gram matrices (summing to ``gram``), for per-layer within/between stiffness, where
+            each layer's cosine stiffness uses that layer's own gradient norms.
     """
     offsets, start = {}, 0
     for name, x in inputs.items():
@@ -139,6 +152,7 @@ def measure_stiffness(
         num_classes=num_classes,
         labels={k: v.cpu() for k, v in labels.items()},
         indices={k: v.cpu() for k, v in indices.items()},
+        layers=list(layer_grams or {}),
     )
     for pair, (rows, cols) in PAIRS.items():
         if rows not in inputs or cols not in inputs:
@@ -146,17 +160,24 @@ def measure_stiffness(
         same_set = rows == cols
         block = gram[offsets[rows], offsets[cols]]
         labels_r, labels_c = result.labels[rows], result.labels[cols]
+        labels_c_or_none = None if same_set else labels_c
         measured = {}
         for kind in kinds:
-            if kind == "cosine":
-                measured[kind] = cosine_stiffness(block, sq_norms[offsets[rows]], sq_norms[offsets[cols]])
-            else:
-                measured[kind] = sign_stiffness(block)
+            measured[kind] = _stiffness(kind, block, sq_norms[offsets[rows]], sq_norms[offsets[cols]])
             key = f"{pair}/{kind}"
             result.stiffness[key] = measured[kind]
-            matrix = class_stiffness(measured[kind], labels_r, None if same_set else labels_c, num_classes)
+            matrix = class_stiffness(measured[kind], labels_r, labels_c_or_none, num_classes)
             result.class_matrices[key] = matrix
             result.within_class[key], result.between_class[key] = within_between(matrix)
+        for layer, layer_gram in (layer_grams or {}).items():
+            layer_gram = layer_gram.detach().cpu()
+            layer_norms = torch.diagonal(layer_gram)
+            layer_block = layer_gram[offsets[rows], offsets[cols]]
+            for kind in kinds:
+                layer_stiffness = _stiffness(kind, layer_block, layer_norms[offsets[rows]], layer_norms[offsets[cols]])
+                matrix = class_stiffness(layer_stiffness, labels_r, labels_c_or_none, num_classes)
+                key = f"{pair}/{kind}/{layer}"
+                result.layer_within_class[key], result.layer_between_class[key] = within_between(matrix)
         distances = pairwise_distances(inputs[rows].detach().cpu(), inputs[cols].detach().cpu()).to(block.dtype)
         result.distances[pair] = distances
         not_self = ~torch.eye(*block.shape, dtype=torch.bool) if same_set else torch.ones_like(block, dtype=torch.bool)
@@ -170,3 +191,9 @@ def measure_stiffness(
             "between": stiffness_by_distance(stiffness, distances, different_class, bins=edges),
         }
     return result
+
+
+def _stiffness(kind: str, block: Tensor, sq_norms_rows: Tensor, sq_norms_cols: Tensor) -> Tensor:
+    if kind == "cosine":
+        return cosine_stiffness(block, sq_norms_rows, sq_norms_cols)
+    return sign_stiffness(block)

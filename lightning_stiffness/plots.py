@@ -81,3 +81,21 @@ def distance_curve_image(curves: dict[str, DistanceCurve], xi: float, title: str
         axes.legend(loc="best", fontsize=9)
         axes.grid(alpha=0.3)
         return _to_rgb(figure)
+
+
+def layer_stiffness_image(layers: Sequence[str], within: Sequence[float], between: Sequence[float], title: str):
+    """Within-class and between-class stiffness of each layer's own gradients, in network order."""
+    with _figure(max(6.4, 0.5 * len(layers) + 3.0), 4.8) as figure:
+        axes = figure.add_subplot()
+        positions = np.arange(len(layers))
+        axes.plot(positions, within, marker="o", color="tab:blue", label="within class")
+        axes.plot(positions, between, marker="s", color="tab:red", label="between classes")
+        axes.axhline(0.0, color="grey", linewidth=0.8)
+        axes.set_xticks(positions, labels=list(layers), rotation=45 if len(layers) > 4 else 0, ha="right")
+        axes.set_xlabel("layer")
+        axes.set_ylabel("mean cosine stiffness")
+        axes.set_ylim(-1.05, 1.05)
+        axes.set_title(title, fontsize=11)
+        axes.legend(loc="best", fontsize=9)
+        axes.grid(alpha=0.3)
+        return _to_rgb(figure)

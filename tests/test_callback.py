@@ -274,3 +274,28 @@ def test_no_warnings_in_a_plain_run(tmp_path):
         warnings.simplefilter("always")
         fit.fit(TinyNet(), datamodule=DigitsData())
     assert not [w for w in caught if "Stiffness" in str(w.message)]
+
+
+def test_per_layer_stiffness_logged_and_exact(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, per_layer=True, kinds=["cosine"])], max_epochs=1)
+    model = TinyNet()
+    fit.fit(model, datamodule=DigitsData())
+    acc = events(fit.log_dir)
+    for pair in PAIRS:
+        for layer in ("net.0", "net.3"):
+            for side in ("within_class", "between_class"):
+                tag = f"stiffness/{pair}/cosine/by_layer/{layer}/{side}"
+                assert [e.step for e in acc.Scalars(tag)] == [0, 4], tag
+        assert [e.step for e in acc.Images(f"stiffness/{pair}/by_layer")] == [0, 4]
+    last = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
+    assert last.layers == ["net.0", "net.3"]
+    data = fit.datamodule
+    x = data.train_set.tensors[0][last.indices["train"]].double()
+    y = last.labels["train"]
+    reference = copy.deepcopy(model).double().eval()
+    for layer in last.layers:
+        grads = reference_gradients(reference.net, x, y, params=[f"{layer[4:]}.weight", f"{layer[4:]}.bias"])
+        cosine = (grads / grads.norm(dim=1, keepdim=True)) @ (grads / grads.norm(dim=1, keepdim=True)).T
+        within, between = within_between(class_stiffness(cosine, y, num_classes=10))
+        assert last.layer_within_class[f"train-train/cosine/{layer}"] == pytest.approx(within, abs=1e-5)
+        assert last.layer_between_class[f"train-train/cosine/{layer}"] == pytest.approx(between, abs=1e-5)
