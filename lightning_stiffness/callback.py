@@ -9,6 +9,7 @@ class stiffness matrices, within/between-class stiffness and stiffness-against-d
 """
 
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from tqdm import tqdm
 from typing_extensions import override
 
 from lightning_stiffness.gram import METHODS, gradient_gram
@@ -285,8 +287,8 @@ class StiffnessCallback(Callback):
         started = time.perf_counter()
         try:
             with _preserved_rng(pl_module.device), _eval_mode(pl_module), torch.inference_mode(False):
-                with torch.enable_grad():
-                    result = self._measure(pl_module, epoch, step)
+                with torch.enable_grad(), _progress_bar(trainer, f"Stiffness probe (epoch {epoch})") as progress:
+                    result = self._measure(pl_module, epoch, step, progress)
         except Exception as err:
             rank_zero_warn(
                 f"StiffnessCallback: the probe at epoch {epoch} (step {step}) was skipped: {type(err).__name__}: {err}"
@@ -296,21 +298,33 @@ class StiffnessCallback(Callback):
         self.last_result = result
         self._probes_done += 1
         self._log_scalars(trainer, pl_module, result, seconds, at_start)
+        written = time.perf_counter()
         if trainer.is_global_zero:
             if self.log_images and (self._probes_done - 1) % self.images_every_n_probes == 0:
                 self._log_images(trainer, result)
             if self.save_raw:
                 self._save_raw(trainer, result)
-        rank_zero_info(f"StiffnessCallback: probe at epoch {epoch} (step {step}) took {seconds:.2f} s.")
+        rank_zero_info(
+            f"StiffnessCallback: probe at epoch {epoch} (step {step}) took {seconds:.2f} s "
+            f"(+ {time.perf_counter() - written:.2f} s writing images and raw results)."
+        )
 
-    def _measure(self, pl_module: LightningModule, epoch: int, step: int) -> StiffnessResult:
+    def _measure(
+        self, pl_module: LightningModule, epoch: int, step: int, progress: Callable[[int, int], None] | None
+    ) -> StiffnessResult:
         device = pl_module.device
         inputs = {name: p.inputs.to(device) for name, p in self._probe_sets.items()}
         labels = {name: p.labels.to(device) for name, p in self._probe_sets.items()}
         all_x = torch.cat(list(inputs.values()))
         all_y = torch.cat(list(labels.values()))
         with torch.no_grad():
-            losses = self._loss_fn(pl_module(all_x), all_y)
+            chunk = self.chunk_size or 512
+            losses = torch.cat(
+                [
+                    self._loss_fn(pl_module(all_x[i : i + chunk]), all_y[i : i + chunk])
+                    for i in range(0, len(all_y), chunk)
+                ]
+            )
         bad = int((~torch.isfinite(losses)).sum())
         if bad:
             raise ProbeSkipped(f"the loss is not finite for {bad} of {len(all_y)} probe examples")
@@ -322,6 +336,7 @@ class StiffnessCallback(Callback):
             method=self.method,
             chunk_size=self.chunk_size,
             per_layer=self.per_layer,
+            progress=progress,
         )
         layer_grams = grams if self.per_layer else None
         gram = sum(grams.values()) if self.per_layer else grams
@@ -425,6 +440,25 @@ def _first_dataset(loaders: Any, what: str, warn_once: Callable[[str, str], None
     if len(found) > 1:
         warn_once(what, f"StiffnessCallback: several {what} dataloaders; probing the first one's dataset.")
     return found[0] if found else None
+
+
+@contextmanager
+def _progress_bar(trainer: Trainer, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient tqdm bar for the Gram computation, where the trainer shows a progress bar (rank 0 only)."""
+    if trainer.progress_bar_callback is None or not trainer.is_global_zero:
+        yield None
+        return
+    bar = tqdm(desc=description, leave=False, dynamic_ncols=True, file=sys.stderr, unit="block")
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield update
+    finally:
+        bar.close()
 
 
 @contextmanager

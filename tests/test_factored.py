@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_stiffness.functional import gradient_gram
-from lightning_stiffness.gram import gram_plan
-from lightning_stiffness.gram.terms import GhostTerm, MaterialisedTerm, sequence_term
+from lightning_stiffness.gram import gram_plan, terms
+from lightning_stiffness.gram.terms import BlockedTerm, GhostTerm, PerExampleTerm, sequence_term
 from tests.reference import reference_gram
 
 
@@ -177,16 +177,46 @@ def test_ghost_equals_materialised(t, d, p):
     g1 = torch.einsum("ntp,ntd->npd", b1, a1).flatten(1)
     g2 = torch.einsum("ntp,ntd->npd", b2, a2).flatten(1)
     torch.testing.assert_close(GhostTerm(a1, b1).gram(GhostTerm(a2, b2)), g1 @ g2.T)
-    torch.testing.assert_close(MaterialisedTerm(a1, b1).gram(MaterialisedTerm(a2, b2)), g1 @ g2.T)
-    square = MaterialisedTerm(a1, b1)
+    torch.testing.assert_close(BlockedTerm(a1, b1).gram(BlockedTerm(a2, b2)), g1 @ g2.T)
+    square = BlockedTerm(a1, b1)
     torch.testing.assert_close(square.gram(square), g1 @ g1.T)
+    for term in (GhostTerm(a1, b1), BlockedTerm(a1, b1), PerExampleTerm(g1)):
+        torch.testing.assert_close(term.summed(), g1.sum(dim=0))
 
 
-def test_cost_model_picks_ghost_for_short_sequences_of_wide_layers():
+def test_blocks_smaller_than_the_data(monkeypatch):
+    monkeypatch.setattr(terms, "WORKING_SET_BYTES", 1)  # one example per block
+    gen = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.randn(5, 3, 4, generator=gen, dtype=torch.float64),
+        torch.randn(5, 3, 2, generator=gen, dtype=torch.float64),
+    )
+    g = torch.einsum("ntp,ntd->npd", b, a).flatten(1)
+    torch.testing.assert_close(GhostTerm(a, b).gram(GhostTerm(a, b)), g @ g.T)
+    square = BlockedTerm(a, b)
+    torch.testing.assert_close(square.gram(square), g @ g.T)
+
+
+def test_cost_model_picks_the_form(monkeypatch):
     wide = torch.zeros(4, 2, 64), torch.zeros(4, 2, 64)
     long = torch.zeros(4, 50, 3), torch.zeros(4, 50, 4)
-    assert sequence_term(*wide, n=100, m=100)[1] == "ghost"
-    assert sequence_term(*long, n=100, m=100)[1] == "materialised"
+    assert sequence_term(*wide, n=100, m=100).form == "ghost"
+    assert sequence_term(*long, n=100, m=100).form == "materialised"
+    monkeypatch.setattr(terms, "PER_EXAMPLE_BYTES", 0)  # per-example gradients too large to keep
+    assert sequence_term(*long, n=100, m=100).form == "materialised-blocked"
+
+
+@pytest.mark.parametrize("chunk_size", [2, 3, 100])
+def test_blocked_form_in_a_model_matches_loop(monkeypatch, chunk_size):
+    monkeypatch.setattr(terms, "PER_EXAMPLE_BYTES", 0)
+    monkeypatch.setattr(terms, "WORKING_SET_BYTES", 2000)
+    model = _build("conv2d")
+    x, y = _inputs("conv2d", 7, 1), _targets(7, 1)
+    x2, y2 = _inputs("conv2d", 5, 2), _targets(5, 2)
+    assert gram_plan(model, x, y).forms["0.weight"] == "materialised-blocked"
+    got = gradient_gram(model, x, y, x2, y2, method="factored", chunk_size=chunk_size)
+    torch.testing.assert_close(got, reference_gram(model, x, y, x2, y2))
+    torch.testing.assert_close(gradient_gram(model, x, y, chunk_size=chunk_size), reference_gram(model, x, y))
 
 
 def test_ghost_form_in_a_model_matches_loop():

@@ -100,12 +100,15 @@ def _capture(
     targets: Tensor,
     chunk: int,
     plan: GramPlan,
-    check: bool,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per layer called once per forward: (input activations, output gradients) over all examples.
+    n: int,
+    m: int,
+    check: bool = False,
+) -> dict[str, dict[str, Term]]:
+    """Per covered layer, its terms (local parameter name -> term) over all examples, built chunk by chunk.
 
-    With ``check``, compares each parameter's summed gradient from its factors with autograd's and moves parameters
-    that disagree (or whose module is called more or less than once) to the fallback in ``plan``.
+    Layers called more or less than once in a forward lose their parameters to the fallback in ``plan``. With
+    ``check``, each term's summed gradient is compared with autograd's and parameters that disagree (used outside
+    their module too) go to the fallback as well.
     """
     leaves = {name: p.detach().requires_grad_(True) for name, p in chosen.items()}
     constants = {name: p.detach() for name, p in model.named_parameters() if name not in leaves}
@@ -123,8 +126,7 @@ def _capture(
         return hook
 
     handles = [layer.module.register_forward_hook(hook_for(name), with_kwargs=True) for name, layer in layers.items()]
-    acts: dict[str, list[Tensor]] = defaultdict(list)
-    backs: dict[str, list[Tensor]] = defaultdict(list)
+    chunks: dict[str, list[dict[str, Term]]] = defaultdict(list)
     try:
         for start in range(0, inputs.shape[0], chunk):
             calls.clear()
@@ -135,15 +137,15 @@ def _capture(
                 if name not in active:
                     for full in layers[name].params.values():
                         plan.fallback.setdefault(full, f"module called {len(calls[name])} times in one forward")
-            layer_params = [leaves[full] for name in active for full in layers[name].params.values()] if check else []
-            grads = torch.autograd.grad(loss, [calls[name][0][1] for name in active] + layer_params, allow_unused=True)
+            wanted = [leaves[full] for name in active for full in layers[name].params.values()] if check else []
+            grads = torch.autograd.grad(loss, [calls[name][0][1] for name in active] + wanted, allow_unused=True)
             for name, grad in zip(active, grads[: len(active)], strict=True):
-                output = calls[name][0][1]
-                acts[name].append(calls[name][0][0])
-                backs[name].append(torch.zeros_like(output) if grad is None else grad.detach())
+                activations, output = calls[name][0]
+                backprops = torch.zeros_like(output) if grad is None else grad.detach()
+                chunks[name].append(layer_terms(layers[name], activations, backprops, n, m))
+            calls.clear()  # frees this chunk's graph before the next forward
             if check:
-                _check_sums(layers, active, acts, backs, grads[len(active) :], plan)
-                check = False
+                _check_sums(layers, active, chunks, grads[len(active) :], plan)
             for name in list(layers):
                 layer = layers[name]
                 layer.params = {local: full for local, full in layer.params.items() if full not in plan.fallback}
@@ -152,26 +154,28 @@ def _capture(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (torch.cat(acts[name]), torch.cat(backs[name])) for name in layers}
+    return {
+        name: {local: type(parts[0][local]).concat([part[local] for part in parts]) for local in layers[name].params}
+        for name, parts in chunks.items()
+        if name in layers
+    }
 
 
 def _check_sums(
     layers: dict[str, _Layer],
     active: list[str],
-    acts: dict[str, list[Tensor]],
-    backs: dict[str, list[Tensor]],
+    chunks: dict[str, list[dict[str, Term]]],
     param_grads: tuple[Tensor | None, ...],
     plan: GramPlan,
 ) -> None:
     """Move to the fallback every parameter whose summed factored gradient differs from autograd's."""
     grads = iter(param_grads)
     for name in active:
-        layer = layers[name]
-        terms = layer_terms(layer, acts[name][-1], backs[name][-1], n=1, m=1)
-        for local, full in layer.params.items():
+        terms = chunks[name][-1]
+        for local, full in layers[name].params.items():
             true = next(grads)
-            true = torch.zeros(terms[local].summed().numel()) if true is None else true.detach().flatten()
-            estimate = terms[local].summed().to(true.device)
+            estimate = terms[local].summed()
+            true = torch.zeros_like(estimate) if true is None else true.detach().flatten()
             tolerance = (1e-4 if true.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9) * (
                 float(true.norm()) + float(estimate.norm()) + 1e-30
             )
@@ -205,18 +209,17 @@ def factored_grams(
     m = n if inputs2 is None else inputs2.shape[0]
     # The summed-gradient check is structural: a few examples tell whether a parameter is used outside its module.
     few = slice(0, CHECK_EXAMPLES)
-    _capture(model, loss_fn, chosen, layers, inputs[few], targets[few], chunk, plan, check=True)
-    rows = _capture(model, loss_fn, chosen, layers, inputs, targets, chunk, plan, check=False)
-    cols = rows if inputs2 is None else _capture(model, loss_fn, chosen, layers, inputs2, targets2, chunk, plan, False)
+    _capture(model, loss_fn, chosen, layers, inputs[few], targets[few], chunk, plan, n, m, check=True)
+    rows = _capture(model, loss_fn, chosen, layers, inputs, targets, chunk, plan, n, m)
+    cols = rows if inputs2 is None else _capture(model, loss_fn, chosen, layers, inputs2, targets2, chunk, plan, n, m)
     grams: dict[str, Tensor] = {}
     total_steps = len(rows) + (1 if plan.fallback else 0)
-    for step, (name, (acts, backs)) in enumerate(rows.items(), start=1):
+    for step, (name, row_terms) in enumerate(rows.items(), start=1):
         layer = layers[name]
-        row_terms = layer_terms(layer, acts, backs, n, m)
-        col_terms = row_terms if inputs2 is None else layer_terms(layer, *cols[name], n, m)
+        col_terms = cols[name]
         gram = None
         for local, term in row_terms.items():
-            plan.forms[layer.params[local]] = _form_name(term)
+            plan.forms[layer.params[local]] = term.form
             block = term.gram(col_terms[local])
             gram = block if gram is None else gram.add_(block)
         grams[name] = gram.to(dtype)
@@ -242,9 +245,3 @@ def factored_grams(
             progress(total_steps, total_steps)
     log.debug("%s", plan)
     return grams, plan
-
-
-def _form_name(term: Term) -> str:
-    return {"OuterTerm": "outer", "FlatTerm": "flat", "GhostTerm": "ghost", "MaterialisedTerm": "materialised"}[
-        type(term).__name__
-    ]

@@ -1,8 +1,9 @@
 """Per-layer rules of the factored Gram engine: one small function per layer type, registered with a decorator.
 
 A rule receives the layer, its input activations and the gradients of the summed loss with respect to its output
-(for a whole batch of examples), the names of the layer's own parameters to cover, and the size of the Gram matrix
-to be computed. It returns one factored term per parameter (see :mod:`.terms`). To support a new layer type::
+(for a chunk of examples), the names of the layer's own parameters to cover, and the size of the whole Gram matrix
+to be computed. It returns one factored term per parameter (see :mod:`.terms`); the engine joins the chunks' terms.
+To support a new layer type::
 
     @register_gram_rule(MyLayer, supports=lambda layer: layer.some_option is None)
     def my_layer_rule(layer, activations, backprops, params, n, m):
@@ -20,15 +21,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_stiffness.gram.terms import (
+    BlockedTerm,
     FlatTerm,
     GhostTerm,
     LazyPositions,
-    MaterialisedTerm,
     OuterTerm,
+    PerExampleTerm,
     sequence_term,
 )
 
-Term = OuterTerm | FlatTerm | GhostTerm | MaterialisedTerm
+Term = OuterTerm | FlatTerm | PerExampleTerm | GhostTerm | BlockedTerm
 RuleFn = Callable[[nn.Module, Tensor, Tensor, set[str], int, int], dict[str, Term]]
 
 
@@ -79,7 +81,7 @@ def linear_rule(layer: nn.Linear, activations: Tensor, backprops: Tensor, params
     acts = activations.reshape(activations.shape[0], -1, activations.shape[-1])
     grads = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
     if "weight" in params:
-        terms["weight"] = sequence_term(acts, grads, n, m)[0]
+        terms["weight"] = sequence_term(acts, grads, n, m)
     if "bias" in params:
         terms["bias"] = FlatTerm(grads.sum(dim=1))
     return terms
@@ -107,7 +109,7 @@ def convolution_rule(layer: nn.Module, activations: Tensor, backprops: Tensor, p
     grads = backprops.reshape(backprops.shape[0], backprops.shape[1], -1).transpose(1, 2)  # [N, T, C_out]
     terms: dict[str, Term] = {}
     if "weight" in params:
-        terms["weight"] = sequence_term(acts, grads, n, m)[0]
+        terms["weight"] = sequence_term(acts, grads, n, m)
     if "bias" in params:
         terms["bias"] = FlatTerm(grads.sum(dim=1))
     return terms

@@ -1,18 +1,21 @@
 """Factored forms of one layer's per-example gradients, and the Gram matrix between two of them.
 
 A layer's gradient for example i is built from its input activations a_i and the gradient b_i of the loss with
-respect to its output. Each form below keeps those factors and computes <g_i, g'_j> without forming the
-per-example gradients, or forms them a block at a time, whichever costs fewer operations:
+respect to its output. Each form keeps what it needs of those factors and computes <g_i, g'_j>:
 
 - :class:`OuterTerm`, a weight applied to one vector per example: g_i = b_i a_i^T, so
-  <g_i, g'_j> = (a_i . a'_j)(b_i . b'_j).
-- :class:`FlatTerm`, small per-example gradients held as rows (biases, norm affines): a plain matmul.
-- :class:`GhostTerm`, a weight applied at T positions (sequences, convolution patches):
-  <g_i, g'_j> = sum_{t,s} (a_it . a'_js)(b_it . b'_js), N M T^2 (d + p) operations.
-- :class:`MaterialisedTerm`, the same layer with g_i = sum_t b_it a_it^T formed a block of examples at a time:
-  (N + M) T d p + N M d p operations.
+  <g_i, g'_j> = (a_i . a'_j)(b_i . b'_j): N M (d + p) operations, (N + M)(d + p) numbers kept.
+- :class:`FlatTerm`, per-example gradients held as rows (biases, norm affines): a plain matmul.
+- :class:`PerExampleTerm`, a weight applied at T positions (sequences, convolution patches) whose per-example
+  gradients g_i = sum_t b_it a_it^T are formed chunk by chunk as the examples pass and kept: (N + M) T d p + N M d p
+  operations, (N + M) d p numbers kept (often far fewer than the factors, T (d + p) per example).
+- :class:`GhostTerm`, the same layer in the ghost form <g_i, g'_j> = sum_{t,s} (a_it . a'_js)(b_it . b'_js):
+  N M T^2 (d + p) operations, cheaper for short sequences of wide layers.
+- :class:`BlockedTerm`, the same layer when even its per-example gradients are too large to keep: factors kept,
+  per-example gradients formed a block at a time (recomputed for each block of the Gram matrix).
 
-Every ``gram`` works in blocks sized from a memory budget, so one layer's working set stays bounded.
+Terms computed for chunks of examples are joined with ``concat``. Every ``gram`` works in blocks sized from a
+memory budget, so one layer's working set stays bounded.
 """
 
 from collections.abc import Callable
@@ -23,6 +26,8 @@ from torch import Tensor
 
 #: Bytes one layer's working set may take while its Gram block is computed.
 WORKING_SET_BYTES = 512 * 1024**2
+#: Bytes of per-example gradients one layer may keep (both sets together) in the per-example form.
+PER_EXAMPLE_BYTES = 512 * 1024**2
 
 
 def _rows_per_block(bytes_per_row: int) -> int:
@@ -32,8 +37,8 @@ def _rows_per_block(bytes_per_row: int) -> int:
 class LazyPositions:
     """Per-position activations [N, T, d] formed a slice of examples at a time (convolution patches).
 
-    Unfolding a whole probe set at once multiplies the input's memory by the kernel size; a materialised term only
-    ever needs one block of examples.
+    Unfolding a whole probe set at once multiplies the input's memory by the kernel size; the forms that need
+    activations only ever take one block of examples.
     """
 
     def __init__(self, source: Tensor, expand: Callable[[Tensor], Tensor]) -> None:
@@ -53,12 +58,19 @@ class LazyPositions:
         return self.expand(self.source)
 
 
+def per_example_gradients(activations: Tensor | LazyPositions, backprops: Tensor, start: int, stop: int) -> Tensor:
+    """sum_t b_it a_it^T for examples [start, stop), flattened like the weight: [stop - start, p * d]."""
+    grads = torch.bmm(backprops[start:stop].transpose(1, 2), activations[start:stop])
+    return grads.reshape(stop - start, -1)
+
+
 @dataclass
 class OuterTerm:
     """g_i = b_i a_i^T: activations a [N, d] and output gradients b [N, p]."""
 
     activations: Tensor
     backprops: Tensor
+    form = "outer"
 
     def gram(self, other: "OuterTerm") -> Tensor:
         return (self.activations @ other.activations.T) * (self.backprops @ other.backprops.T)
@@ -67,18 +79,33 @@ class OuterTerm:
         """The gradient summed over examples, flattened like the parameter."""
         return (self.backprops.T @ self.activations).flatten()
 
+    @classmethod
+    def concat(cls, terms: list["OuterTerm"]) -> "OuterTerm":
+        return cls(torch.cat([t.activations for t in terms]), torch.cat([t.backprops for t in terms]))
+
 
 @dataclass
 class FlatTerm:
     """Per-example gradients held as rows [N, k]."""
 
     rows: Tensor
+    form = "flat"
 
     def gram(self, other: "FlatTerm") -> Tensor:
         return self.rows @ other.rows.T
 
     def summed(self) -> Tensor:
         return self.rows.sum(dim=0)
+
+    @classmethod
+    def concat(cls, terms: list["FlatTerm"]) -> "FlatTerm":
+        return cls(torch.cat([t.rows for t in terms]))
+
+
+class PerExampleTerm(FlatTerm):
+    """A weight applied at T positions, its per-example gradients formed once and kept as rows."""
+
+    form = "materialised"
 
 
 @dataclass
@@ -89,20 +116,28 @@ class _PositionsTerm:
     backprops: Tensor
 
     def summed(self) -> Tensor:
-        n = self.activations.shape[0]
-        block = _rows_per_block(self.activations.shape[1] * self.activations.shape[2] * self.backprops.element_size())
+        n, t, d = self.activations.shape
+        block = _rows_per_block(t * (d + self.backprops.shape[2]) * self.backprops.element_size())
         total = None
         for start in range(0, n, block):
-            part = torch.einsum(
-                "ntp,ntd->pd", self.backprops[start : start + block], self.activations[start : start + block]
-            )
+            part = per_example_gradients(self.activations, self.backprops, start, min(n, start + block)).sum(dim=0)
             total = part if total is None else total.add_(part)
-        return total.flatten()
+        return total
+
+    @classmethod
+    def concat(cls, terms: list["_PositionsTerm"]) -> "_PositionsTerm":
+        first = terms[0].activations
+        if isinstance(first, LazyPositions):
+            activations = LazyPositions(torch.cat([t.activations.source for t in terms]), first.expand)
+        else:
+            activations = torch.cat([t.activations for t in terms])
+        return cls(activations, torch.cat([t.backprops for t in terms]))
 
 
-@dataclass
 class GhostTerm(_PositionsTerm):
     """g_i = sum_t b_it a_it^T, computed in the ghost form."""
+
+    form = "ghost"
 
     def gram(self, other: "GhostTerm") -> Tensor:
         n, t, d = self.activations.shape
@@ -120,51 +155,46 @@ class GhostTerm(_PositionsTerm):
         return out
 
 
-@dataclass
-class MaterialisedTerm(_PositionsTerm):
-    """g_i = sum_t b_it a_it^T, formed a block of examples at a time."""
+class BlockedTerm(_PositionsTerm):
+    """g_i = sum_t b_it a_it^T, formed a block of examples at a time for each block of the Gram matrix."""
 
-    def _gradients(self, start: int, stop: int) -> Tensor:
-        grads = torch.einsum("ntp,ntd->npd", self.backprops[start:stop], self.activations[start:stop])
-        return grads.reshape(stop - start, -1)
+    form = "materialised-blocked"
 
-    def gram(self, other: "MaterialisedTerm") -> Tensor:
+    def gram(self, other: "BlockedTerm") -> Tensor:
         n, m = self.activations.shape[0], other.activations.shape[0]
         size = self.activations.shape[2] * self.backprops.shape[2]
-        block = _rows_per_block(2 * size * self.activations.element_size())
-        out = torch.empty(n, m, dtype=self.activations.dtype, device=self.activations.device)
+        block = _rows_per_block(2 * size * self.backprops.element_size())
+        out = torch.empty(n, m, dtype=self.backprops.dtype, device=self.backprops.device)
         same = other is self
-        cols_cache = other._gradients(0, m) if (not same and m <= block) else None
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
-            rows = self._gradients(r0, r1)
-            for c0 in range(0, m, block):
+            rows = per_example_gradients(self.activations, self.backprops, r0, r1)
+            for c0 in range(r0 if same else 0, m, block):
                 c1 = min(m, c0 + block)
-                if cols_cache is not None:
-                    cols = cols_cache[c0:c1]
-                elif same and c0 == r0:
-                    cols = rows
-                else:
-                    cols = other._gradients(c0, c1)
+                cols = rows if same and c0 == r0 else per_example_gradients(other.activations, other.backprops, c0, c1)
                 out[r0:r1, c0:c1] = rows @ cols.T
+                if same and c0 != r0:
+                    out[c0:c1, r0:r1] = out[r0:r1, c0:c1].T
         return out
 
 
 def sequence_term(
     activations: Tensor | LazyPositions, backprops: Tensor, n: int, m: int
-) -> tuple[GhostTerm | MaterialisedTerm, str]:
-    """The cheaper of the ghost and materialised forms for a layer applied at T positions, and its name.
+) -> PerExampleTerm | GhostTerm | BlockedTerm:
+    """The cheapest form for a weight applied at T positions, for a chunk of examples.
 
     Args:
-        activations: [N, T, d] inputs at each position.
-        backprops: [N, T, p] output gradients at each position.
-        n: rows of the Gram matrix to be computed.
-        m: columns of the Gram matrix to be computed.
+        activations: [B, T, d] inputs at each position (B examples of this chunk).
+        backprops: [B, T, p] output gradients at each position.
+        n: rows of the whole Gram matrix to be computed.
+        m: columns of the whole Gram matrix (equal to ``n`` for a square one).
     """
     t, d, p = activations.shape[1], activations.shape[2], backprops.shape[2]
     ghost_ops = n * m * t * t * (d + p)
     materialised_ops = (n + m) * t * d * p + n * m * d * p
     if ghost_ops < materialised_ops:
         full = activations.full() if isinstance(activations, LazyPositions) else activations
-        return GhostTerm(full, backprops), "ghost"
-    return MaterialisedTerm(activations, backprops), "materialised"
+        return GhostTerm(full, backprops)
+    if (n + m) * d * p * backprops.element_size() <= PER_EXAMPLE_BYTES:
+        return PerExampleTerm(per_example_gradients(activations, backprops, 0, activations.shape[0]))
+    return BlockedTerm(activations, backprops)
