@@ -157,6 +157,7 @@ QUICK_TABLE = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes only")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="only these models of the table")
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "N", "ENGINE"), help="run one measurement, print JSON")
     args = parser.parse_args()
     if args.case:
@@ -164,6 +165,8 @@ def main() -> None:
         print(json.dumps(run_case(model_name, int(n), engine)))
         return
     table = QUICK_TABLE if args.quick else DEFAULT_TABLE
+    if args.models:
+        table = [row for row in table if row[0] in args.models]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     header = f"{'model':<10} {'N':>5} {'P':>9} {'engine':<11} {'seconds':>9} {'peak MiB':>9} {'x factored time':>16}"
     print(header)

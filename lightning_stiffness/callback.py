@@ -181,6 +181,7 @@ class StiffnessCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._idle = False
         strategy = type(trainer.strategy).__name__
         if any(name in strategy for name in _SHARDED_STRATEGIES):
             raise MisconfigurationException(

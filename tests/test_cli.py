@@ -64,3 +64,40 @@ def test_callback_help_lists_every_argument(digits_cli, capsys):
     ):
         assert f"--trainer.callbacks.{name}" in shown, name
     assert "probe examples drawn per class" in shown
+
+
+def _write_idx(path, array):
+    import numpy as np
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def test_local_mnist_files_are_read_without_torchvision(tmp_path, digits_cli):
+    import gzip
+
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    # gzipped files are read too
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress((raw / "t10k-labels-idx1-ubyte").read_bytes()))
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    data = digits_cli.DigitsDataModule(dataset="mnist", data_dir=str(tmp_path), val_fraction=0.25)
+    data.setup("fit")
+    assert data.input_shape == [1, 28, 28]
+    assert len(data.train_set) == 30 and len(data.val_set) == 10
+    assert data.train_set.tensors[0].shape[1:] == (1, 28, 28)
+    assert sorted(set(data.train_set.tensors[1].tolist()) | set(data.val_set.tensors[1].tolist())) == list(range(10))
+
+
+def test_missing_local_files_say_where(tmp_path, digits_cli):
+    data = digits_cli.DigitsDataModule(dataset="fashion-mnist", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="FashionMNIST/raw/train-images-idx3-ubyte"):
+        data.setup("fit")
+    with pytest.raises(ValueError, match="--data.data_dir is required"):
+        digits_cli.DigitsDataModule(dataset="cifar10").setup("fit")
