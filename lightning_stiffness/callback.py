@@ -30,7 +30,12 @@ from typing_extensions import override
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import KINDS, StiffnessResult, measure_stiffness
-from lightning_stiffness.plots import class_matrix_image, distance_curve_image, layer_stiffness_image
+from lightning_stiffness.plots import (
+    class_matrix_image,
+    critical_distance_by_layer_image,
+    distance_curve_image,
+    layer_stiffness_image,
+)
 from lightning_stiffness.probe import (
     ProbeDataError,
     ProbeSet,
@@ -39,6 +44,7 @@ from lightning_stiffness.probe import (
     resolve_callable,
     stratified_indices,
 )
+from lightning_stiffness.representations import check_layer_names, forward_with_outputs
 
 _SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
@@ -88,6 +94,11 @@ class StiffnessCallback(Callback):
         per_layer: also measure each layer's own gradients: scalars
             ``stiffness/{pair}/{kind}/by_layer/{layer}/within_class`` (and ``between_class``) and an image
             ``stiffness/{pair}/by_layer`` of within/between cosine stiffness per layer.
+        layers: module names (as in ``pl_module.named_modules()``) whose outputs give representation-space
+            distances: stiffness-against-distance curves and the critical distance for each, scalars
+            ``stiffness/{pair}/critical_distance/{layer}``, images ``stiffness/{pair}/distance_curve/{layer}`` and
+            ``stiffness/{pair}/critical_distance_by_layer``.
+        layer_distance: metric of the representation distances: ``"cosine"`` (1 - cos) or ``"euclidean"``.
 
     Raises:
         MisconfigurationException:
@@ -122,6 +133,8 @@ class StiffnessCallback(Callback):
         images_every_n_probes: int = 1,
         class_names: list[str] | None = None,
         per_layer: bool = False,
+        layers: list[str] | None = None,
+        layer_distance: Literal["cosine", "euclidean"] = "cosine",
     ) -> None:
         _check_int(samples_per_class, "samples_per_class", minimum=2)
         if epochs is not None:
@@ -165,6 +178,14 @@ class StiffnessCallback(Callback):
         self.images_every_n_probes = images_every_n_probes
         self.class_names = class_names
         self.per_layer = per_layer
+        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
+            raise MisconfigurationException(f"`layers` must be a non-empty list of module names, got {layers!r}.")
+        if layer_distance not in ("cosine", "euclidean"):
+            raise MisconfigurationException(
+                f"`layer_distance` must be 'cosine' or 'euclidean', got {layer_distance!r}."
+            )
+        self.layers = list(layers) if layers is not None else []
+        self.layer_distance = layer_distance
 
         self._idle = False
         self._probe_sets: dict[str, ProbeSet] = {}
@@ -198,6 +219,11 @@ class StiffnessCallback(Callback):
                 "StiffnessCallback needs a logger to write its scalars and images; the Trainer has none "
                 "(`logger=False`). Pass `logger=True` or a logger such as TensorBoardLogger."
             )
+        if self.layers:
+            try:
+                self.layers = check_layer_names(pl_module, self.layers)
+            except ValueError as err:
+                raise MisconfigurationException(f"StiffnessCallback: {err}") from err
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -318,14 +344,10 @@ class StiffnessCallback(Callback):
         labels = {name: p.labels.to(device) for name, p in self._probe_sets.items()}
         all_x = torch.cat(list(inputs.values()))
         all_y = torch.cat(list(labels.values()))
+        # One forward without gradients checks the losses and records the representations of `layers`.
+        outputs, representations = forward_with_outputs(pl_module, all_x, self.layers, self.chunk_size or 512)
         with torch.no_grad():
-            chunk = self.chunk_size or 512
-            losses = torch.cat(
-                [
-                    self._loss_fn(pl_module(all_x[i : i + chunk]), all_y[i : i + chunk])
-                    for i in range(0, len(all_y), chunk)
-                ]
-            )
+            losses = self._loss_fn(outputs, all_y)
         bad = int((~torch.isfinite(losses)).sum())
         if bad:
             raise ProbeSkipped(f"the loss is not finite for {bad} of {len(all_y)} probe examples")
@@ -352,6 +374,8 @@ class StiffnessCallback(Callback):
             epoch=epoch,
             step=step,
             layer_grams=layer_grams,
+            representations=_split_by_set(representations, inputs) if self.layers else None,
+            distance_metric=self.layer_distance,
         )
 
     # --------------------------------------------------------------------------------------------------------- outputs
@@ -393,11 +417,26 @@ class StiffnessCallback(Callback):
                 f"{result.xi_kind} stiffness against input distance, {pair} ({when})",
                 f"mean {result.xi_kind} stiffness",
             )
-            if result.layers and "cosine" in result.kinds:
+            for layer in result.representation_layers:
+                images[f"stiffness/{pair}/distance_curve/{layer}"] = distance_curve_image(
+                    result.layer_curves[f"{pair}/{layer}"],
+                    result.layer_critical_distance[f"{pair}/{layer}"],
+                    f"{result.xi_kind} stiffness against distance in {layer}, {pair} ({when})",
+                    f"mean {result.xi_kind} stiffness",
+                    xlabel=f"{result.distance_metric} distance between outputs of {layer}",
+                )
+            if result.representation_layers:
+                images[f"stiffness/{pair}/critical_distance_by_layer"] = critical_distance_by_layer_image(
+                    ["input", *result.representation_layers],
+                    [result.critical_distance[pair]]
+                    + [result.layer_critical_distance[f"{pair}/{layer}"] for layer in result.representation_layers],
+                    f"stiff-domain size by layer, {pair} ({when})",
+                )
+            if result.gram_layers and "cosine" in result.kinds:
                 images[f"stiffness/{pair}/by_layer"] = layer_stiffness_image(
-                    result.layers,
-                    [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.layers],
-                    [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.layers],
+                    result.gram_layers,
+                    [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
+                    [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
                     f"cosine stiffness by layer, {pair} ({when})",
                 )
         for logger in loggers:
@@ -441,6 +480,15 @@ def _first_dataset(loaders: Any, what: str, warn_once: Callable[[str, str], None
     if len(found) > 1:
         warn_once(what, f"StiffnessCallback: several {what} dataloaders; probing the first one's dataset.")
     return found[0] if found else None
+
+
+def _split_by_set(representations: dict[str, Tensor], inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Layer -> outputs of all probe examples, into probe set -> layer -> that set's rows."""
+    out, start = {}, 0
+    for name, x in inputs.items():
+        out[name] = {layer: rows[start : start + x.shape[0]] for layer, rows in representations.items()}
+        start += x.shape[0]
+    return out
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_stiffness.gram import METHODS, gradient_gram
+from lightning_stiffness.representations import layer_outputs
 
 __all__ = [
     "METHODS",
@@ -33,6 +34,7 @@ __all__ = [
     "critical_distance",
     "critical_distance_from_sums",
     "gradient_gram",
+    "layer_outputs",
     "line_fit_sums",
     "pairwise_distances",
     "sign_stiffness",

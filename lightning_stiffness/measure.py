@@ -44,8 +44,13 @@ class StiffnessResult:
         within_class, between_class: ``"{pair}/{kind}"`` -> float.
         critical_distance: ``pair`` -> xi over same-class pairs, input-space cosine distance.
         curves: ``pair`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve` (shared bin edges).
-        layers: the layers measured one by one (empty unless per-layer grams were given), in network order.
+        gram_layers: the layers whose own gradients were measured (per-layer Gram matrices), in network order.
         layer_within_class, layer_between_class: ``"{pair}/{kind}/{layer}"`` -> float, from each layer's own Gram.
+        representation_layers: the layers whose outputs distances were measured in, in network order.
+        distance_metric: the metric of those distances (``cosine``: 1 - cos, or ``euclidean``).
+        layer_distances: ``"{pair}/{layer}"`` -> [N, M] distances between the examples' outputs of that layer.
+        layer_critical_distance: ``"{pair}/{layer}"`` -> xi in that layer's representation (same-class pairs).
+        layer_curves: ``"{pair}/{layer}"`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve`.
     """
 
     epoch: int
@@ -62,9 +67,14 @@ class StiffnessResult:
     between_class: dict[str, float] = field(default_factory=dict)
     critical_distance: dict[str, float] = field(default_factory=dict)
     curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
-    layers: list[str] = field(default_factory=list)
+    gram_layers: list[str] = field(default_factory=list)
     layer_within_class: dict[str, float] = field(default_factory=dict)
     layer_between_class: dict[str, float] = field(default_factory=dict)
+    representation_layers: list[str] = field(default_factory=list)
+    distance_metric: str = "cosine"
+    layer_distances: dict[str, Tensor] = field(default_factory=dict)
+    layer_critical_distance: dict[str, float] = field(default_factory=dict)
+    layer_curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[str]:
@@ -78,8 +88,10 @@ class StiffnessResult:
                 out[f"stiffness/{pair}/{kind}/within_class"] = self.within_class[f"{pair}/{kind}"]
                 out[f"stiffness/{pair}/{kind}/between_class"] = self.between_class[f"{pair}/{kind}"]
             out[f"stiffness/{pair}/critical_distance/input"] = self.critical_distance[pair]
+            for layer in self.representation_layers:
+                out[f"stiffness/{pair}/critical_distance/{layer}"] = self.layer_critical_distance[f"{pair}/{layer}"]
             for kind in self.kinds:
-                for layer in self.layers:
+                for layer in self.gram_layers:
                     key = f"{pair}/{kind}/{layer}"
                     out[f"stiffness/{pair}/{kind}/by_layer/{layer}/within_class"] = self.layer_within_class[key]
                     out[f"stiffness/{pair}/{kind}/by_layer/{layer}/between_class"] = self.layer_between_class[key]
@@ -89,9 +101,11 @@ class StiffnessResult:
         """Plain dicts, lists, floats and tensors, for ``torch.save`` (loads with ``weights_only=True``)."""
         data = asdict(self)
         data["kinds"] = list(self.kinds)
-        data["curves"] = {
-            pair: {side: curve._asdict() for side, curve in sides.items()} for pair, sides in self.curves.items()
-        }
+        for name in ("curves", "layer_curves"):
+            data[name] = {
+                key: {side: curve._asdict() for side, curve in sides.items()}
+                for key, sides in getattr(self, name).items()
+            }
         data["format_version"] = 1
         return data
 
@@ -100,10 +114,11 @@ class StiffnessResult:
         """Inverse of :meth:`to_dict`."""
         data = {k: v for k, v in data.items() if k != "format_version"}
         data["kinds"] = tuple(data["kinds"])
-        data["curves"] = {
-            pair: {side: DistanceCurve(**curve) for side, curve in sides.items()}
-            for pair, sides in data["curves"].items()
-        }
+        for name in ("curves", "layer_curves"):
+            data[name] = {
+                key: {side: DistanceCurve(**curve) for side, curve in sides.items()}
+                for key, sides in data.get(name, {}).items()
+            }
         return cls(**data)
 
 
@@ -119,6 +134,8 @@ def measure_stiffness(
     epoch: int = 0,
     step: int = 0,
     layer_grams: dict[str, Tensor] | None = None,
+    representations: dict[str, dict[str, Tensor]] | None = None,
+    distance_metric: str = "cosine",
 ) -> StiffnessResult:
     """Measure every pair of probe sets from the Gram matrix of all probe examples.
 
@@ -134,6 +151,9 @@ def measure_stiffness(
         step: recorded in the result.
         layer_grams: per-layer Gram matrices (summing to ``gram``), for per-layer within/between stiffness, where
             each layer's cosine stiffness uses that layer's own gradient norms.
+        representations: probe set name -> layer name -> [n, D] outputs of that layer, for stiffness against
+            distance in each layer's representation.
+        distance_metric: metric of the representation distances, ``"cosine"`` or ``"euclidean"``.
     """
     offsets, start = {}, 0
     for name, x in inputs.items():
@@ -152,7 +172,9 @@ def measure_stiffness(
         num_classes=num_classes,
         labels={k: v.cpu() for k, v in labels.items()},
         indices={k: v.cpu() for k, v in indices.items()},
-        layers=list(layer_grams or {}),
+        gram_layers=list(layer_grams or {}),
+        representation_layers=list(next(iter(representations.values()), {})) if representations else [],
+        distance_metric=distance_metric,
     )
     for pair, (rows, cols) in PAIRS.items():
         if rows not in inputs or cols not in inputs:
@@ -184,13 +206,35 @@ def measure_stiffness(
         same_class = (labels_r[:, None] == labels_c[None, :]) & not_self
         different_class = (labels_r[:, None] != labels_c[None, :]) & not_self
         stiffness = measured[xi_kind]
-        result.critical_distance[pair] = critical_distance(stiffness, distances, same_class)
-        edges = stiffness_by_distance(stiffness, distances, not_self, bins=num_distance_bins).edges
-        result.curves[pair] = {
-            "within": stiffness_by_distance(stiffness, distances, same_class, bins=edges),
-            "between": stiffness_by_distance(stiffness, distances, different_class, bins=edges),
-        }
+        masks = (same_class, different_class, not_self)
+        result.critical_distance[pair], result.curves[pair] = _against_distance(
+            stiffness, distances, masks, num_distance_bins
+        )
+        for layer in result.representation_layers:
+            key = f"{pair}/{layer}"
+            layer_distances = pairwise_distances(
+                representations[rows][layer].detach().cpu(),
+                representations[cols][layer].detach().cpu(),
+                metric=distance_metric,
+            ).to(block.dtype)
+            result.layer_distances[key] = layer_distances
+            result.layer_critical_distance[key], result.layer_curves[key] = _against_distance(
+                stiffness, layer_distances, masks, num_distance_bins
+            )
     return result
+
+
+def _against_distance(
+    stiffness: Tensor, distances: Tensor, masks: tuple[Tensor, Tensor, Tensor], bins: int
+) -> tuple[float, dict[str, DistanceCurve]]:
+    """xi over same-class pairs, and the within/between curves on shared bin edges."""
+    same_class, different_class, not_self = masks
+    edges = stiffness_by_distance(stiffness, distances, not_self, bins=bins).edges
+    curves = {
+        "within": stiffness_by_distance(stiffness, distances, same_class, bins=edges),
+        "between": stiffness_by_distance(stiffness, distances, different_class, bins=edges),
+    }
+    return critical_distance(stiffness, distances, same_class), curves
 
 
 def _stiffness(kind: str, block: Tensor, sq_norms_rows: Tensor, sq_norms_cols: Tensor) -> Tensor:

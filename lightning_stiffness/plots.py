@@ -63,7 +63,9 @@ def class_matrix_image(matrix: Tensor, class_names: Sequence[str], title: str) -
         return _to_rgb(figure)
 
 
-def distance_curve_image(curves: dict[str, DistanceCurve], xi: float, title: str, ylabel: str) -> np.ndarray:
+def distance_curve_image(
+    curves: dict[str, DistanceCurve], xi: float, title: str, ylabel: str, xlabel: str = "input distance (1 − cos)"
+) -> np.ndarray:
     """Mean stiffness against distance for within-class and between-class pairs, with xi marked."""
     with _figure(6.4, 4.8) as figure:
         axes = figure.add_subplot()
@@ -75,7 +77,7 @@ def distance_curve_image(curves: dict[str, DistanceCurve], xi: float, title: str
         axes.axhline(0.0, color="grey", linewidth=0.8)
         if math.isfinite(xi):
             axes.axvline(xi, color="black", linestyle="--", linewidth=1.0, label=f"ξ = {xi:.3f}")
-        axes.set_xlabel("input distance (1 − cos)")
+        axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
         axes.set_title(title, fontsize=11)
         axes.legend(loc="best", fontsize=9)
@@ -98,4 +100,22 @@ def layer_stiffness_image(layers: Sequence[str], within: Sequence[float], betwee
         axes.set_title(title, fontsize=11)
         axes.legend(loc="best", fontsize=9)
         axes.grid(alpha=0.3)
+        return _to_rgb(figure)
+
+
+def critical_distance_by_layer_image(names: Sequence[str], values: Sequence[float], title: str) -> np.ndarray:
+    """Stiff-domain size xi in input space and in each layer's representation, in network order."""
+    with _figure(max(6.4, 0.6 * len(names) + 3.0), 4.8) as figure:
+        axes = figure.add_subplot()
+        positions = np.arange(len(names))
+        heights = [v if math.isfinite(v) else 0.0 for v in values]
+        bars = axes.bar(positions, heights, color=["tab:grey"] + ["tab:blue"] * (len(names) - 1))
+        for bar, value in zip(bars, values, strict=True):
+            label = f"{value:.3f}" if math.isfinite(value) else "no fit"
+            axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        axes.set_xticks(positions, labels=list(names), rotation=45 if len(names) > 5 else 0, ha="right")
+        axes.set_xlabel("representation (input, then layers in network order)")
+        axes.set_ylabel("critical distance ξ")
+        axes.set_title(title, fontsize=11)
+        axes.grid(alpha=0.3, axis="y")
         return _to_rgb(figure)

@@ -288,12 +288,12 @@ def test_per_layer_stiffness_logged_and_exact(tmp_path):
                 assert [e.step for e in acc.Scalars(tag)] == [0, 4], tag
         assert [e.step for e in acc.Images(f"stiffness/{pair}/by_layer")] == [0, 4]
     last = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
-    assert last.layers == ["net.0", "net.3"]
+    assert last.gram_layers == ["net.0", "net.3"]
     data = fit.datamodule
     x = data.train_set.tensors[0][last.indices["train"]].double()
     y = last.labels["train"]
     reference = copy.deepcopy(model).double().eval()
-    for layer in last.layers:
+    for layer in last.gram_layers:
         grads = reference_gradients(reference.net, x, y, params=[f"{layer[4:]}.weight", f"{layer[4:]}.bias"])
         cosine = (grads / grads.norm(dim=1, keepdim=True)) @ (grads / grads.norm(dim=1, keepdim=True)).T
         within, between = within_between(class_stiffness(cosine, y, num_classes=10))

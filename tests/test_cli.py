@@ -99,5 +99,5 @@ def test_missing_local_files_say_where(tmp_path, digits_cli):
     data = digits_cli.DigitsDataModule(dataset="fashion-mnist", data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="FashionMNIST/raw/train-images-idx3-ubyte"):
         data.setup("fit")
-    with pytest.raises(ValueError, match="--data.data_dir is required"):
+    with pytest.raises(ValueError, match=r"--data\.data_dir is required"):
         digits_cli.DigitsDataModule(dataset="cifar10").setup("fit")

@@ -1,0 +1,112 @@
+"""Examples' representations: the outputs of chosen modules, for distances in representation space.
+
+The paper measures stiffness against distance in input space and in each layer's representation; deeper layers have
+smaller stiff domains. :func:`layer_outputs` runs the model once (no gradients) and returns the flattened outputs of
+the named modules; the callback takes them from the same forward pass that checks the probe examples' losses.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+def check_layer_names(model: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The names in ``layers``, in network order (the order of ``model.named_modules()``).
+
+    Raises:
+        ValueError: for a name that is not a module of the model, listing the valid names.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
+        raise ValueError(f"`layers` must be a non-empty list of module names, got {layers!r}.")
+    unknown = [name for name in layers if name not in names]
+    if unknown:
+        shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
+        raise ValueError(f"`layers` names modules the model does not have: {unknown}. Valid module names: {shown}.")
+    position = {name: i for i, name in enumerate(names)}
+    return sorted(dict.fromkeys(layers), key=position.__getitem__)
+
+
+@contextmanager
+def recording(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, list[Tensor]]]:
+    """Record the flattened output of each named module for every forward run inside the block.
+
+    Yields a dict name -> list of [B, D] tensors, one per forward call of that module (detached).
+    """
+    modules = dict(model.named_modules())
+    records: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, output) -> None:
+            if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+                output = output[0]  # modules such as nn.LSTM or attention return (output, extras)
+            if not isinstance(output, Tensor):
+                raise ValueError(f"`layers`: module {name!r} returns {type(output).__name__}, not a tensor.")
+            records[name].append(output.detach().reshape(output.shape[0], -1))
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(hook_for(name)) for name in layers]
+    try:
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_with_outputs(
+    model: nn.Module, inputs: Tensor, layers: Sequence[str] = (), chunk_size: int = 512
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model's outputs and the named modules' flattened outputs, over ``inputs`` in chunks, without gradients.
+
+    Raises:
+        ValueError: when a named module runs more than once (or not at all) per forward, so that one example has no
+            single representation there.
+    """
+    outputs, per_layer = [], {name: [] for name in layers}
+    with torch.no_grad(), recording(model, layers) as records:
+        for start in range(0, inputs.shape[0], chunk_size):
+            for calls in records.values():
+                calls.clear()
+            outputs.append(model(inputs[start : start + chunk_size]))
+            for name, calls in records.items():
+                if len(calls) != 1:
+                    raise ValueError(
+                        f"`layers`: module {name!r} ran {len(calls)} times in one forward pass; a representation "
+                        "needs a module that runs exactly once."
+                    )
+                per_layer[name].append(calls[0])
+    return torch.cat(outputs), {name: torch.cat(parts) for name, parts in per_layer.items()}
+
+
+def layer_outputs(model: nn.Module, inputs: Tensor, layers: Sequence[str], chunk_size: int = 512) -> dict[str, Tensor]:
+    """Flattened outputs [N, D] of the named modules for ``inputs`` (one forward pass, no gradients).
+
+    Args:
+        model: the network (evaluated as given: call ``model.eval()`` first for eval-mode representations).
+        inputs: examples, one per row.
+        layers: module names as in ``model.named_modules()``, for example ``["net.2", "net.4"]``.
+        chunk_size: examples per forward pass.
+
+    Returns:
+        name -> [N, D] tensor, in network order.
+
+    Raises:
+        ValueError: for an unknown module name (the message lists the valid ones), or a module that does not run
+            exactly once per forward.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_stiffness.functional import layer_outputs, pairwise_distances
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> hidden = layer_outputs(model, torch.randn(5, 4), ["1"])["1"]
+        >>> pairwise_distances(hidden).shape
+        torch.Size([5, 5])
+    """
+    ordered = check_layer_names(model, layers)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    return forward_with_outputs(model, inputs.to(device), ordered, chunk_size)[1]
