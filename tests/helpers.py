@@ -51,6 +51,7 @@ class DigitsData(LightningDataModule):
 class TinyNet(LightningModule):
     def __init__(self, dropout: float = 0.0, lr: float = 0.05, nan_after_epoch: int | None = None):
         super().__init__()
+        self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 10))
         self.lr = lr
         self.nan_after_epoch = nan_after_epoch

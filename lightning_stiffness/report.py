@@ -1,0 +1,366 @@
+"""Offline report from the raw results runs saved: ``lightning-stiffness report RUN_DIR [RUN_DIR ...]``.
+
+A run directory is a logger's directory (``lightning_logs/version_0``) holding ``stiffness/epoch=E-step=S.pt`` files
+(``StiffnessCallback(save_raw=True)``, the default), or any folder above such directories: every run found under the
+given paths is reported. The report is a directory with ``report.md`` (or ``report.html``) and PNG figures:
+
+- class stiffness matrices at chosen epochs, side by side;
+- within/between-class stiffness against epochs trained, with the run's train/validation loss (from its TensorBoard
+  event files or ``metrics.csv``), the stretch where validation loss rises above its minimum shaded;
+- the critical distance xi against epochs trained, in input space and in each recorded layer;
+- with several runs, xi at the last probe against each run's learning rate (from ``hparams.yaml``).
+
+"Epochs trained" puts the probe at initialisation at 0 and the probe at the end of epoch E (0-based) at E + 1.
+"""
+
+import argparse
+import csv
+import html
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lightning_stiffness.measure import PAIRS, StiffnessResult
+from lightning_stiffness.plots import STIFFNESS_CMAP
+
+
+class ReportError(ValueError):
+    """Nothing to report: a path without saved results, or a choice the results do not have."""
+
+
+@dataclass
+class Run:
+    """One run's saved probes (sorted by step), its logged losses and hyperparameters."""
+
+    path: Path
+    results: list[StiffnessResult]
+    losses: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    hparams: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return "-".join(self.path.parts[-2:])
+
+    @property
+    def steps_per_epoch(self) -> float | None:
+        ends = [r for r in self.results if r.step > 0]
+        return ends[-1].step / (ends[-1].epoch + 1) if ends else None
+
+    def epochs_trained(self, step: int) -> float:
+        spe = self.steps_per_epoch
+        return step / spe if spe else float(step)
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Every directory holding ``stiffness/epoch=*-step=*.pt`` at or below the given paths."""
+    runs: list[Path] = []
+    for given in paths:
+        root = Path(given).expanduser()
+        if not root.exists():
+            raise ReportError(f"{root} does not exist.")
+        found = sorted({p.parent.parent for p in root.glob("**/stiffness/epoch=*-step=*.pt")})
+        if not found:
+            raise ReportError(
+                f"no saved stiffness results under {root}: expected stiffness/epoch=E-step=S.pt files, which "
+                "StiffnessCallback writes under the logger's log_dir when save_raw=True."
+            )
+        runs.extend(p for p in found if p not in runs)
+    return runs
+
+
+def _read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    losses: dict[str, list[tuple[int, float]]] = {}
+    if list(run_dir.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags().get("scalars", []):
+            if "loss" in tag and not tag.startswith("stiffness/") and not tag.endswith("_step"):
+                losses[tag] = [(e.step, e.value) for e in events.Scalars(tag)]
+    elif (run_dir / "metrics.csv").exists():
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, value in row.items():
+                    if "loss" in key and not key.startswith("stiffness/") and not key.endswith("_step") and value:
+                        losses.setdefault(key, []).append((int(row["step"]), float(value)))
+    return losses
+
+
+def _read_hparams(run_dir: Path) -> dict:
+    path = run_dir / "hparams.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_run(run_dir: Path) -> Run:
+    files = sorted((run_dir / "stiffness").glob("epoch=*-step=*.pt"))
+    results = [StiffnessResult.from_dict(torch.load(f, weights_only=True, map_location="cpu")) for f in files]
+    results.sort(key=lambda r: r.step)
+    return Run(path=run_dir, results=results, losses=_read_losses(run_dir), hparams=_read_hparams(run_dir))
+
+
+def _save(figure: Figure, path: Path) -> None:
+    FigureCanvasAgg(figure)
+    try:
+        figure.savefig(path, dpi=100)
+    finally:
+        figure.clear()
+
+
+def _class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, kind: str, path: Path) -> None:
+    figure = Figure(figsize=(4.2 * len(chosen) + 1.2, 4.6), layout="constrained")
+    image = None
+    for i, result in enumerate(chosen):
+        axes = figure.add_subplot(1, len(chosen), i + 1)
+        matrix = result.class_matrices[f"{pair}/{kind}"].double().numpy()
+        image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
+        ticks = range(result.num_classes)
+        axes.set_xticks(ticks)
+        axes.set_yticks(ticks)
+        axes.set_title(f"{run.epochs_trained(result.step):g} epochs (step {result.step})", fontsize=10)
+        axes.set_xlabel("class of j")
+        if i == 0:
+            axes.set_ylabel("class of i")
+    figure.colorbar(image, ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
+    figure.suptitle(f"class stiffness matrices, {pair}")
+    _save(figure, path)
+
+
+def _losses_axes(run: Run, axes) -> None:
+    twin = axes.twinx()
+    for tag, points in sorted(run.losses.items()):
+        xs = [run.epochs_trained(s) for s, _ in points]
+        twin.plot(xs, [v for _, v in points], linestyle=":", marker=".", label=tag)
+        if "val" in tag and len(points) > 1:
+            values = [v for _, v in points]
+            best = int(np.argmin(values))
+            if best < len(values) - 1:
+                axes.axvspan(xs[best], xs[-1], color="orange", alpha=0.12, label="validation loss rising")
+    twin.set_ylabel("loss")
+    if run.losses:
+        twin.legend(loc="upper right", fontsize=8)
+
+
+def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
+    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    axes = figure.add_subplot()
+    xs = [run.epochs_trained(r.step) for r in run.results]
+    for kind, style in (("cosine", "-"), ("sign", "--")):
+        if kind not in run.results[-1].kinds:
+            continue
+        for side, colour in (("within", "tab:blue"), ("between", "tab:red")):
+            values = [getattr(r, f"{side}_class")[f"{pair}/{kind}"] for r in run.results]
+            axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
+    _losses_axes(run, axes)
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_xlabel("epochs trained")
+    axes.set_ylabel("stiffness")
+    axes.set_title(f"within/between-class stiffness, {pair}")
+    axes.legend(loc="upper left", fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
+    series = {"input": [r.critical_distance[pair] for r in run.results]}
+    for layer in run.results[-1].representation_layers:
+        series[layer] = [r.layer_critical_distance.get(f"{pair}/{layer}", math.nan) for r in run.results]
+    return series
+
+
+def _xi_figure(run: Run, pair: str, path: Path) -> None:
+    figure = Figure(figsize=(8, 4.8), layout="constrained")
+    axes = figure.add_subplot()
+    xs = [run.epochs_trained(r.step) for r in run.results]
+    for name, values in _xi_series(run, pair).items():
+        axes.plot(xs, values, marker="o", markersize=3, label=name)
+    axes.set_xlabel("epochs trained")
+    axes.set_ylabel("critical distance ξ")
+    axes.set_title(f"stiff-domain size against training, {pair} (same-class pairs)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None:
+    figure = Figure(figsize=(7, 4.8), layout="constrained")
+    axes = figure.add_subplot()
+    order = np.argsort(lrs)
+    names = list(_xi_series(runs[0], pair))
+    for name in names:
+        values = [_xi_series(runs[i], pair).get(name, [math.nan])[-1] for i in order]
+        axes.plot([lrs[i] for i in order], values, marker="o", label=name)
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("critical distance ξ at the last probe")
+    axes.set_title(f"stiff-domain size against learning rate, {pair}")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _pick(run: Run, epochs: Sequence[float] | None) -> list[StiffnessResult]:
+    results = run.results
+    if epochs is None:
+        picks = sorted({0, len(results) // 2, len(results) - 1})
+        return [results[i] for i in picks]
+    chosen = []
+    for wanted in epochs:
+        best = min(results, key=lambda r: abs(run.epochs_trained(r.step) - wanted))
+        if best not in chosen:
+            chosen.append(best)
+    return chosen
+
+
+def _fmt(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def write_report(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    epochs: Sequence[float] | None = None,
+    pair: str = "train-train",
+    kind: str = "cosine",
+    fmt: str = "md",
+    lr_key: str = "lr",
+) -> Path:
+    """Write the report for the runs under ``paths`` into ``out_dir``; returns the report file's path.
+
+    Raises:
+        ReportError: for a path without saved results, or a ``pair`` or ``kind`` the results do not have.
+    """
+    if fmt not in ("md", "html"):
+        raise ReportError(f"`fmt` must be 'md' or 'html', got {fmt!r}.")
+    runs = [load_run(p) for p in find_runs(paths)]
+    for run in runs:
+        if pair not in run.results[-1].pairs:
+            raise ReportError(f"{run.path} has no {pair!r} results; it has {run.results[-1].pairs}.")
+        if kind not in run.results[-1].kinds:
+            raise ReportError(f"{run.path} has no {kind!r} stiffness; it has {list(run.results[-1].kinds)}.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections: list[tuple[str, list[tuple[str, str]], list[list[str]]]] = []
+    for index, run in enumerate(runs):
+        prefix = f"run{index}"
+        figures = []
+        chosen = _pick(run, epochs)
+        _class_matrices_figure(run, chosen, pair, kind, out / f"{prefix}_class_matrices.png")
+        figures.append(("class stiffness matrices", f"{prefix}_class_matrices.png"))
+        _stiffness_figure(run, pair, out / f"{prefix}_stiffness.png")
+        figures.append(("within/between-class stiffness and loss", f"{prefix}_stiffness.png"))
+        _xi_figure(run, pair, out / f"{prefix}_critical_distance.png")
+        figures.append(("critical distance", f"{prefix}_critical_distance.png"))
+        layers = run.results[-1].representation_layers
+        header = [
+            "epochs trained",
+            "step",
+            f"{kind} within",
+            f"{kind} between",
+            "ξ input",
+            *[f"ξ {layer}" for layer in layers],
+        ]
+        rows = [header]
+        for r in run.results:
+            rows.append(
+                [
+                    f"{run.epochs_trained(r.step):g}",
+                    str(r.step),
+                    _fmt(r.within_class[f"{pair}/{kind}"]),
+                    _fmt(r.between_class[f"{pair}/{kind}"]),
+                    _fmt(r.critical_distance[pair]),
+                    *[_fmt(r.layer_critical_distance.get(f"{pair}/{layer}", math.nan)) for layer in layers],
+                ]
+            )
+        lr = run.hparams.get(lr_key)
+        title = f"{run.path}" + (f" ({lr_key} = {lr})" if lr is not None else "")
+        sections.append((title, figures, rows))
+    notes = []
+    lrs = [run.hparams.get(lr_key) for run in runs]
+    if len(runs) > 1:
+        if all(isinstance(v, (int, float)) for v in lrs):
+            _lr_figure(runs, [float(v) for v in lrs], pair, out / "critical_distance_vs_lr.png")
+            sections.append(
+                ("all runs", [("critical distance against learning rate", "critical_distance_vs_lr.png")], [])
+            )
+        else:
+            notes.append(f"No `{lr_key}` in every run's hparams.yaml: the plot against learning rate is left out.")
+    report = out / f"report.{fmt}"
+    report.write_text(
+        _render_md(sections, pair, kind, notes) if fmt == "md" else _render_html(sections, pair, kind, notes)
+    )
+    return report
+
+
+def _render_md(sections, pair: str, kind: str, notes: list[str]) -> str:
+    lines = [f"# Stiffness report ({pair}, {kind})", ""]
+    lines += [f"_{note}_" for note in notes]
+    for title, figures, rows in sections:
+        lines += ["", f"## {title}", ""]
+        for caption, file in figures:
+            lines += [f"![{caption}]({file})", ""]
+        if rows:
+            lines.append("| " + " | ".join(rows[0]) + " |")
+            lines.append("|" + " --- |" * len(rows[0]))
+            lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def _render_html(sections, pair: str, kind: str, notes: list[str]) -> str:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Stiffness report</title></head><body>"]
+    parts.append(f"<h1>Stiffness report ({html.escape(pair)}, {html.escape(kind)})</h1>")
+    parts += [f"<p><em>{html.escape(note)}</em></p>" for note in notes]
+    for title, figures, rows in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        for caption, file in figures:
+            parts.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(caption)}'></figure>")
+        if rows:
+            parts.append("<table border='1' cellpadding='3'>")
+            parts.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:]]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lightning-stiffness", description="Reports from saved stiffness results.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="write a report (Markdown or HTML with PNG figures) for runs")
+    report.add_argument("runs", nargs="+", help="run directories (a logger's log_dir) or folders above them")
+    report.add_argument("-o", "--out", default="stiffness-report", help="output directory (default: %(default)s)")
+    report.add_argument("--epochs", nargs="+", type=float, help="epochs trained at which to show class matrices")
+    report.add_argument("--pair", default="train-train", choices=list(PAIRS), help="probe pair (default: %(default)s)")
+    report.add_argument("--kind", default="cosine", choices=["cosine", "sign"], help="stiffness kind for matrices")
+    report.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")
+    report.add_argument("--lr-key", default="lr", help="hparams.yaml key of the learning rate (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(
+            args.runs,
+            args.out,
+            epochs=args.epochs,
+            pair=args.pair,
+            kind=args.kind,
+            fmt=args.format,
+            lr_key=args.lr_key,
+        )
+    except ReportError as err:
+        print(f"lightning-stiffness report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
