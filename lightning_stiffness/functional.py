@@ -33,6 +33,7 @@ __all__ = [
     "cosine_stiffness",
     "critical_distance",
     "critical_distance_from_sums",
+    "distance_bin_edges",
     "gradient_gram",
     "layer_outputs",
     "line_fit_sums",
@@ -254,6 +255,22 @@ def _bin_edges(values: Tensor, bins: int, binning: str) -> Tensor:
     if float(high) == float(low):
         edges = torch.linspace(float(low) - 0.5, float(high) + 0.5, bins + 1, dtype=torch.float64)
     return edges
+
+
+def distance_bin_edges(
+    distances: Tensor, mask: Tensor | None = None, bins: int = 20, binning: Literal["width", "quantile"] = "width"
+) -> Tensor:
+    """Bin edges [bins + 1] (float64) over the finite distances selected by ``mask`` (default: all).
+
+    ``"width"``: equal-width bins between the smallest and largest distance; ``"quantile"``: bins holding about the
+    same number of pairs. Used to bin several sets of pairs (within and between classes) on the same edges.
+    """
+    if binning not in ("width", "quantile"):
+        raise ValueError(f"`binning` must be 'width' or 'quantile', got {binning!r}.")
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"`bins` must be a positive integer, got {bins!r}.")
+    keep = torch.isfinite(distances) if mask is None else torch.isfinite(distances) & mask
+    return _bin_edges(distances[keep].double().cpu(), bins, binning)
 
 
 def stiffness_by_distance(

@@ -12,14 +12,13 @@ from torch import Tensor
 
 from lightning_stiffness.functional import (
     DistanceCurve,
-    class_stiffness,
     cosine_stiffness,
-    critical_distance,
+    distance_bin_edges,
     pairwise_distances,
     sign_stiffness,
-    stiffness_by_distance,
     within_between,
 )
+from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance
 
 #: Stiffness kinds, in the order they are computed and logged.
 KINDS = ("cosine", "sign")
@@ -122,8 +121,27 @@ class StiffnessResult:
         return cls(**data)
 
 
+@dataclass
+class GramRows:
+    """The rows of a probe's Gram matrix that this process holds.
+
+    Attributes:
+        values: [R, T] rows of the Gram matrix over all T probe examples.
+        rows: [R] indices (among the T examples) of those rows.
+        sq_norms: [T] squared gradient norms of all T examples (the Gram matrix's diagonal).
+    """
+
+    values: Tensor
+    rows: Tensor
+    sq_norms: Tensor
+
+    @classmethod
+    def whole(cls, gram: Tensor) -> "GramRows":
+        return cls(gram, torch.arange(gram.shape[0], device=gram.device), torch.diagonal(gram))
+
+
 def measure_stiffness(
-    gram: Tensor,
+    gram: Tensor | GramRows,
     inputs: dict[str, Tensor],
     labels: dict[str, Tensor],
     indices: dict[str, Tensor],
@@ -133,36 +151,49 @@ def measure_stiffness(
     num_distance_bins: int = 20,
     epoch: int = 0,
     step: int = 0,
-    layer_grams: dict[str, Tensor] | None = None,
+    layer_grams: dict[str, Tensor | GramRows] | None = None,
     representations: dict[str, dict[str, Tensor]] | None = None,
     distance_metric: str = "cosine",
+    full_gram: Tensor | None = None,
+    sync: bool = False,
 ) -> StiffnessResult:
-    """Measure every pair of probe sets from the Gram matrix of all probe examples.
+    """Measure every pair of probe sets from the Gram matrix of all probe examples, or from some of its rows.
+
+    Class matrices, distance curves and critical distances accumulate through :class:`ClassStiffness` and
+    :class:`StiffnessByDistance`, so that processes holding different rows of the Gram matrix (``GramRows``) get the
+    same results as one process holding all of it, once ``sync`` reduces the metrics across processes.
 
     Args:
-        gram: [T, T] Gram matrix of the probe sets' examples, concatenated in the order of ``inputs``.
+        gram: [T, T] Gram matrix of the probe sets' examples, concatenated in the order of ``inputs``, or the
+            :class:`GramRows` this process holds.
         inputs: probe set name (``"train"``, optionally ``"val"``) -> its inputs (for input-space distances).
         labels: probe set name -> integer labels.
         indices: probe set name -> dataset indices (recorded, not used).
         kinds: stiffness kinds to measure.
         num_classes: C.
-        num_distance_bins: bins of the stiffness-against-distance curves.
+        num_distance_bins: bins of the stiffness-against-distance curves (equal width between the smallest and
+            largest distance of the pair's distinct examples).
         epoch: recorded in the result.
         step: recorded in the result.
-        layer_grams: per-layer Gram matrices (summing to ``gram``), for per-layer within/between stiffness, where
-            each layer's cosine stiffness uses that layer's own gradient norms.
+        layer_grams: per-layer Gram matrices or rows (summing to ``gram``), for per-layer within/between stiffness,
+            where each layer's cosine stiffness uses that layer's own gradient norms.
         representations: probe set name -> layer name -> [n, D] outputs of that layer, for stiffness against
             distance in each layer's representation.
         distance_metric: metric of the representation distances, ``"cosine"`` or ``"euclidean"``.
+        full_gram: the whole [T, T] Gram matrix, for the stiffness matrices of the result (default: ``gram`` when it
+            is whole; otherwise they are left out).
+        sync: reduce the metrics across processes (every process must call this with its own rows).
     """
     offsets, start = {}, 0
     for name, x in inputs.items():
         offsets[name] = slice(start, start + x.shape[0])
         start += x.shape[0]
-    if gram.shape != (start, start):
-        raise ValueError(f"`gram` must be [{start}, {start}] for these probe sets, got {tuple(gram.shape)}.")
-    gram = gram.detach().cpu()
-    sq_norms = torch.diagonal(gram)
+    rows_of = gram if isinstance(gram, GramRows) else GramRows.whole(gram)
+    if rows_of.values.dim() != 2 or rows_of.values.shape[1] != start or rows_of.sq_norms.shape != (start,):
+        raise ValueError(f"`gram` must have {start} columns and {start} norms, got {tuple(rows_of.values.shape)}.")
+    if full_gram is None and not isinstance(gram, GramRows):
+        full_gram = gram
+    device = rows_of.values.device
     xi_kind = "cosine" if "cosine" in kinds else kinds[0]
     result = StiffnessResult(
         epoch=epoch,
@@ -176,65 +207,80 @@ def measure_stiffness(
         representation_layers=list(next(iter(representations.values()), {})) if representations else [],
         distance_metric=distance_metric,
     )
+    layer_rows = {
+        layer: g if isinstance(g, GramRows) else GramRows.whole(g) for layer, g in (layer_grams or {}).items()
+    }
+    all_labels = torch.cat([labels[name].to(device) for name in inputs])
+
+    def metric(metric_class, *args):
+        return metric_class(*args, sync_on_compute=sync).to(device)
+
     for pair, (rows, cols) in PAIRS.items():
         if rows not in inputs or cols not in inputs:
             continue
         same_set = rows == cols
-        block = gram[offsets[rows], offsets[cols]]
-        labels_r, labels_c = result.labels[rows], result.labels[cols]
-        labels_c_or_none = None if same_set else labels_c
-        measured = {}
+        rs, cs = offsets[rows], offsets[cols]
+        mine = (rows_of.rows >= rs.start) & (rows_of.rows < rs.stop)
+        ids = rows_of.rows[mine]
+        col_ids = torch.arange(cs.start, cs.stop, device=device)
+        pair_ids = (ids, col_ids) if same_set else (None, None)
+        labels_r, labels_c = all_labels[ids], all_labels[cs]
+
+        block, norms_r, norms_c = _block_of(rows_of, mine, ids, cs)
         for kind in kinds:
-            measured[kind] = _stiffness(kind, block, sq_norms[offsets[rows]], sq_norms[offsets[cols]])
             key = f"{pair}/{kind}"
-            result.stiffness[key] = measured[kind]
-            matrix = class_stiffness(measured[kind], labels_r, labels_c_or_none, num_classes)
-            result.class_matrices[key] = matrix
-            result.within_class[key], result.between_class[key] = within_between(matrix)
-        for layer, layer_gram in (layer_grams or {}).items():
-            layer_gram = layer_gram.detach().cpu()
-            layer_norms = torch.diagonal(layer_gram)
-            layer_block = layer_gram[offsets[rows], offsets[cols]]
-            for kind in kinds:
-                layer_stiffness = _stiffness(kind, layer_block, layer_norms[offsets[rows]], layer_norms[offsets[cols]])
-                matrix = class_stiffness(layer_stiffness, labels_r, labels_c_or_none, num_classes)
+            classes = metric(ClassStiffness, num_classes, kind)
+            classes.update(block, labels_r, labels_c, norms_r, norms_c, *pair_ids)
+            result.class_matrices[key] = classes.compute().to(block.dtype).cpu()
+            result.within_class[key], result.between_class[key] = within_between(result.class_matrices[key])
+            if full_gram is not None:
+                whole = full_gram.detach()[rs, cs].cpu()
+                norms = torch.diagonal(full_gram.detach()).cpu()
+                result.stiffness[key] = _stiffness(kind, whole, norms[rs], norms[cs])
+            for layer, source in layer_rows.items():
+                classes = metric(ClassStiffness, num_classes, kind)
+                layer_block, layer_norms_r, layer_norms_c = _block_of(source, mine, ids, cs)
+                classes.update(layer_block, labels_r, labels_c, layer_norms_r, layer_norms_c, *pair_ids)
+                matrix = classes.compute()
                 key = f"{pair}/{kind}/{layer}"
                 result.layer_within_class[key], result.layer_between_class[key] = within_between(matrix)
-        distances = pairwise_distances(inputs[rows].detach().cpu(), inputs[cols].detach().cpu()).to(block.dtype)
-        result.distances[pair] = distances
-        not_self = ~torch.eye(*block.shape, dtype=torch.bool) if same_set else torch.ones_like(block, dtype=torch.bool)
-        same_class = (labels_r[:, None] == labels_c[None, :]) & not_self
-        different_class = (labels_r[:, None] != labels_c[None, :]) & not_self
-        stiffness = measured[xi_kind]
-        masks = (same_class, different_class, not_self)
-        result.critical_distance[pair], result.curves[pair] = _against_distance(
-            stiffness, distances, masks, num_distance_bins
-        )
+
+        # Distances are cheap and known to every process: compute them whole, then take this process's rows.
+        local = ids - rs.start
+        same_class = labels_r[:, None] == labels_c[None, :]
+        distances = pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(device)
+        result.distances[pair] = distances.to(block.dtype).cpu()
+        spaces = {None: distances}
         for layer in result.representation_layers:
-            key = f"{pair}/{layer}"
-            layer_distances = pairwise_distances(
-                representations[rows][layer].detach().cpu(),
-                representations[cols][layer].detach().cpu(),
-                metric=distance_metric,
-            ).to(block.dtype)
-            result.layer_distances[key] = layer_distances
-            result.layer_critical_distance[key], result.layer_curves[key] = _against_distance(
-                stiffness, layer_distances, masks, num_distance_bins
-            )
+            spaces[layer] = pairwise_distances(
+                representations[rows][layer].detach(), representations[cols][layer].detach(), metric=distance_metric
+            ).to(device)
+            result.layer_distances[f"{pair}/{layer}"] = spaces[layer].to(block.dtype).cpu()
+        for layer, space in spaces.items():
+            not_self = _not_self(space.shape, same_set, device)
+            edges = distance_bin_edges(space, not_self, num_distance_bins)
+            curves, xi = {}, float("nan")
+            for side, side_mask in (("within", same_class), ("between", ~same_class)):
+                by_distance = metric(StiffnessByDistance, edges, xi_kind)
+                by_distance.update(block, space[local], norms_r, norms_c, *pair_ids, mask=side_mask)
+                curves[side], side_xi = by_distance.compute()
+                xi = side_xi if side == "within" else xi
+            if layer is None:
+                result.critical_distance[pair], result.curves[pair] = xi, curves
+            else:
+                result.layer_critical_distance[f"{pair}/{layer}"], result.layer_curves[f"{pair}/{layer}"] = xi, curves
     return result
 
 
-def _against_distance(
-    stiffness: Tensor, distances: Tensor, masks: tuple[Tensor, Tensor, Tensor], bins: int
-) -> tuple[float, dict[str, DistanceCurve]]:
-    """xi over same-class pairs, and the within/between curves on shared bin edges."""
-    same_class, different_class, not_self = masks
-    edges = stiffness_by_distance(stiffness, distances, not_self, bins=bins).edges
-    curves = {
-        "within": stiffness_by_distance(stiffness, distances, same_class, bins=edges),
-        "between": stiffness_by_distance(stiffness, distances, different_class, bins=edges),
-    }
-    return critical_distance(stiffness, distances, same_class), curves
+def _block_of(source: GramRows, mine: Tensor, ids: Tensor, cols: slice) -> tuple[Tensor, Tensor, Tensor]:
+    """This process's rows of a pair's block, with the squared norms of its rows and columns."""
+    return source.values[mine][:, cols], source.sq_norms[ids], source.sq_norms[cols]
+
+
+def _not_self(shape: torch.Size, same_set: bool, device: torch.device) -> Tensor:
+    if same_set:
+        return ~torch.eye(shape[0], shape[1], dtype=torch.bool, device=device)
+    return torch.ones(shape, dtype=torch.bool, device=device)
 
 
 def _stiffness(kind: str, block: Tensor, sq_norms_rows: Tensor, sq_norms_cols: Tensor) -> Tensor:

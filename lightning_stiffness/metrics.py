@@ -1,0 +1,215 @@
+"""torchmetrics metrics that accumulate stiffness over blocks of a Gram matrix.
+
+Beside the pure functions of :mod:`lightning_stiffness.functional`, as torchmetrics keeps ``functional`` beside its
+classes: each metric takes blocks of rows of a Gram matrix (with the squared gradient norms of the examples on both
+sides), adds per-class-pair or per-bin sums and counts to its states, and reduces them across processes in
+``compute()``. Any split of the pairs into blocks gives the result of the functional API on the whole matrix.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_stiffness.functional import (
+    DistanceCurve,
+    LineFitSums,
+    critical_distance_from_sums,
+    sign_stiffness,
+)
+from lightning_stiffness.functional import (
+    cosine_stiffness as _cosine_stiffness,
+)
+
+_KINDS = ("cosine", "sign")
+
+
+def _stiffness_block(kind: str, gram: Tensor, sq_norms: Tensor | None, sq_norms2: Tensor | None) -> Tensor:
+    if kind == "cosine":
+        if sq_norms is None or sq_norms2 is None:
+            raise ValueError("cosine stiffness needs `sq_norms` and `sq_norms2` (squared gradient norms) for a block.")
+        return _cosine_stiffness(gram, sq_norms, sq_norms2)
+    return sign_stiffness(gram)
+
+
+def _keep_shapes(metric: Metric, restore) -> None:
+    """torchmetrics squeezes one-element results (a 1 x 1 class matrix, a single bin); give them their shape back."""
+    wrapped = metric.compute
+    metric.compute = lambda *args, **kwargs: restore(wrapped(*args, **kwargs))
+
+
+def _pair_mask(gram: Tensor, indices: Tensor | None, indices2: Tensor | None, mask: Tensor | None) -> Tensor:
+    """Finite pairs of the block, without self-pairs (same example index on both sides), within ``mask``."""
+    keep = torch.ones(gram.shape, dtype=torch.bool, device=gram.device)
+    if indices is not None and indices2 is not None:
+        keep &= indices.to(gram.device)[:, None] != indices2.to(gram.device)[None, :]
+    if mask is not None:
+        keep &= mask.to(gram.device)
+    return keep
+
+
+class ClassStiffness(Metric):
+    r"""Class stiffness matrix accumulated over blocks of a Gram matrix.
+
+    ``compute()`` gives C[a, b], the mean ``kind`` stiffness over the pairs seen with i in class a and j in class b,
+    leaving out self-pairs (the same example index on both sides) and non-finite values; NaN where a class pair had
+    no pairs. Equal to :func:`lightning_stiffness.functional.class_stiffness` on the whole matrix.
+
+    Args:
+        num_classes: C.
+        kind: ``"cosine"`` or ``"sign"``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_stiffness.metrics import ClassStiffness
+        >>> g = torch.randn(6, 4)
+        >>> gram, labels = g @ g.T, torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> metric = ClassStiffness(num_classes=3, kind="cosine")
+        >>> norms, ids = gram.diagonal(), torch.arange(6)
+        >>> for rows in (slice(0, 2), slice(2, 6)):  # any split of the rows
+        ...     metric.update(gram[rows], labels[rows], labels, norms[rows], norms, ids[rows], ids)
+        >>> metric.compute().shape
+        torch.Size([3, 3])
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, kind: str = "cosine", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+        if kind not in _KINDS:
+            raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}.")
+        self.num_classes, self.kind = num_classes, kind
+        zeros = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        self.add_state("sums", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("counts", default=zeros.clone(), dist_reduce_fx="sum")
+        _keep_shapes(self, lambda matrix: matrix.reshape(num_classes, num_classes))
+
+    def update(
+        self,
+        gram: Tensor,
+        labels: Tensor,
+        labels2: Tensor,
+        sq_norms: Tensor | None = None,
+        sq_norms2: Tensor | None = None,
+        indices: Tensor | None = None,
+        indices2: Tensor | None = None,
+    ) -> None:
+        """Add a block [n, m] of the Gram matrix.
+
+        Args:
+            gram: the block.
+            labels: classes of its rows [n]; labels2: of its columns [m].
+            sq_norms, sq_norms2: squared gradient norms of the rows and columns (needed for cosine stiffness).
+            indices, indices2: example indices of the rows and columns; pairs with equal indices are self-pairs and
+                are left out. None: no self-pairs in this block.
+        """
+        if gram.numel() == 0:
+            return
+        stiffness = _stiffness_block(self.kind, gram, sq_norms, sq_norms2)
+        valid = _pair_mask(gram, indices, indices2, None) & torch.isfinite(stiffness)
+        values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
+        rows = torch.nn.functional.one_hot(labels.long().to(gram.device), self.num_classes).double()
+        cols = torch.nn.functional.one_hot(labels2.long().to(gram.device), self.num_classes).double()
+        self.sums += rows.T @ values @ cols
+        self.counts += rows.T @ valid.double() @ cols
+
+    def compute(self) -> Tensor:
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.full_like(self.sums, torch.nan))
+
+
+class StiffnessByDistance(Metric):
+    r"""Mean stiffness in bins of distance, and the critical distance xi, accumulated over blocks of pairs.
+
+    Per bin it keeps the sum and count of stiffness; for xi, the sums a least-squares line needs
+    (:class:`~lightning_stiffness.functional.LineFitSums`). ``compute()`` gives ``(curve, xi)``, equal to
+    :func:`~lightning_stiffness.functional.stiffness_by_distance` with the same edges and
+    :func:`~lightning_stiffness.functional.critical_distance` over the same pairs.
+
+    Args:
+        edges: increasing bin edges (pairs outside them count for xi but fall in no bin).
+        kind: ``"cosine"`` or ``"sign"``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_stiffness.metrics import StiffnessByDistance
+        >>> metric = StiffnessByDistance(edges=torch.linspace(0, 2, 5), kind="sign")
+        >>> gram = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
+        >>> ids = torch.arange(2)
+        >>> metric.update(gram, torch.tensor([[0.0, 0.3], [0.3, 0.0]]), indices=ids, indices2=ids)
+        >>> curve, xi = metric.compute()
+        >>> curve.count.tolist()
+        [2, 0, 0, 0]
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, edges: Tensor | Sequence[float], kind: str = "cosine", **kwargs) -> None:
+        super().__init__(**kwargs)
+        edges = torch.as_tensor(edges, dtype=torch.float64).cpu()
+        if edges.dim() != 1 or edges.numel() < 2 or bool((edges[1:] < edges[:-1]).any()):
+            raise ValueError(f"`edges` must be a 1-D increasing sequence of at least 2 values, got {edges}.")
+        if kind not in _KINDS:
+            raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}.")
+        self.kind = kind
+        self.register_buffer("edges", edges)
+        bins = edges.numel() - 1
+        self.add_state("bin_sums", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bin_counts", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("line_sums", default=torch.zeros(5, dtype=torch.float64), dist_reduce_fx="sum")
+        _keep_shapes(
+            self,
+            lambda out: (
+                DistanceCurve(out[0].edges.reshape(-1), out[0].mean.reshape(-1), out[0].count.reshape(-1)),
+                float(out[1]),
+            ),
+        )
+
+    def update(
+        self,
+        gram: Tensor,
+        distances: Tensor,
+        sq_norms: Tensor | None = None,
+        sq_norms2: Tensor | None = None,
+        indices: Tensor | None = None,
+        indices2: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> None:
+        """Add the pairs of a block [n, m]: its Gram values, distances, norms (cosine), indices and a pair mask."""
+        if gram.numel() == 0:
+            return
+        stiffness = _stiffness_block(self.kind, gram, sq_norms, sq_norms2)
+        keep = _pair_mask(gram, indices, indices2, mask) & torch.isfinite(stiffness) & torch.isfinite(distances)
+        x, y = distances[keep].double(), stiffness[keep].double()
+        self.line_sums += torch.stack(
+            [
+                torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+                x.sum(),
+                y.sum(),
+                (x * x).sum(),
+                (x * y).sum(),
+            ]
+        ).to(self.line_sums.device)
+        edges = self.edges.to(x.device)
+        inside = (x >= edges[0]) & (x <= edges[-1])
+        x, y = x[inside], y[inside]
+        bins = edges.numel() - 1
+        index = torch.bucketize(x, edges[1:-1], right=True).clamp_max(bins - 1)
+        zeros = torch.zeros(bins, dtype=torch.float64, device=x.device)
+        self.bin_sums += zeros.index_add(0, index, y)
+        self.bin_counts += zeros.index_add(0, index, torch.ones_like(y))
+
+    def compute(self) -> tuple[DistanceCurve, float]:
+        counts = self.bin_counts
+        mean = torch.where(counts > 0, self.bin_sums / counts.clamp_min(1), torch.full_like(counts, torch.nan))
+        curve = DistanceCurve(edges=self.edges.cpu(), mean=mean.cpu(), count=counts.round().long().cpu())
+        xi = critical_distance_from_sums(LineFitSums(*[float(v) for v in self.line_sums]))
+        return curve, xi
