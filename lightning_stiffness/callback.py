@@ -27,9 +27,10 @@ from torch import Tensor
 from tqdm import tqdm
 from typing_extensions import override
 
+from lightning_stiffness.distributed import agree_on_failure, all_norms, gather_rows, row_span
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import default_loss_fn
-from lightning_stiffness.measure import KINDS, StiffnessResult, measure_stiffness
+from lightning_stiffness.measure import KINDS, GramRows, StiffnessResult, measure_stiffness
 from lightning_stiffness.plots import (
     class_matrix_image,
     critical_distance_by_layer_image,
@@ -193,6 +194,7 @@ class StiffnessCallback(Callback):
         self._num_classes = 0
         self._probes_done = 0
         self._warned: set[str] = set()
+        self._raw_dir = Path("stiffness")
         #: The most recent probe's result on this process (``None`` before the first probe).
         self.last_result: StiffnessResult | None = None
 
@@ -229,6 +231,8 @@ class StiffnessCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._idle:
             return
+        # `trainer.log_dir` is a collective call under DDP: ask for it here, on every process, not on rank 0 alone.
+        self._raw_dir = Path(trainer.log_dir or trainer.default_root_dir) / "stiffness"
         with _preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
         if self.probe_at_start and trainer.global_step == 0:
@@ -287,6 +291,8 @@ class StiffnessCallback(Callback):
                     if int(labels.min()) < 0:
                         raise ProbeDataError(f"{where} has negative labels; class labels must be 0, 1, 2, ...")
                     indices, short = stratified_indices(labels, self.samples_per_class, generator)
+                    # Drawn on every process with the same seed; rank 0's draw is the one all of them probe.
+                    indices = trainer.strategy.broadcast(indices, src=0)
                     if short:
                         rank_zero_warn(
                             f"StiffnessCallback: in {where}, some classes have fewer than {self.samples_per_class} "
@@ -315,7 +321,7 @@ class StiffnessCallback(Callback):
         try:
             with _preserved_rng(pl_module.device), _eval_mode(pl_module), torch.inference_mode(False):
                 with torch.enable_grad(), _progress_bar(trainer, f"Stiffness probe (epoch {epoch})") as progress:
-                    result = self._measure(pl_module, epoch, step, progress)
+                    result = self._measure(trainer, pl_module, epoch, step, progress)
         except Exception as err:
             rank_zero_warn(
                 f"StiffnessCallback: the probe at epoch {epoch} (step {step}) was skipped: {type(err).__name__}: {err}"
@@ -337,34 +343,43 @@ class StiffnessCallback(Callback):
         )
 
     def _measure(
-        self, pl_module: LightningModule, epoch: int, step: int, progress: Callable[[int, int], None] | None
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        epoch: int,
+        step: int,
+        progress: Callable[[int, int], None] | None,
     ) -> StiffnessResult:
+        world, strategy = trainer.world_size, trainer.strategy
         device = pl_module.device
         inputs = {name: p.inputs.to(device) for name, p in self._probe_sets.items()}
         labels = {name: p.labels.to(device) for name, p in self._probe_sets.items()}
         all_x = torch.cat(list(inputs.values()))
         all_y = torch.cat(list(labels.values()))
-        # One forward without gradients checks the losses and records the representations of `layers`.
-        outputs, representations = forward_with_outputs(pl_module, all_x, self.layers, self.chunk_size or 512)
-        with torch.no_grad():
-            losses = self._loss_fn(outputs, all_y)
-        bad = int((~torch.isfinite(losses)).sum())
-        if bad:
-            raise ProbeSkipped(f"the loss is not finite for {bad} of {len(all_y)} probe examples")
-        grams = gradient_gram(
-            pl_module,
-            all_x,
-            all_y,
-            loss_fn=self._loss_fn,
-            method=self.method,
-            chunk_size=self.chunk_size,
-            per_layer=self.per_layer,
-            progress=progress,
-        )
-        layer_grams = grams if self.per_layer else None
-        gram = sum(grams.values()) if self.per_layer else grams
+        total = len(all_y)
+        span = row_span(total, world, trainer.global_rank)
+        error, grams, representations = None, {}, {}
+        try:
+            # One forward without gradients checks the losses and records the representations of `layers`.
+            outputs, representations = forward_with_outputs(pl_module, all_x, self.layers, self.chunk_size or 512)
+            with torch.no_grad():
+                losses = self._loss_fn(outputs, all_y)
+            bad = int((~torch.isfinite(losses)).sum())
+            if bad:
+                raise ProbeSkipped(f"the loss is not finite for {bad} of {total} probe examples")
+            grams = self._gram_rows(pl_module, all_x, all_y, span, world, progress)
+        except Exception as err:  # every process must learn of it before any collective call below
+            error = err
+        error = agree_on_failure(strategy, world, error)
+        if error is not None:
+            raise error
+
+        rows = torch.arange(span.start, span.stop, device=device)
+        parts = {key: GramRows(g, rows, all_norms(strategy, world, g, span, total)) for key, g in grams.items()}
+        whole = parts.pop("")
+        full = gather_rows(strategy, world, whole.values, total) if self.save_raw else None
         return measure_stiffness(
-            gram,
+            whole,
             inputs,
             labels,
             {name: p.indices for name, p in self._probe_sets.items()},
@@ -373,10 +388,40 @@ class StiffnessCallback(Callback):
             num_distance_bins=self.num_distance_bins,
             epoch=epoch,
             step=step,
-            layer_grams=layer_grams,
+            layer_grams=parts or None,
             representations=_split_by_set(representations, inputs) if self.layers else None,
             distance_metric=self.layer_distance,
+            full_gram=full,
+            sync=world > 1,
         )
+
+    def _gram_rows(
+        self,
+        pl_module: LightningModule,
+        all_x: Tensor,
+        all_y: Tensor,
+        span: slice,
+        world: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> dict[str, Tensor]:
+        """This process's rows of the Gram matrix (key ``""``) and, with ``per_layer``, of each layer's."""
+        options = {
+            "loss_fn": self._loss_fn,
+            "method": self.method,
+            "chunk_size": self.chunk_size,
+            "per_layer": self.per_layer,
+            "progress": progress,
+        }
+        if world == 1:
+            grams = gradient_gram(pl_module, all_x, all_y, **options)
+        elif span.stop > span.start:
+            grams = gradient_gram(pl_module, all_x[span], all_y[span], all_x, all_y, **options)
+        else:  # more processes than probe examples: nothing to compute here
+            grams = gradient_gram(pl_module, all_x[:1], all_y[:1], all_x, all_y, **options)
+            grams = {k: g[:0] for k, g in grams.items()} if self.per_layer else grams[:0]
+        if not self.per_layer:
+            return {"": grams}
+        return {"": sum(grams.values()), **grams}
 
     # --------------------------------------------------------------------------------------------------------- outputs
 
@@ -444,7 +489,7 @@ class StiffnessCallback(Callback):
                 logger.experiment.add_image(tag, image, global_step=result.step, dataformats="HWC")
 
     def _save_raw(self, trainer: Trainer, result: StiffnessResult) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / "stiffness"
+        directory = self._raw_dir
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"epoch={result.epoch}-step={result.step}.pt"
         partial = target.with_name(target.name + ".tmp")

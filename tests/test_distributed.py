@@ -1,0 +1,97 @@
+"""The callback under DDP (2 CPU processes, gloo): same results as one process, every tag once, no hang on failure."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.distributed import row_span
+from lightning_stiffness.measure import StiffnessResult
+from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
+from tests.test_callback import IMAGE_TAGS, SCALAR_TAGS
+
+
+class FailsOnRankOne(TinyNet):
+    """Raises in the probe at initialisation on process 1 only (the probe is the only caller of forward)."""
+
+    def forward(self, x):
+        if self.global_rank == 1 and self.trainer.global_step == 0:
+            raise RuntimeError("boom on rank 1")
+        return super().forward(x)
+
+
+def _run(tmp_path, model_class=TinyNet, **kwargs):
+    seed_everything(0)
+    callback = StiffnessCallback(samples_per_class=3, seed=1, layers=["net.1"], per_layer=True)
+    fit = trainer(tmp_path, [callback], max_epochs=1, **kwargs)
+    fit.fit(model_class(), datamodule=DigitsData())
+    # The parent of ddp_spawn workers does not learn the logger's version they used: find the one run directory.
+    (run_dir,) = sorted(tmp_path.glob("lightning_logs/version_*"))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def single_and_ddp(tmp_path_factory):
+    single = _run(tmp_path_factory.mktemp("single"))
+    ddp = _run(tmp_path_factory.mktemp("ddp"), strategy="ddp_spawn", accelerator="cpu", devices=2)
+    return single, ddp
+
+
+def test_ddp_logs_every_tag_once_per_probe(single_and_ddp):
+    _, ddp = single_and_ddp
+    raw = raw_results(ddp)
+    assert sorted(raw) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt"]
+    acc = events(ddp)
+    for tag in [*SCALAR_TAGS, "stiffness/train-train/critical_distance/net.1"]:
+        assert [e.step for e in acc.Scalars(tag)] == [0, 4], tag
+    for tag in IMAGE_TAGS:
+        assert [e.step for e in acc.Images(tag)] == [0, 4], tag
+
+
+def _close(a, b):
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-5, rel=1e-5)
+    return torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_probe_at_initialisation_equals_single_process(single_and_ddp):
+    single, ddp = single_and_ddp
+    one = StiffnessResult.from_dict(raw_results(single)["epoch=0-step=0.pt"])
+    two = StiffnessResult.from_dict(raw_results(ddp)["epoch=0-step=0.pt"])
+    for name in ("train", "val"):
+        assert torch.equal(one.indices[name], two.indices[name])
+    for field in ("stiffness", "class_matrices", "distances", "layer_distances"):
+        mine, theirs = getattr(one, field), getattr(two, field)
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert _close(mine[key], theirs[key]), (field, key)
+    for field in (
+        "within_class",
+        "between_class",
+        "critical_distance",
+        "layer_critical_distance",
+        "layer_within_class",
+    ):
+        mine, theirs = getattr(one, field), getattr(two, field)
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert _close(mine[key], theirs[key]), (field, key)
+    for pair, sides in one.curves.items():
+        for side, curve in sides.items():
+            assert curve.count.tolist() == two.curves[pair][side].count.tolist()
+            assert _close(curve.mean, two.curves[pair][side].mean)
+
+
+def test_failure_on_one_process_is_an_agreed_skip(tmp_path):
+    fit = _run(tmp_path, FailsOnRankOne, strategy="ddp_spawn", accelerator="cpu", devices=2)
+    assert sorted(raw_results(fit)) == ["epoch=0-step=4.pt"]  # the probe at initialisation was skipped
+
+
+@pytest.mark.parametrize("total, world", [(10, 3), (2, 4), (7, 1), (0, 2)])
+def test_row_spans_cover_every_row_once(total, world):
+    spans = [row_span(total, world, r) for r in range(world)]
+    covered = [i for s in spans for i in range(s.start, s.stop)]
+    assert covered == list(range(total))
+    assert max(s.stop - s.start for s in spans) - min(s.stop - s.start for s in spans) <= 1
