@@ -184,3 +184,22 @@ class TestBadInput:
     def test_not_a_tensor(self):
         with pytest.raises(ValueError, match="`inputs` must be a tensor"):
             gradient_gram(self.model, [[0.0] * 6], self.y)
+
+
+def test_tf32_is_off_during_the_gram_and_restored():
+    model = build("mlp")
+    x, y = _data("mlp", 4)
+    seen = []
+
+    def loss_fn(out, t):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32))
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("high")
+    try:
+        gradient_gram(model, x, y, loss_fn=loss_fn)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+    assert ("highest", False) in seen

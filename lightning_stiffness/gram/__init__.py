@@ -9,7 +9,8 @@
 - ``"auto"``: the fastest exact engine, which is ``"factored"``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,25 @@ from lightning_stiffness.gram.validation import (
     floating_dtype,
     select_parameters,
 )
+
+
+@contextmanager
+def full_float32_precision() -> Iterator[None]:
+    """No TF32 in float32 matmuls and convolutions inside the block (restored after).
+
+    TF32 keeps 10 bits of mantissa: enough to train with, not to tell the sign of a dot product near zero, which is
+    what sign stiffness reads.
+    """
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
 
 #: The values ``method`` accepts.
 METHODS = ("auto", "factored", "torch.func")
@@ -120,7 +140,7 @@ def gradient_gram(
     check_loss_fn(model, loss_fn, inputs, targets)
 
     # Both engines are plain functions of the parameters: no .grad is written, nothing in the model changes.
-    with torch.enable_grad():
+    with torch.enable_grad(), full_float32_precision():
         if method == "torch.func":
             groups = {name: owner(name) for name in chosen} if per_layer else None
             grams = torchfunc_gram(
