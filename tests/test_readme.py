@@ -34,6 +34,9 @@ def test_every_logged_tag_is_documented():
         "stiffness/{pair}/distance_curve",
         "stiffness/{pair}/{kind}/by_layer/{layer}/within_class",
         "stiffness/{pair}/by_layer",
+        "stiffness/{pair}/critical_distance/{layer}",
+        "stiffness/{pair}/distance_curve/{layer}",
+        "stiffness/{pair}/critical_distance_by_layer",
         "stiffness/probe_seconds",
     ):
         assert f"`{tag}`" in README, tag
