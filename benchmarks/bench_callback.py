@@ -18,6 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gram import paper_fc
 
 from lightning_stiffness.functional import gradient_gram
 from lightning_stiffness.measure import measure_stiffness
@@ -27,15 +30,7 @@ from lightning_stiffness.plots import class_matrix_image, distance_curve_image
 class PaperFC(LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(784, 500),
-            nn.ReLU(),
-            nn.Linear(500, 300),
-            nn.ReLU(),
-            nn.Linear(300, 100),
-            nn.ReLU(),
-            nn.Linear(100, 10),
-        )
+        self.net = paper_fc()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -322,7 +322,7 @@ class StiffnessCallback(Callback):
             with _preserved_rng(pl_module.device), _eval_mode(pl_module), torch.inference_mode(False):
                 with torch.enable_grad(), _progress_bar(trainer, f"Stiffness probe (epoch {epoch})") as progress:
                     result = self._measure(trainer, pl_module, epoch, step, progress)
-        except Exception as err:
+        except Exception as err:  # a failed probe must never stop training: it is reported and skipped
             rank_zero_warn(
                 f"StiffnessCallback: the probe at epoch {epoch} (step {step}) was skipped: {type(err).__name__}: {err}"
             )
@@ -333,10 +333,16 @@ class StiffnessCallback(Callback):
         self._log_scalars(trainer, pl_module, result, seconds, at_start)
         written = time.perf_counter()
         if trainer.is_global_zero:
-            if self.log_images and (self._probes_done - 1) % self.images_every_n_probes == 0:
-                self._log_images(trainer, result)
-            if self.save_raw:
-                self._save_raw(trainer, result)
+            try:
+                if self.log_images and (self._probes_done - 1) % self.images_every_n_probes == 0:
+                    self._log_images(trainer, result)
+                if self.save_raw:
+                    self._save_raw(trainer, result)
+            except Exception as err:  # a full disk or a broken logger must not stop training either
+                rank_zero_warn(
+                    f"StiffnessCallback: writing the images or raw results of the probe at epoch {epoch} "
+                    f"(step {step}) failed: {type(err).__name__}: {err}"
+                )
         rank_zero_info(
             f"StiffnessCallback: probe at epoch {epoch} (step {step}) took {seconds:.2f} s "
             f"(+ {time.perf_counter() - written:.2f} s writing images and raw results)."

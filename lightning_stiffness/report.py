@@ -187,12 +187,7 @@ def _xi_figure(run: Run, pair: str, path: Path) -> None:
     xs = [run.epochs_trained(r.step) for r in run.results]
     for name, values in _xi_series(run, pair).items():
         axes.plot(xs, values, marker="o", markersize=3, label=name)
-    axes.set_xlabel("epochs trained")
-    axes.set_ylabel("critical distance ξ")
-    axes.set_title(f"stiff-domain size against training, {pair} (same-class pairs)")
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
-    _save(figure, path)
+    _finish(figure, axes, path, "epochs trained", f"stiff-domain size against training, {pair} (same-class pairs)")
 
 
 def _lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None:
@@ -204,9 +199,16 @@ def _lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None
         values = [_xi_series(runs[i], pair).get(name, [math.nan])[-1] for i in order]
         axes.plot([lrs[i] for i in order], values, marker="o", label=name)
     axes.set_xscale("log")
-    axes.set_xlabel("learning rate")
-    axes.set_ylabel("critical distance ξ at the last probe")
-    axes.set_title(f"stiff-domain size against learning rate, {pair}")
+    _finish(
+        figure, axes, path, "learning rate", f"stiff-domain size against learning rate, {pair}", " at the last probe"
+    )
+
+
+def _finish(figure: Figure, axes, path: Path, xlabel: str, title: str, ylabel_note: str = "") -> None:
+    """Labels, legend and grid of a critical-distance plot, then the file."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("critical distance ξ" + ylabel_note)
+    axes.set_title(title)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     _save(figure, path)

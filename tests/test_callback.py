@@ -299,3 +299,15 @@ def test_per_layer_stiffness_logged_and_exact(tmp_path):
         within, between = within_between(class_stiffness(cosine, y, num_classes=10))
         assert last.layer_within_class[f"train-train/cosine/{layer}"] == pytest.approx(within, abs=1e-5)
         assert last.layer_between_class[f"train-train/cosine/{layer}"] == pytest.approx(between, abs=1e-5)
+
+
+def test_failed_write_warns_and_training_goes_on(tmp_path, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    callback = StiffnessCallback(samples_per_class=2, log_images=False)
+    fit = trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="raw results of the probe at epoch 0 .* failed: OSError: No space left"):
+        fit.fit(TinyNet(), datamodule=DigitsData())
+    assert fit.current_epoch == 2 and callback.last_result is not None
