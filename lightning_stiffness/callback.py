@@ -442,7 +442,8 @@ class StiffnessCallback(Callback):
         if not at_start:
             # Also hand epoch-end values to Lightning (not to the loggers again) so that monitors can use them.
             for name, value in scalars.items():
-                pl_module.log(name, value, logger=False, on_step=False, on_epoch=True)
+                # Every process holds the same values; syncing them keeps Lightning's DDP bookkeeping quiet and exact.
+                pl_module.log(name, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
 
     def _log_images(self, trainer: Trainer, result: StiffnessResult) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

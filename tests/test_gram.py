@@ -203,3 +203,9 @@ def test_tf32_is_off_during_the_gram_and_restored():
     finally:
         torch.set_float32_matmul_precision(before[0])
     assert ("highest", False) in seen
+
+
+def test_batchnorm_without_running_statistics_is_refused_in_eval_mode():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 3)).eval()
+    with pytest.raises(ValueError, match=r"without running statistics .* track_running_stats=True"):
+        gradient_gram(model, torch.randn(4, 6), torch.tensor([0, 1, 2, 0]))

@@ -22,12 +22,24 @@ def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def check_model_mode(model: nn.Module) -> None:
-    """Refuse a model whose per-example losses are coupled or random in training mode (BatchNorm, dropout)."""
+    """Refuse a model whose per-example losses are coupled across the batch or random (BatchNorm, dropout)."""
     offenders = [
         name or type(model).__name__
         for name, module in model.named_modules()
         if module.training and isinstance(module, _TRAIN_MODE_COUPLED)
     ]
+    batch_statistics = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
+    ]
+    if batch_statistics:
+        shown = ", ".join(batch_statistics[:5]) + (", ..." if len(batch_statistics) > 5 else "")
+        raise ValueError(
+            f"`model` has BatchNorm modules without running statistics ({shown}): they normalise with the statistics "
+            "of the batch even in eval mode, so one example's output depends on the others and per-example gradients "
+            "are not defined. Use track_running_stats=True (the default)."
+        )
     if offenders:
         shown = ", ".join(offenders[:5]) + (", ..." if len(offenders) > 5 else "")
         raise ValueError(
