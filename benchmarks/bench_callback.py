@@ -24,7 +24,7 @@ from bench_gram import paper_fc
 
 from lightning_stiffness.functional import gradient_gram
 from lightning_stiffness.measure import measure_stiffness
-from lightning_stiffness.plots import class_matrix_image, distance_curve_image
+from lightning_stiffness.plots import probe_images
 
 
 class PaperFC(LightningModule):
@@ -60,15 +60,7 @@ def probe_once(model: nn.Module, sets: dict[str, tuple[torch.Tensor, torch.Tenso
 
 
 def render(result) -> int:
-    names = [str(c) for c in range(10)]
-    count = 0
-    for pair in result.pairs:
-        for kind in result.kinds:
-            class_matrix_image(result.class_matrices[f"{pair}/{kind}"], names, f"{kind} {pair}")
-            count += 1
-        distance_curve_image(result.curves[pair], result.critical_distance[pair], pair, "mean cosine stiffness")
-        count += 1
-    return count
+    return len(probe_images(result, [str(c) for c in range(10)]))
 
 
 def main() -> None:

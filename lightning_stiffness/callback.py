@@ -31,12 +31,7 @@ from lightning_stiffness.distributed import agree_on_failure, all_norms, gather_
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import KINDS, GramRows, StiffnessResult, measure_stiffness
-from lightning_stiffness.plots import (
-    class_matrix_image,
-    critical_distance_by_layer_image,
-    distance_curve_image,
-    layer_stiffness_image,
-)
+from lightning_stiffness.plots import probe_images
 from lightning_stiffness.probe import (
     ProbeDataError,
     ProbeSet,
@@ -453,44 +448,8 @@ class StiffnessCallback(Callback):
                 "StiffnessCallback: no TensorBoard logger, so images are not logged (scalars and raw results are).",
             )
             return
-        names = self.class_names or [str(c) for c in range(result.num_classes)]
-        names = names[: result.num_classes]
-        when = f"epoch {result.epoch}, step {result.step}"
-        images = {}
-        for pair in result.pairs:
-            for kind in result.kinds:
-                title = f"{kind} stiffness, {pair} ({when})"
-                images[f"stiffness/{pair}/{kind}/class_matrix"] = class_matrix_image(
-                    result.class_matrices[f"{pair}/{kind}"], names, title
-                )
-            images[f"stiffness/{pair}/distance_curve"] = distance_curve_image(
-                result.curves[pair],
-                result.critical_distance[pair],
-                f"{result.xi_kind} stiffness against input distance, {pair} ({when})",
-                f"mean {result.xi_kind} stiffness",
-            )
-            for layer in result.representation_layers:
-                images[f"stiffness/{pair}/distance_curve/{layer}"] = distance_curve_image(
-                    result.layer_curves[f"{pair}/{layer}"],
-                    result.layer_critical_distance[f"{pair}/{layer}"],
-                    f"{result.xi_kind} stiffness against distance in {layer}, {pair} ({when})",
-                    f"mean {result.xi_kind} stiffness",
-                    xlabel=f"{result.distance_metric} distance between outputs of {layer}",
-                )
-            if result.representation_layers:
-                images[f"stiffness/{pair}/critical_distance_by_layer"] = critical_distance_by_layer_image(
-                    ["input", *result.representation_layers],
-                    [result.critical_distance[pair]]
-                    + [result.layer_critical_distance[f"{pair}/{layer}"] for layer in result.representation_layers],
-                    f"stiff-domain size by layer, {pair} ({when})",
-                )
-            if result.gram_layers and "cosine" in result.kinds:
-                images[f"stiffness/{pair}/by_layer"] = layer_stiffness_image(
-                    result.gram_layers,
-                    [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
-                    [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
-                    f"cosine stiffness by layer, {pair} ({when})",
-                )
+        names = (self.class_names or [str(c) for c in range(result.num_classes)])[: result.num_classes]
+        images = probe_images(result, names)
         for logger in loggers:
             for tag, image in images.items():
                 logger.experiment.add_image(tag, image, global_step=result.step, dataformats="HWC")

@@ -7,11 +7,15 @@ so nothing accumulates in a long run and nothing depends on a display.
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_stiffness.measure import StiffnessResult
 
 from lightning_stiffness.functional import DistanceCurve
 
@@ -119,3 +123,44 @@ def critical_distance_by_layer_image(names: Sequence[str], values: Sequence[floa
         axes.set_title(title, fontsize=11)
         axes.grid(alpha=0.3, axis="y")
         return _to_rgb(figure)
+
+
+def probe_images(result: "StiffnessResult", class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every image of one probe, by TensorBoard tag (see the README's table of logged names)."""
+    when = f"epoch {result.epoch}, step {result.step}"
+    images = {}
+    for pair in result.pairs:
+        for kind in result.kinds:
+            title = f"{kind} stiffness, {pair} ({when})"
+            images[f"stiffness/{pair}/{kind}/class_matrix"] = class_matrix_image(
+                result.class_matrices[f"{pair}/{kind}"], class_names, title
+            )
+        images[f"stiffness/{pair}/distance_curve"] = distance_curve_image(
+            result.curves[pair],
+            result.critical_distance[pair],
+            f"{result.xi_kind} stiffness against input distance, {pair} ({when})",
+            f"mean {result.xi_kind} stiffness",
+        )
+        for layer in result.representation_layers:
+            images[f"stiffness/{pair}/distance_curve/{layer}"] = distance_curve_image(
+                result.layer_curves[f"{pair}/{layer}"],
+                result.layer_critical_distance[f"{pair}/{layer}"],
+                f"{result.xi_kind} stiffness against distance in {layer}, {pair} ({when})",
+                f"mean {result.xi_kind} stiffness",
+                xlabel=f"{result.distance_metric} distance between outputs of {layer}",
+            )
+        if result.representation_layers:
+            images[f"stiffness/{pair}/critical_distance_by_layer"] = critical_distance_by_layer_image(
+                ["input", *result.representation_layers],
+                [result.critical_distance[pair]]
+                + [result.layer_critical_distance[f"{pair}/{layer}"] for layer in result.representation_layers],
+                f"stiff-domain size by layer, {pair} ({when})",
+            )
+        if result.gram_layers and "cosine" in result.kinds:
+            images[f"stiffness/{pair}/by_layer"] = layer_stiffness_image(
+                result.gram_layers,
+                [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
+                [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
+                f"cosine stiffness by layer, {pair} ({when})",
+            )
+    return images
