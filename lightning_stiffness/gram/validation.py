@@ -23,30 +23,28 @@ def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def check_model_mode(model: nn.Module) -> None:
     """Refuse a model whose per-example losses are coupled across the batch or random (BatchNorm, dropout)."""
-    offenders = [
-        name or type(model).__name__
-        for name, module in model.named_modules()
-        if module.training and isinstance(module, _TRAIN_MODE_COUPLED)
-    ]
-    batch_statistics = [
-        name or type(model).__name__
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
-    ]
+    batch_statistics = _modules_where(
+        model, lambda m: isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+    )
     if batch_statistics:
-        shown = ", ".join(batch_statistics[:5]) + (", ..." if len(batch_statistics) > 5 else "")
         raise ValueError(
-            f"`model` has BatchNorm modules without running statistics ({shown}): they normalise with the statistics "
-            "of the batch even in eval mode, so one example's output depends on the others and per-example gradients "
-            "are not defined. Use track_running_stats=True (the default)."
+            f"`model` has BatchNorm modules without running statistics ({batch_statistics}): they normalise with the "
+            "statistics of the batch even in eval mode, so one example's output depends on the others and "
+            "per-example gradients are not defined. Use track_running_stats=True (the default)."
         )
-    if offenders:
-        shown = ", ".join(offenders[:5]) + (", ..." if len(offenders) > 5 else "")
+    in_training = _modules_where(model, lambda m: m.training and isinstance(m, _TRAIN_MODE_COUPLED))
+    if in_training:
         raise ValueError(
-            f"`model` has BatchNorm or dropout modules in training mode ({shown}): their output for one example "
-            "depends on the rest of the batch or on random draws, so per-example gradients are not defined. "
+            f"`model` has BatchNorm or dropout modules in training mode ({in_training}): their output for one "
+            "example depends on the rest of the batch or on random draws, so per-example gradients are not defined. "
             "Call `model.eval()` before computing the gradient Gram matrix."
         )
+
+
+def _modules_where(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> str:
+    """The names of the modules for which ``predicate`` holds, up to five, for an error message ("" if none)."""
+    names = [name or type(model).__name__ for name, module in model.named_modules() if predicate(module)]
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def check_examples(inputs: Tensor, targets: Tensor, inputs_name: str, targets_name: str) -> None:
