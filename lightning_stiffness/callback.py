@@ -27,7 +27,14 @@ from torch import Tensor
 from tqdm import tqdm
 from typing_extensions import override
 
-from lightning_stiffness.distributed import agree_on_failure, all_norms, gather_rows, row_span
+from lightning_stiffness.distributed import (
+    AgreedFailure,
+    agree_on_failure,
+    all_norms,
+    gather_rows,
+    row_span,
+    term_gatherer,
+)
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import KINDS, GramRows, StiffnessResult, measure_stiffness
@@ -359,6 +366,8 @@ class StiffnessCallback(Callback):
         all_y = torch.cat(list(labels.values()))
         total = len(all_y)
         span = row_span(total, world, trainer.global_rank)
+        # Under DDP every failure must be agreed on by all processes before the next collective call, so that none
+        # is left waiting: once after the checks below, once for the Gram phase (see `term_gatherer`).
         error, grams, representations = None, {}, {}
         try:
             # One forward without gradients checks the losses and records the representations of `layers`.
@@ -368,8 +377,16 @@ class StiffnessCallback(Callback):
             bad = int((~torch.isfinite(losses)).sum())
             if bad:
                 raise ProbeSkipped(f"the loss is not finite for {bad} of {total} probe examples")
-            grams = self._gram_rows(pl_module, all_x, all_y, span, world, progress)
-        except Exception as err:  # every process must learn of it before any collective call below
+        except Exception as err:
+            error = err
+        error = agree_on_failure(strategy, world, error)
+        if error is not None:
+            raise error
+        try:
+            grams = self._gram_rows(trainer, pl_module, all_x, all_y, span, world, progress)
+        except AgreedFailure as agreed:
+            raise agreed.cause from None
+        except Exception as err:
             error = err
         error = agree_on_failure(strategy, world, error)
         if error is not None:
@@ -398,6 +415,7 @@ class StiffnessCallback(Callback):
 
     def _gram_rows(
         self,
+        trainer: Trainer,
         pl_module: LightningModule,
         all_x: Tensor,
         all_y: Tensor,
@@ -415,11 +433,15 @@ class StiffnessCallback(Callback):
         }
         if world == 1:
             grams = gradient_gram(pl_module, all_x, all_y, **options)
-        elif span.stop > span.start:
-            grams = gradient_gram(pl_module, all_x[span], all_y[span], all_x, all_y, **options)
-        else:  # more processes than probe examples: nothing to compute here
-            grams = gradient_gram(pl_module, all_x[:1], all_y[:1], all_x, all_y, **options)
-            grams = {k: g[:0] for k, g in grams.items()} if self.per_layer else grams[:0]
+        else:
+            if self.method != "torch.func":
+                options["gather_columns"] = term_gatherer(trainer.strategy, world, len(all_y))
+            # More processes than probe examples: an empty share still takes part in the gathers, with one row
+            # that is dropped.
+            rows = span if span.stop > span.start else slice(0, 1)
+            grams = gradient_gram(pl_module, all_x[rows], all_y[rows], all_x, all_y, **options)
+            if span.stop == span.start:
+                grams = {k: g[:0] for k, g in grams.items()} if self.per_layer else grams[:0]
         if not self.per_layer:
             return {"": grams}
         return {"": sum(grams.values()), **grams}

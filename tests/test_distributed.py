@@ -22,6 +22,28 @@ class FailsOnRankOne(TinyNet):
         return super().forward(x)
 
 
+class FailsInGramOnRankOne(TinyNet):
+    """Raises on process 1 while the factored engine captures its rows (with gradients), not in the loss check."""
+
+    def forward(self, x):
+        if self.global_rank == 1 and torch.is_grad_enabled() and not self.training:
+            raise RuntimeError("out of memory (simulated) on rank 1")
+        return super().forward(x)
+
+
+class FailsInFallbackOnRankOne(TinyNet):
+    """A raw parameter goes to the torch.func engine, which runs after the gathers; it fails there on process 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        if self.global_rank == 1 and torch._C._functorch.is_functorch_wrapped_tensor(x):
+            raise RuntimeError("failure in the torch.func engine on rank 1")
+        return super().forward(x) * self.scale
+
+
 def _run(tmp_path, model_class=TinyNet, **kwargs):
     seed_everything(0)
     callback = StiffnessCallback(samples_per_class=3, seed=1, layers=["net.1"], per_layer=True)
@@ -84,9 +106,13 @@ def test_probe_at_initialisation_equals_single_process(single_and_ddp):
             assert _close(curve.mean, two.curves[pair][side].mean)
 
 
-def test_failure_on_one_process_is_an_agreed_skip(tmp_path):
-    fit = _run(tmp_path, FailsOnRankOne, strategy="ddp_spawn", accelerator="cpu", devices=2)
-    assert sorted(raw_results(fit)) == ["epoch=0-step=4.pt"]  # the probe at initialisation was skipped
+@pytest.mark.parametrize("model_class", [FailsOnRankOne, FailsInGramOnRankOne, FailsInFallbackOnRankOne])
+def test_failure_on_one_process_is_an_agreed_skip(tmp_path, model_class):
+    # (`scale` of the last model is used by the probe only, hence find_unused_parameters)
+    strategy = "ddp_spawn_find_unused_parameters_true"
+    fit = _run(tmp_path, model_class, strategy=strategy, accelerator="cpu", devices=2)
+    expected = ["epoch=0-step=4.pt"] if model_class is FailsOnRankOne else []  # the others fail at every probe
+    assert sorted(raw_results(fit)) == expected  # skipped probes write nothing, and training finished
 
 
 @pytest.mark.parametrize("total, world", [(10, 3), (2, 4), (7, 1), (0, 2)])

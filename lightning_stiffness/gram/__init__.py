@@ -9,13 +9,14 @@
 - ``"auto"``: the fastest exact engine, which is ``"factored"``.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
+from lightning_stiffness.gram.rules import Term
 from lightning_stiffness.gram.torchfunc import Progress, torchfunc_gram
 from lightning_stiffness.gram.validation import (
     LossFn,
@@ -65,6 +66,7 @@ def gradient_gram(
     chunk_size: int | None = None,
     per_layer: bool = False,
     progress: Progress = None,
+    gather_columns: Callable[[Term], Term] | None = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Gram matrix of per-example loss gradients.
 
@@ -96,6 +98,10 @@ def gradient_gram(
             per batched forward/backward (default 1024).
         per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
         progress: called as ``progress(done, total)`` as the computation advances.
+        gather_columns: for distributed use (the callback under DDP): ``inputs`` are this process's rows,
+            ``inputs2`` all examples, and the factored engine gathers each layer's column factors from all processes
+            with this function (a factored term of this process's rows -> the same term over all examples) instead
+            of recomputing them. The torch.func engine and parameters no rule covers still use ``inputs2``.
 
     Returns:
         A tensor [N, M] (M = N when ``inputs2`` is None) on the model's device, in the floating dtype of the
@@ -128,6 +134,8 @@ def gradient_gram(
         raise ValueError("`inputs2` and `targets2` must be given together (both or neither).")
     if inputs2 is not None:
         check_examples(inputs2, targets2, "inputs2", "targets2")
+    elif gather_columns is not None:
+        raise ValueError("`gather_columns` needs `inputs2` and `targets2`: all the examples of the columns.")
     check_model_mode(model)
     chosen = select_parameters(model, params)
     dtype = floating_dtype(chosen)
@@ -148,7 +156,7 @@ def gradient_gram(
             )
         else:
             grams, _ = factored_grams(
-                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress
+                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, gather_columns
             )
     if per_layer:
         order = list(dict.fromkeys(owner(name) for name in chosen))

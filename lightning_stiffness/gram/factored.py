@@ -15,6 +15,7 @@ restricted to those parameters, and its Gram matrix is added:
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -200,18 +201,33 @@ def factored_grams(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: Progress = None,
+    gather_columns: Callable[[Term], Term] | None = None,
 ) -> tuple[dict[str, Tensor], GramPlan]:
-    """Per-layer Gram matrices (key: :func:`owner` of the parameters) and the plan that produced them."""
+    """Per-layer Gram matrices (key: :func:`owner` of the parameters) and the plan that produced them.
+
+    With ``gather_columns`` (distributed use), ``inputs`` are this process's rows and ``inputs2`` all examples: each
+    term of the rows is passed to ``gather_columns``, which returns the same term over all examples (gathered from
+    every process), instead of capturing the columns again; ``inputs2`` then serves the check and the torch.func part.
+    """
     plan = GramPlan()
     layers = _candidate_layers(model, chosen, plan)
     chunk = chunk_size or DEFAULT_FACTORED_CHUNK
     n = inputs.shape[0]
     m = n if inputs2 is None else inputs2.shape[0]
+    if gather_columns is not None:
+        n = m  # every process must pick the same form for a layer, so decide on the whole matrix's size
     # The summed-gradient check is structural: a few examples tell whether a parameter is used outside its module.
+    # It runs on the first examples of the columns, which are the same on every process when they are gathered.
+    check_x, check_y = (inputs, targets) if gather_columns is None else (inputs2, targets2)
     few = slice(0, CHECK_EXAMPLES)
-    _capture(model, loss_fn, chosen, layers, inputs[few], targets[few], chunk, plan, n, m, check=True)
+    _capture(model, loss_fn, chosen, layers, check_x[few], check_y[few], chunk, plan, n, m, check=True)
     rows = _capture(model, loss_fn, chosen, layers, inputs, targets, chunk, plan, n, m)
-    cols = rows if inputs2 is None else _capture(model, loss_fn, chosen, layers, inputs2, targets2, chunk, plan, n, m)
+    if gather_columns is not None:
+        cols = {name: {local: gather_columns(term) for local, term in terms.items()} for name, terms in rows.items()}
+    elif inputs2 is None:
+        cols = rows
+    else:
+        cols = _capture(model, loss_fn, chosen, layers, inputs2, targets2, chunk, plan, n, m)
     grams: dict[str, Tensor] = {}
     total_steps = len(rows) + (1 if plan.fallback else 0)
     for step, (name, row_terms) in enumerate(rows.items(), start=1):

@@ -79,6 +79,10 @@ class OuterTerm:
         """The gradient summed over examples, flattened like the parameter."""
         return (self.backprops.T @ self.activations).flatten()
 
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "OuterTerm":
+        """The same term with ``fn`` applied to each tensor indexed by example (for gathering across processes)."""
+        return type(self)(fn(self.activations), fn(self.backprops))
+
     @classmethod
     def concat(cls, terms: list["OuterTerm"]) -> "OuterTerm":
         return cls(torch.cat([t.activations for t in terms]), torch.cat([t.backprops for t in terms]))
@@ -96,6 +100,9 @@ class FlatTerm:
 
     def summed(self) -> Tensor:
         return self.rows.sum(dim=0)
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "FlatTerm":
+        return type(self)(fn(self.rows))
 
     @classmethod
     def concat(cls, terms: list["FlatTerm"]) -> "FlatTerm":
@@ -123,6 +130,11 @@ class _PositionsTerm:
             part = per_example_gradients(self.activations, self.backprops, start, min(n, start + block)).sum(dim=0)
             total = part if total is None else total.add_(part)
         return total
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "_PositionsTerm":
+        if isinstance(self.activations, LazyPositions):
+            return type(self)(LazyPositions(fn(self.activations.source), self.activations.expand), fn(self.backprops))
+        return type(self)(fn(self.activations), fn(self.backprops))
 
     @classmethod
     def concat(cls, terms: list["_PositionsTerm"]) -> "_PositionsTerm":
