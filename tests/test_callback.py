@@ -311,3 +311,17 @@ def test_failed_write_warns_and_training_goes_on(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="raw results of the probe at epoch 0 .* failed: OSError: No space left"):
         fit.fit(TinyNet(), datamodule=DigitsData())
     assert fit.current_epoch == 2 and callback.last_result is not None
+
+
+class _BareTensors(DigitsData):
+    """Items are bare input tensors: no labels anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_set = torch.utils.data.TensorDataset(self.train_set.tensors[0])
+
+
+def test_dataset_without_labels_is_refused(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1, limit_val_batches=0)
+    with pytest.raises(MisconfigurationException, match=r"has no label: expected an \(x, y\) tuple .* `batch_to_xy`"):
+        fit.fit(TinyNet(), datamodule=_BareTensors())
