@@ -143,7 +143,7 @@ DEFAULT_TABLE = [
     ("paper_fc", 256, ["loop", "torch.func", "factored", "backpack"]),
     ("paper_fc", 1024, ["loop", "torch.func", "factored", "backpack"]),
     ("paper_cnn", 256, ["loop", "torch.func", "factored", "backpack"]),
-    ("paper_cnn", 1024, ["torch.func", "factored", "backpack"]),
+    ("paper_cnn", 1024, ["loop", "torch.func", "factored", "backpack"]),
     ("paper_cnn", 2048, ["torch.func", "factored"]),
     ("mlp512", 1024, ["torch.func", "factored", "backpack"]),
     ("mlp512", 4096, ["torch.func", "factored"]),
