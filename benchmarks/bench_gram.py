@@ -10,6 +10,7 @@ matmul), the torch.func engine, the factored engine, and BackPACK's BatchGrad + 
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -23,17 +24,16 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def relu_mlp(*widths: int) -> nn.Sequential:
+    """Flatten, then Linear layers of these widths with ReLU between them."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.Linear(width_in, width_out)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers)
+
+
 def paper_fc() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 500),
-        nn.ReLU(),
-        nn.Linear(500, 300),
-        nn.ReLU(),
-        nn.Linear(300, 100),
-        nn.ReLU(),
-        nn.Linear(100, 10),
-    )
+    return relu_mlp(784, 500, 300, 100, 10)
 
 
 def paper_cnn() -> nn.Module:
@@ -52,16 +52,7 @@ def paper_cnn() -> nn.Module:
 
 
 def mlp512() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 512),
-        nn.ReLU(),
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.Linear(512, 10),
-    )
+    return relu_mlp(784, 512, 512, 512, 10)
 
 
 MODELS = {"paper_fc": paper_fc, "paper_cnn": paper_cnn, "mlp512": mlp512}
