@@ -95,7 +95,7 @@ def gradient_gram(
         method: ``"auto"``, ``"factored"`` or ``"torch.func"`` (see the module docstring). All are exact.
         chunk_size: examples per block; bounds memory. For torch.func, examples per block of per-example gradients
             (default: from a memory budget of 2 GiB for the blocks held at once); for the factored engine, examples
-            per batched forward/backward (default 1024).
+            per batched forward/backward (default 512).
         per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
         progress: called as ``progress(done, total)`` as the computation advances.
         gather_columns: for distributed use (the callback under DDP): ``inputs`` are this process's rows,
