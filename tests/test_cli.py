@@ -21,7 +21,14 @@ def digits_cli():
     return module
 
 
-@pytest.mark.parametrize("config, overrides", [("fc.yaml", ["--model.hidden=[32, 16]"]), ("cnn.yaml", [])])
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("fc.yaml", ["--model.hidden=[32, 16]"]),
+        ("cnn.yaml", []),
+        ("fc_layers.yaml", ["--model.hidden=[32, 16, 8]", "--trainer.callbacks.init_args.epochs=[0]"]),
+    ],
+)
 def test_yaml_config_trains_and_probes(tmp_path, digits_cli, config, overrides):
     cli = digits_cli.main(
         [
