@@ -29,6 +29,8 @@ __all__ = [
     "METHODS",
     "DistanceCurve",
     "LineFitSums",
+    "binned_sums",
+    "class_pair_sums",
     "class_stiffness",
     "cosine_stiffness",
     "critical_distance",
@@ -37,6 +39,8 @@ __all__ = [
     "gradient_gram",
     "layer_outputs",
     "line_fit_sums",
+    "line_sum_vector",
+    "mean_or_nan",
     "pairwise_distances",
     "sign_stiffness",
     "stiffness_by_distance",
@@ -144,13 +148,27 @@ def class_stiffness(
     valid = torch.isfinite(stiffness)
     if same_set:
         valid &= ~torch.eye(n, dtype=torch.bool, device=stiffness.device)
-    values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
-    rows = torch.nn.functional.one_hot(labels.long(), num_classes).double()
-    cols = torch.nn.functional.one_hot(labels2.long().to(labels.device), num_classes).double()
-    sums = rows.T @ values @ cols
-    counts = rows.T @ valid.double() @ cols
-    mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
+    mean = mean_or_nan(*class_pair_sums(stiffness, valid, labels, labels2, num_classes))
     return mean.to(stiffness.dtype if stiffness.is_floating_point() else torch.get_default_dtype())
+
+
+def class_pair_sums(
+    stiffness: Tensor, valid: Tensor, labels: Tensor, labels2: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Per class pair (a, b): the float64 sum of the ``valid`` stiffness values and their count, both [C, C].
+
+    The sums behind :func:`class_stiffness`; sums of disjoint blocks of pairs add (see
+    :class:`lightning_stiffness.metrics.ClassStiffness`).
+    """
+    values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
+    rows = torch.nn.functional.one_hot(labels.long().to(stiffness.device), num_classes).double()
+    cols = torch.nn.functional.one_hot(labels2.long().to(stiffness.device), num_classes).double()
+    return rows.T @ values @ cols, rows.T @ valid.double() @ cols
+
+
+def mean_or_nan(sums: Tensor, counts: Tensor) -> Tensor:
+    """``sums / counts``, NaN where the count is 0 (a mean over nothing)."""
+    return torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
 
 
 def within_between(class_matrix: Tensor) -> tuple[float, float]:
@@ -312,13 +330,24 @@ def stiffness_by_distance(
         raise ValueError(f"`bins` must be a positive integer or a tensor of edges, got {bins!r}.")
     else:
         edges = _bin_edges(dist.cpu(), bins, binning)
-    dist, stiff = dist.cpu(), stiff.cpu()
+    sums, count = binned_sums(dist.cpu(), stiff.cpu(), edges)
+    return DistanceCurve(edges=edges, mean=mean_or_nan(sums, count), count=count)
+
+
+def binned_sums(distances: Tensor, stiffness: Tensor, edges: Tensor) -> tuple[Tensor, Tensor]:
+    """Per bin of ``edges``: the float64 sum of the stiffness values whose distance falls in it, and their count.
+
+    ``distances`` and ``stiffness`` are flat, of pairs already inside the edges; bins are ``[e_k, e_k+1)`` except the
+    last, which includes its right edge.
+    """
     num_bins = edges.numel() - 1
-    index = torch.bucketize(dist, edges[1:-1], right=True).clamp_max(num_bins - 1)
-    sums = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, stiff)
-    count = torch.zeros(num_bins, dtype=torch.long).index_add_(0, index, torch.ones_like(index))
-    mean = torch.where(count > 0, sums / count.clamp_min(1), torch.full_like(sums, float("nan")))
-    return DistanceCurve(edges=edges, mean=mean, count=count)
+    edges = edges.to(distances.device)
+    index = torch.bucketize(distances, edges[1:-1], right=True).clamp_max(num_bins - 1)
+    sums = torch.zeros(num_bins, dtype=torch.float64, device=distances.device).index_add_(0, index, stiffness.double())
+    count = torch.zeros(num_bins, dtype=torch.long, device=distances.device).index_add_(
+        0, index, torch.ones_like(index)
+    )
+    return sums, count
 
 
 class LineFitSums(NamedTuple):
@@ -336,14 +365,14 @@ class LineFitSums(NamedTuple):
 
 def line_fit_sums(stiffness: Tensor, distances: Tensor, mask: Tensor | None = None) -> LineFitSums:
     """The :class:`LineFitSums` of the finite pairs selected by ``mask`` (default as in :func:`critical_distance`)."""
-    x, y = _pair_values(stiffness, distances, mask)
-    return LineFitSums(
-        n=float(x.numel()),
-        sum_x=float(x.sum()),
-        sum_y=float(y.sum()),
-        sum_xx=float((x * x).sum()),
-        sum_xy=float((x * y).sum()),
-    )
+    return LineFitSums(*line_sum_vector(*_pair_values(stiffness, distances, mask)).tolist())
+
+
+def line_sum_vector(distances: Tensor, stiffness: Tensor) -> Tensor:
+    """The :class:`LineFitSums` of flat (distance, stiffness) pairs as a float64 tensor [5], on their device."""
+    x, y = distances.double(), stiffness.double()
+    count = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    return torch.stack([count, x.sum(), y.sum(), (x * x).sum(), (x * y).sum()])
 
 
 def critical_distance_from_sums(sums: LineFitSums) -> float:

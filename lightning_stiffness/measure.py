@@ -12,13 +12,11 @@ from torch import Tensor
 
 from lightning_stiffness.functional import (
     DistanceCurve,
-    cosine_stiffness,
     distance_bin_edges,
     pairwise_distances,
-    sign_stiffness,
     within_between,
 )
-from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance
+from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance, block_stiffness
 
 #: Stiffness kinds, in the order they are computed and logged.
 KINDS = ("cosine", "sign")
@@ -211,6 +209,7 @@ def measure_stiffness(
         layer: g if isinstance(g, GramRows) else GramRows.whole(g) for layer, g in (layer_grams or {}).items()
     }
     all_labels = torch.cat([labels[name].to(device) for name in inputs])
+    full_norms = torch.diagonal(full_gram.detach()).cpu() if full_gram is not None else None
 
     def metric(metric_class, *args):
         return metric_class(*args, sync_on_compute=sync).to(device)
@@ -227,6 +226,8 @@ def measure_stiffness(
         labels_r, labels_c = all_labels[ids], all_labels[cs]
 
         block, norms_r, norms_c = _block_of(rows_of, mine, ids, cs)
+        if full_gram is not None:
+            full_block = full_gram.detach()[rs, cs].cpu()
         for kind in kinds:
             key = f"{pair}/{kind}"
             classes = metric(ClassStiffness, num_classes, kind)
@@ -234,9 +235,7 @@ def measure_stiffness(
             result.class_matrices[key] = classes.compute().to(block.dtype).cpu()
             result.within_class[key], result.between_class[key] = within_between(result.class_matrices[key])
             if full_gram is not None:
-                whole = full_gram.detach()[rs, cs].cpu()
-                norms = torch.diagonal(full_gram.detach()).cpu()
-                result.stiffness[key] = _stiffness(kind, whole, norms[rs], norms[cs])
+                result.stiffness[key] = block_stiffness(kind, full_block, full_norms[rs], full_norms[cs])
             for layer, source in layer_rows.items():
                 classes = metric(ClassStiffness, num_classes, kind)
                 layer_block, layer_norms_r, layer_norms_c = _block_of(source, mine, ids, cs)
@@ -281,9 +280,3 @@ def _not_self(shape: torch.Size, same_set: bool, device: torch.device) -> Tensor
     if same_set:
         return ~torch.eye(shape[0], shape[1], dtype=torch.bool, device=device)
     return torch.ones(shape, dtype=torch.bool, device=device)
-
-
-def _stiffness(kind: str, block: Tensor, sq_norms_rows: Tensor, sq_norms_cols: Tensor) -> Tensor:
-    if kind == "cosine":
-        return cosine_stiffness(block, sq_norms_rows, sq_norms_cols)
-    return sign_stiffness(block)

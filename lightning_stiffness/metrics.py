@@ -15,21 +15,28 @@ from torchmetrics import Metric
 from lightning_stiffness.functional import (
     DistanceCurve,
     LineFitSums,
+    binned_sums,
+    class_pair_sums,
+    cosine_stiffness,
     critical_distance_from_sums,
+    line_sum_vector,
+    mean_or_nan,
     sign_stiffness,
-)
-from lightning_stiffness.functional import (
-    cosine_stiffness as _cosine_stiffness,
 )
 
 _KINDS = ("cosine", "sign")
 
 
-def _stiffness_block(kind: str, gram: Tensor, sq_norms: Tensor | None, sq_norms2: Tensor | None) -> Tensor:
+def block_stiffness(kind: str, gram: Tensor, sq_norms: Tensor | None, sq_norms2: Tensor | None) -> Tensor:
+    """``kind`` stiffness of a block of a Gram matrix, whose diagonal need not be the rows' norms.
+
+    Raises:
+        ValueError: for cosine stiffness without both sides' squared norms.
+    """
     if kind == "cosine":
         if sq_norms is None or sq_norms2 is None:
             raise ValueError("cosine stiffness needs `sq_norms` and `sq_norms2` (squared gradient norms) for a block.")
-        return _cosine_stiffness(gram, sq_norms, sq_norms2)
+        return cosine_stiffness(gram, sq_norms, sq_norms2)
     return sign_stiffness(gram)
 
 
@@ -40,7 +47,7 @@ def _keep_shapes(metric: Metric, restore) -> None:
 
 
 def _pair_mask(gram: Tensor, indices: Tensor | None, indices2: Tensor | None, mask: Tensor | None) -> Tensor:
-    """Finite pairs of the block, without self-pairs (same example index on both sides), within ``mask``."""
+    """Pairs of the block without self-pairs (same example index on both sides), within ``mask``."""
     keep = torch.ones(gram.shape, dtype=torch.bool, device=gram.device)
     if indices is not None and indices2 is not None:
         keep &= indices.to(gram.device)[:, None] != indices2.to(gram.device)[None, :]
@@ -111,16 +118,14 @@ class ClassStiffness(Metric):
         """
         if gram.numel() == 0:
             return
-        stiffness = _stiffness_block(self.kind, gram, sq_norms, sq_norms2)
+        stiffness = block_stiffness(self.kind, gram, sq_norms, sq_norms2)
         valid = _pair_mask(gram, indices, indices2, None) & torch.isfinite(stiffness)
-        values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
-        rows = torch.nn.functional.one_hot(labels.long().to(gram.device), self.num_classes).double()
-        cols = torch.nn.functional.one_hot(labels2.long().to(gram.device), self.num_classes).double()
-        self.sums += rows.T @ values @ cols
-        self.counts += rows.T @ valid.double() @ cols
+        sums, counts = class_pair_sums(stiffness, valid, labels, labels2, self.num_classes)
+        self.sums += sums
+        self.counts += counts
 
     def compute(self) -> Tensor:
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp_min(1), torch.full_like(self.sums, torch.nan))
+        return mean_or_nan(self.sums, self.counts)
 
 
 class StiffnessByDistance(Metric):
@@ -186,30 +191,18 @@ class StiffnessByDistance(Metric):
         """Add the pairs of a block [n, m]: its Gram values, distances, norms (cosine), indices and a pair mask."""
         if gram.numel() == 0:
             return
-        stiffness = _stiffness_block(self.kind, gram, sq_norms, sq_norms2)
+        stiffness = block_stiffness(self.kind, gram, sq_norms, sq_norms2)
         keep = _pair_mask(gram, indices, indices2, mask) & torch.isfinite(stiffness) & torch.isfinite(distances)
         x, y = distances[keep].double(), stiffness[keep].double()
-        self.line_sums += torch.stack(
-            [
-                torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
-                x.sum(),
-                y.sum(),
-                (x * x).sum(),
-                (x * y).sum(),
-            ]
-        ).to(self.line_sums.device)
+        self.line_sums += line_sum_vector(x, y).to(self.line_sums.device)
         edges = self.edges.to(x.device)
         inside = (x >= edges[0]) & (x <= edges[-1])
-        x, y = x[inside], y[inside]
-        bins = edges.numel() - 1
-        index = torch.bucketize(x, edges[1:-1], right=True).clamp_max(bins - 1)
-        zeros = torch.zeros(bins, dtype=torch.float64, device=x.device)
-        self.bin_sums += zeros.index_add(0, index, y)
-        self.bin_counts += zeros.index_add(0, index, torch.ones_like(y))
+        sums, counts = binned_sums(x[inside], y[inside], edges)
+        self.bin_sums += sums
+        self.bin_counts += counts.double()
 
     def compute(self) -> tuple[DistanceCurve, float]:
-        counts = self.bin_counts
-        mean = torch.where(counts > 0, self.bin_sums / counts.clamp_min(1), torch.full_like(counts, torch.nan))
-        curve = DistanceCurve(edges=self.edges.cpu(), mean=mean.cpu(), count=counts.round().long().cpu())
+        mean = mean_or_nan(self.bin_sums, self.bin_counts)
+        curve = DistanceCurve(edges=self.edges.cpu(), mean=mean.cpu(), count=self.bin_counts.round().long().cpu())
         xi = critical_distance_from_sums(LineFitSums(*[float(v) for v in self.line_sums]))
         return curve, xi
