@@ -368,7 +368,7 @@ class StiffnessCallback(Callback):
         span = row_span(total, world, trainer.global_rank)
         # Under DDP every failure must be agreed on by all processes before the next collective call, so that none
         # is left waiting: once after the checks below, once for the Gram phase (see `term_gatherer`).
-        error, grams, representations = None, {}, {}
+        error = None
         try:
             # One forward without gradients checks the losses and records the representations of `layers`.
             outputs, representations = forward_with_outputs(pl_module, all_x, self.layers, self.chunk_size or 512)

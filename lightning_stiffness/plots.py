@@ -25,7 +25,8 @@ STIFFNESS_CMAP = "RdBu_r"
 
 
 @contextmanager
-def _figure(width: float, height: float) -> Iterator[Figure]:
+def new_figure(width: float, height: float) -> Iterator[Figure]:
+    """A constrained-layout figure on an Agg canvas, cleared when the block ends (also on an error)."""
     figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     try:
@@ -45,7 +46,7 @@ def class_matrix_image(matrix: Tensor, class_names: Sequence[str], title: str) -
     values = matrix.detach().cpu().double().numpy()
     size = len(class_names)
     side = max(6.0, 0.45 * size + 2.5)
-    with _figure(side + 1.0, side) as figure:
+    with new_figure(side + 1.0, side) as figure:
         axes = figure.add_subplot()
         image = axes.imshow(np.ma.masked_invalid(values), cmap=STIFFNESS_CMAP, vmin=-1.0, vmax=1.0)
         axes.set_xticks(
@@ -71,7 +72,7 @@ def distance_curve_image(
     curves: dict[str, DistanceCurve], xi: float, title: str, ylabel: str, xlabel: str = "input distance (1 − cos)"
 ) -> np.ndarray:
     """Mean stiffness against distance for within-class and between-class pairs, with xi marked."""
-    with _figure(6.4, 4.8) as figure:
+    with new_figure(6.4, 4.8) as figure:
         axes = figure.add_subplot()
         styles = {"within": ("within class", "tab:blue", "o"), "between": ("between classes", "tab:red", "s")}
         for side, curve in curves.items():
@@ -91,7 +92,7 @@ def distance_curve_image(
 
 def layer_stiffness_image(layers: Sequence[str], within: Sequence[float], between: Sequence[float], title: str):
     """Within-class and between-class stiffness of each layer's own gradients, in network order."""
-    with _figure(max(6.4, 0.5 * len(layers) + 3.0), 4.8) as figure:
+    with new_figure(max(6.4, 0.5 * len(layers) + 3.0), 4.8) as figure:
         axes = figure.add_subplot()
         positions = np.arange(len(layers))
         axes.plot(positions, within, marker="o", color="tab:blue", label="within class")
@@ -109,7 +110,7 @@ def layer_stiffness_image(layers: Sequence[str], within: Sequence[float], betwee
 
 def critical_distance_by_layer_image(names: Sequence[str], values: Sequence[float], title: str) -> np.ndarray:
     """Stiff-domain size xi in input space and in each layer's representation, in network order."""
-    with _figure(max(6.4, 0.6 * len(names) + 3.0), 4.8) as figure:
+    with new_figure(max(6.4, 0.6 * len(names) + 3.0), 4.8) as figure:
         axes = figure.add_subplot()
         positions = np.arange(len(names))
         heights = [v if math.isfinite(v) else 0.0 for v in values]

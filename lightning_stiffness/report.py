@@ -18,17 +18,17 @@ import csv
 import html
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lightning_stiffness.measure import PAIRS, StiffnessResult
-from lightning_stiffness.plots import STIFFNESS_CMAP
+from lightning_stiffness.plots import STIFFNESS_CMAP, new_figure
 
 
 class ReportError(ValueError):
@@ -75,6 +75,11 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     return runs
 
 
+def _is_loss(name: str) -> bool:
+    """A logged loss at epoch level (``train_loss``, ``val_loss``, ``..._epoch``), not a step-level one."""
+    return "loss" in name and not name.startswith("stiffness/") and not name.endswith("_step")
+
+
 def _read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     losses: dict[str, list[tuple[int, float]]] = {}
     if list(run_dir.glob("events.out.tfevents.*")):
@@ -83,13 +88,13 @@ def _read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags().get("scalars", []):
-            if "loss" in tag and not tag.startswith("stiffness/") and not tag.endswith("_step"):
+            if _is_loss(tag):
                 losses[tag] = [(e.step, e.value) for e in events.Scalars(tag)]
     elif (run_dir / "metrics.csv").exists():
         with open(run_dir / "metrics.csv", newline="") as handle:
             for row in csv.DictReader(handle):
                 for key, value in row.items():
-                    if "loss" in key and not key.startswith("stiffness/") and not key.endswith("_step") and value:
+                    if _is_loss(key) and value:
                         losses.setdefault(key, []).append((int(row["step"]), float(value)))
     return losses
 
@@ -112,31 +117,30 @@ def load_run(run_dir: Path) -> Run:
     return Run(path=run_dir, results=results, losses=_read_losses(run_dir), hparams=_read_hparams(run_dir))
 
 
-def _save(figure: Figure, path: Path) -> None:
-    FigureCanvasAgg(figure)
-    try:
+@contextmanager
+def _saved_figure(path: Path, width: float, height: float) -> Iterator[Figure]:
+    """A figure to draw on, written to ``path`` when the block ends and then released."""
+    with new_figure(width, height) as figure:
+        yield figure
         figure.savefig(path, dpi=100)
-    finally:
-        figure.clear()
 
 
 def _class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, kind: str, path: Path) -> None:
-    figure = Figure(figsize=(4.2 * len(chosen) + 1.2, 4.6), layout="constrained")
-    image = None
-    for i, result in enumerate(chosen):
-        axes = figure.add_subplot(1, len(chosen), i + 1)
-        matrix = result.class_matrices[f"{pair}/{kind}"].double().numpy()
-        image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
-        ticks = range(result.num_classes)
-        axes.set_xticks(ticks)
-        axes.set_yticks(ticks)
-        axes.set_title(f"{run.epochs_trained(result.step):g} epochs (step {result.step})", fontsize=10)
-        axes.set_xlabel("class of j")
-        if i == 0:
-            axes.set_ylabel("class of i")
-    figure.colorbar(image, ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
-    figure.suptitle(f"class stiffness matrices, {pair}")
-    _save(figure, path)
+    with _saved_figure(path, 4.2 * len(chosen) + 1.2, 4.6) as figure:
+        image = None
+        for i, result in enumerate(chosen):
+            axes = figure.add_subplot(1, len(chosen), i + 1)
+            matrix = result.class_matrices[f"{pair}/{kind}"].double().numpy()
+            image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
+            ticks = range(result.num_classes)
+            axes.set_xticks(ticks)
+            axes.set_yticks(ticks)
+            axes.set_title(f"{run.epochs_trained(result.step):g} epochs (step {result.step})", fontsize=10)
+            axes.set_xlabel("class of j")
+            if i == 0:
+                axes.set_ylabel("class of i")
+        figure.colorbar(image, ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
+        figure.suptitle(f"class stiffness matrices, {pair}")
 
 
 def _losses_axes(run: Run, axes) -> None:
@@ -155,23 +159,22 @@ def _losses_axes(run: Run, axes) -> None:
 
 
 def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
-    figure = Figure(figsize=(8, 4.8), layout="constrained")
-    axes = figure.add_subplot()
-    xs = [run.epochs_trained(r.step) for r in run.results]
-    for kind, style in (("cosine", "-"), ("sign", "--")):
-        if kind not in run.results[-1].kinds:
-            continue
-        for side, colour in (("within", "tab:blue"), ("between", "tab:red")):
-            values = [getattr(r, f"{side}_class")[f"{pair}/{kind}"] for r in run.results]
-            axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
-    _losses_axes(run, axes)
-    axes.axhline(0, color="grey", linewidth=0.8)
-    axes.set_xlabel("epochs trained")
-    axes.set_ylabel("stiffness")
-    axes.set_title(f"within/between-class stiffness, {pair}")
-    axes.legend(loc="upper left", fontsize=8)
-    axes.grid(alpha=0.3)
-    _save(figure, path)
+    with _saved_figure(path, 8, 4.8) as figure:
+        axes = figure.add_subplot()
+        xs = [run.epochs_trained(r.step) for r in run.results]
+        for kind, style in (("cosine", "-"), ("sign", "--")):
+            if kind not in run.results[-1].kinds:
+                continue
+            for side, colour in (("within", "tab:blue"), ("between", "tab:red")):
+                values = [getattr(r, f"{side}_class")[f"{pair}/{kind}"] for r in run.results]
+                axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
+        _losses_axes(run, axes)
+        axes.axhline(0, color="grey", linewidth=0.8)
+        axes.set_xlabel("epochs trained")
+        axes.set_ylabel("stiffness")
+        axes.set_title(f"within/between-class stiffness, {pair}")
+        axes.legend(loc="upper left", fontsize=8)
+        axes.grid(alpha=0.3)
 
 
 def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
@@ -182,36 +185,34 @@ def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
 
 
 def _xi_figure(run: Run, pair: str, path: Path) -> None:
-    figure = Figure(figsize=(8, 4.8), layout="constrained")
-    axes = figure.add_subplot()
-    xs = [run.epochs_trained(r.step) for r in run.results]
-    for name, values in _xi_series(run, pair).items():
-        axes.plot(xs, values, marker="o", markersize=3, label=name)
-    _finish(figure, axes, path, "epochs trained", f"stiff-domain size against training, {pair} (same-class pairs)")
+    with _saved_figure(path, 8, 4.8) as figure:
+        axes = figure.add_subplot()
+        xs = [run.epochs_trained(r.step) for r in run.results]
+        for name, values in _xi_series(run, pair).items():
+            axes.plot(xs, values, marker="o", markersize=3, label=name)
+        _label_xi_axes(axes, "epochs trained", f"stiff-domain size against training, {pair} (same-class pairs)")
 
 
 def _lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None:
-    figure = Figure(figsize=(7, 4.8), layout="constrained")
-    axes = figure.add_subplot()
-    order = np.argsort(lrs)
-    names = list(_xi_series(runs[0], pair))
-    for name in names:
-        values = [_xi_series(runs[i], pair).get(name, [math.nan])[-1] for i in order]
-        axes.plot([lrs[i] for i in order], values, marker="o", label=name)
-    axes.set_xscale("log")
-    _finish(
-        figure, axes, path, "learning rate", f"stiff-domain size against learning rate, {pair}", " at the last probe"
-    )
+    with _saved_figure(path, 7, 4.8) as figure:
+        axes = figure.add_subplot()
+        order = np.argsort(lrs)
+        series = [_xi_series(runs[i], pair) for i in order]
+        for name in series[0]:
+            values = [s.get(name, [math.nan])[-1] for s in series]
+            axes.plot([lrs[i] for i in order], values, marker="o", label=name)
+        axes.set_xscale("log")
+        title = f"stiff-domain size against learning rate, {pair}"
+        _label_xi_axes(axes, "learning rate", title, " at the last probe")
 
 
-def _finish(figure: Figure, axes, path: Path, xlabel: str, title: str, ylabel_note: str = "") -> None:
-    """Labels, legend and grid of a critical-distance plot, then the file."""
+def _label_xi_axes(axes, xlabel: str, title: str, ylabel_note: str = "") -> None:
+    """Labels, legend and grid of a critical-distance plot."""
     axes.set_xlabel(xlabel)
     axes.set_ylabel("critical distance ξ" + ylabel_note)
     axes.set_title(title)
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
-    _save(figure, path)
 
 
 def _pick(run: Run, epochs: Sequence[float] | None) -> list[StiffnessResult]:
