@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lightning_stiffness.gram.buffers import untouched_buffers
+
 
 def check_layer_names(model: nn.Module, layers: Sequence[str]) -> list[str]:
     """The names in ``layers``, in network order (the order of ``model.named_modules()``).
@@ -61,16 +63,19 @@ def forward_with_outputs(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The model's outputs and the named modules' flattened outputs, over ``inputs`` in chunks, without gradients.
 
+    Buffers the forward updates are restored (bitwise) after each chunk.
+
     Raises:
         ValueError: when a named module runs more than once (or not at all) per forward, so that one example has no
             single representation there.
     """
     outputs, per_layer = [], {name: [] for name in layers}
-    with torch.no_grad(), recording(model, layers) as records:
+    with torch.no_grad(), untouched_buffers(model) as guard, recording(model, layers) as records:
         for start in range(0, inputs.shape[0], chunk_size):
             for calls in records.values():
                 calls.clear()
             outputs.append(model(inputs[start : start + chunk_size]))
+            guard.restore()  # every chunk sees the buffers as they were, and none is left changed
             for name, calls in records.items():
                 if len(calls) != 1:
                     raise ValueError(

@@ -1,12 +1,16 @@
 """The Gram matrix of per-example loss gradients, G[i, j] = <g_i, g'_j>.
 
-:func:`gradient_gram` checks its arguments and hands the work to an engine:
+:func:`gradient_gram` checks its arguments and hands the work to an engine; all are exact:
 
-- ``"torch.func"``: ``vmap(grad(...))`` over ``functional_call``, exact for any model (:mod:`.torchfunc`).
-- ``"factored"``: one batched forward/backward with hooks and per-layer rules (:mod:`.rules`), the torch.func engine
-  for whatever the rules do not cover (:mod:`.factored`). Exact for every model, and much faster where layers are
-  covered (Linear, Conv1d/2d, LayerNorm, GroupNorm, BatchNorm in eval mode).
-- ``"auto"``: the fastest exact engine, which is ``"factored"``.
+- ``"auto"`` (alias ``"factored"``): one batched forward/backward with hooks and per-layer rules (:mod:`.rules`,
+  :mod:`.factored`), much faster where layers are covered (Linear, Conv1d/2d, LayerNorm, GroupNorm, BatchNorm in
+  eval mode). Every term is checked per example against autograd (:mod:`.check`) before it is used; what no rule
+  covers, or fails the check, goes to torch.func, or to the loop engine where torch.func cannot run the model.
+- ``"torch.func"``: ``vmap(grad(...))`` over ``functional_call`` (:mod:`.torchfunc`), for models ``vmap`` can run.
+- ``"loop"``: one ``torch.autograd.grad`` per example (:mod:`.loop`), for anything autograd runs.
+
+Whatever the engine, the model is left as it was: parameters, ``.grad``, and every buffer bitwise, even buffers its
+forward updates in eval mode (:mod:`.buffers`). See ``lightning_stiffness/gram/README.md`` for the design.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -15,9 +19,14 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from lightning_stiffness.gram.blocks import Progress, blocked_gram
+from lightning_stiffness.gram.buffers import untouched_buffers
+from lightning_stiffness.gram.check import CHECK_EXAMPLES
 from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
+from lightning_stiffness.gram.loop import loop_per_example
+from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import Term
-from lightning_stiffness.gram.torchfunc import Progress, torchfunc_gram
+from lightning_stiffness.gram.torchfunc import torchfunc_per_example
 from lightning_stiffness.gram.validation import (
     LossFn,
     check_examples,
@@ -48,7 +57,7 @@ def full_float32_precision() -> Iterator[None]:
 
 
 #: The values ``method`` accepts.
-METHODS = ("auto", "factored", "torch.func")
+METHODS = ("auto", "factored", "torch.func", "loop")
 
 __all__ = ["METHODS", "GramPlan", "gradient_gram", "gram_plan"]
 
@@ -80,7 +89,8 @@ def gradient_gram(
     The model is evaluated as given: the caller picks ``model.eval()`` or train mode. A model with BatchNorm or
     dropout in training mode is refused with a ``ValueError`` asking for ``model.eval()``, because those layers
     couple the examples of a batch (or draw random masks) and per-example gradients are then not defined.
-    The model is left exactly as it was: parameters, buffers, ``requires_grad`` flags and ``.grad``.
+    The model is left exactly as it was: parameters, buffers (bitwise, even those its forward updates in eval mode),
+    ``requires_grad`` flags and ``.grad``. Each example is measured with the buffers as they were.
 
     Args:
         model: the network; ``model(inputs)`` must give the outputs ``loss_fn`` takes.
@@ -92,10 +102,11 @@ def gradient_gram(
             with ``reduction="none"``.
         params: names (as in ``model.named_parameters()``) of the parameters to differentiate. Default: every
             parameter with ``requires_grad=True``.
-        method: ``"auto"``, ``"factored"`` or ``"torch.func"`` (see the module docstring). All are exact.
-        chunk_size: examples per block; bounds memory. For torch.func, examples per block of per-example gradients
-            (default: from a memory budget of 2 GiB for the blocks held at once); for the factored engine, examples
-            per batched forward/backward (default 512).
+        method: ``"auto"`` (or its alias ``"factored"``), ``"torch.func"`` or ``"loop"`` (see the module docstring).
+            All are exact. ``"auto"`` warns once when part of the model needs the loop engine.
+        chunk_size: examples per block; bounds memory. For torch.func and the loop, examples per block of
+            per-example gradients (default: from a memory budget of 2 GiB for the blocks held at once); for the
+            factored engine, examples per batched forward/backward (default 512).
         per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
         progress: called as ``progress(done, total)`` as the computation advances.
         gather_columns: for distributed use (the callback under DDP): ``inputs`` are this process's rows,
@@ -107,6 +118,10 @@ def gradient_gram(
         A tensor [N, M] (M = N when ``inputs2`` is None) on the model's device, in the floating dtype of the
         differentiated parameters. With ``per_layer``, a dict: module name (or, for a parameter registered on the
         model itself, the parameter name) -> [N, M], in the model's order.
+
+    Warns:
+        UserWarning: with ``"auto"``, when some parameters need the loop engine (torch.func cannot run the model),
+            naming their modules and the reason.
 
     Raises:
         ValueError: for an unknown ``method``; empty inputs or mismatched lengths; a ``loss_fn`` that does not return
@@ -145,19 +160,23 @@ def gradient_gram(
     inputs, targets = inputs.to(device), targets.to(device)
     if inputs2 is not None:
         inputs2, targets2 = inputs2.to(device), targets2.to(device)
-    check_loss_fn(model, loss_fn, inputs, targets)
 
-    # Both engines are plain functions of the parameters: no .grad is written, nothing in the model changes.
-    with torch.enable_grad(), full_float32_precision():
-        if method == "torch.func":
-            groups = {name: owner(name) for name in chosen} if per_layer else None
-            grams = torchfunc_gram(
-                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, groups
+    # Every engine is a plain function of the parameters: no .grad is written, the buffers are restored.
+    with untouched_buffers(model) as guard, torch.enable_grad(), full_float32_precision():
+        check_loss_fn(model, loss_fn, inputs, targets)
+        guard.restore()
+        objective = Objective(model, loss_fn, chosen, guard)
+        if method in ("auto", "factored"):
+            grams, _ = factored_grams(
+                objective, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, gather_columns
             )
         else:
-            grams, _ = factored_grams(
-                model, loss_fn, chosen, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, gather_columns
-            )
+            engine = torchfunc_per_example if method == "torch.func" else loop_per_example
+            groups = {name: owner(name) for name in chosen} if per_layer else None
+            grams = blocked_gram(
+                engine(objective, list(chosen)), chosen, inputs, targets, inputs2, targets2, chunk_size, dtype,
+                progress, groups,
+            )  # fmt: skip
     if per_layer:
         order = list(dict.fromkeys(owner(name) for name in chosen))
         return {key: grams[key] for key in order}
@@ -175,7 +194,11 @@ def gram_plan(
     loss_fn: LossFn | None = None,
     params: Sequence[str] | None = None,
 ) -> GramPlan:
-    """How the factored engine computes each parameter's share of the Gram matrix, from a run on a few examples.
+    """How the default engine computes each parameter's share of the Gram matrix, from a run on a few examples.
+
+    The run takes the first examples the per-example check uses (three), so the plan is the one ``gradient_gram``
+    follows on the same model and layouts. Its ``forms`` name each parameter's factored form or exact engine, and
+    ``fallback`` why a parameter is not factored.
 
     Example::
 
@@ -183,17 +206,18 @@ def gram_plan(
         >>> from torch import nn
         >>> from lightning_stiffness.gram import gram_plan
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
-        >>> plan = gram_plan(model, torch.randint(0, 10, (2, 2)), torch.tensor([0, 1]))
-        >>> plan.forms["2.weight"], plan.fallback["0.weight"]
-        ('outer', 'no factored rule for its module')
+        >>> plan = gram_plan(model, torch.randint(0, 10, (3, 2)), torch.tensor([0, 1, 2]))
+        >>> plan.forms["2.weight"], plan.forms["0.weight"], plan.fallback["0.weight"]
+        ('outer', 'torch.func', 'no factored rule for its module')
     """
     check_examples(inputs, targets, "inputs", "targets")
     check_model_mode(model)
     chosen = select_parameters(model, params)
     loss_fn = loss_fn or default_loss_fn
     device = next(iter(chosen.values())).device
-    few_x, few_y = inputs[:2].to(device), targets[:2].to(device)
-    check_loss_fn(model, loss_fn, few_x, few_y)
-    with torch.enable_grad():
-        _, plan = factored_grams(model, loss_fn, chosen, few_x, few_y, dtype=floating_dtype(chosen))
+    few_x, few_y = inputs[:CHECK_EXAMPLES].to(device), targets[:CHECK_EXAMPLES].to(device)
+    with untouched_buffers(model) as guard, torch.enable_grad(), full_float32_precision():
+        check_loss_fn(model, loss_fn, few_x, few_y)
+        guard.restore()
+        _, plan = factored_grams(Objective(model, loss_fn, chosen, guard), few_x, few_y, dtype=floating_dtype(chosen))
     return plan

@@ -2,15 +2,18 @@
 
 For every module with a registered rule (:mod:`.rules`), a forward hook records its input activations and output;
 one backward of the summed per-example losses gives the gradient with respect to each output (examples are
-independent in eval mode, so row i of that gradient is example i's own). Each rule turns those factors into
-per-parameter terms whose Gram matrices sum to the layer's. Whatever no rule covers goes to the torch.func engine,
-restricted to those parameters, and its Gram matrix is added:
+independent in eval mode, so row i of that gradient is example i's own *when the layer's examples lie along dim 0*).
+Each rule turns those factors into per-parameter terms (:mod:`.terms`) whose Gram matrices sum to the layer's.
 
-- parameters of modules without a rule, or with settings the rule does not support;
-- raw parameters used outside any module that has a rule;
-- parameters shared between modules (tied weights) and modules called more than once per forward;
-- any parameter whose summed gradient from the factors does not match autograd's (used somewhere else as well):
-  checked on every run, so a model that breaks a rule's assumptions gets the exact answer, not a wrong one.
+Exactness does not rest on the rules' assumptions: every term is checked per example (:mod:`.check`) on a few
+examples before it is used, and every chunk's term must have one row per example. A parameter goes to an exact
+fallback (torch.func, or the loop engine where torch.func cannot run the model), with the reason in the plan, when:
+
+- its module has no rule, or settings the rule does not support, or it is a raw parameter used outside any module;
+- it is shared between modules (tied weights), or its module runs other than once per forward;
+- its rule raises, its term has the wrong number of rows (examples not along dim 0: sequence-first layouts, time
+  steps flattened into the batch, tensors broadcast over the batch), or its per-example gradients on the check
+  examples differ from autograd's (used outside its module as well, or any other broken assumption).
 """
 
 import logging
@@ -20,18 +23,16 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from lightning_stiffness.gram.blocks import Progress, blocked_gram
+from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
+from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import Term, rule_for
-from lightning_stiffness.gram.torchfunc import Progress, torchfunc_gram
-from lightning_stiffness.gram.validation import LossFn
 
 log = logging.getLogger(__name__)
 
 #: Examples per batched forward/backward when ``chunk_size`` is not given.
 DEFAULT_FACTORED_CHUNK = 512
-#: Examples of the separate small pass that checks each rule against autograd's summed gradient.
-CHECK_EXAMPLES = 16
 
 
 @dataclass
@@ -39,16 +40,19 @@ class GramPlan:
     """How each differentiated parameter's share of the Gram matrix is computed.
 
     Attributes:
-        forms: parameter name -> the form its rule used (``outer``, ``flat``, ``ghost``, ``materialised``).
-        fallback: parameter name -> why it went to the torch.func engine.
+        forms: parameter name -> the factored form its rule used (``outer``, ``flat``, ``ghost``, ``materialised``,
+            ``materialised-blocked``), or the exact engine that computed it instead (``torch.func``, ``loop``).
+        fallback: parameter name -> why no factored rule computed it.
     """
 
     forms: dict[str, str] = field(default_factory=dict)
     fallback: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"  {name}: {form}" for name, form in self.forms.items()]
-        lines += [f"  {name}: torch.func ({why})" for name, why in self.fallback.items()]
+        lines = [
+            f"  {name}: {form}" + (f" ({self.fallback[name]})" if name in self.fallback else "")
+            for name, form in self.forms.items()
+        ]
         return "gram plan:\n" + "\n".join(lines)
 
 
@@ -92,10 +96,64 @@ def _candidate_layers(model: nn.Module, chosen: dict[str, Tensor], plan: GramPla
     return layers
 
 
+def _forward_backward(
+    objective: Objective, layers: dict[str, _Layer], inputs: Tensor, targets: Tensor
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """One batched forward and backward: per layer, its calls as (input activations, gradient of its output)."""
+    leaves = {name: p.detach().requires_grad_(True) for name, p in objective.params.items()}
+    constants = objective.constants(leaves)
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+
+    def hook_for(layer_name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            first = args[0] if args else kwargs.get("input")
+            calls[layer_name].append((first.detach() if isinstance(first, Tensor) else first, output))
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(name), with_kwargs=True) for name, layer in layers.items()]
+    try:
+        loss = objective.loss(leaves, constants, inputs, targets)
+        outputs = [out for name in layers for _, out in calls[name] if isinstance(out, Tensor) and out.requires_grad]
+        grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ())
+        return {
+            name: [
+                (act, _backprop(out, grads) if isinstance(out, Tensor) and out.requires_grad else None)
+                for act, out in calls[name]
+            ]
+            for name in layers
+        }
+    finally:
+        for handle in handles:
+            handle.remove()
+        objective.guard.restore()
+
+
+def _backprop(output: Tensor, grads) -> Tensor:
+    grad = next(grads)
+    return torch.zeros_like(output) if grad is None else grad.detach()
+
+
+def _chunk_terms(layer: _Layer, calls: list, count: int, n: int, m: int) -> tuple[dict[str, Term] | None, str | None]:
+    """A layer's terms for one chunk of ``count`` examples, or why the layer cannot be factored."""
+    if len(calls) != 1:
+        return None, f"module called {len(calls)} times in one forward"
+    activations, backprops = calls[0]
+    if not isinstance(activations, Tensor) or backprops is None:
+        return None, "its input or output is not one tensor, or its output does not depend on the parameters"
+    rule = rule_for(layer.module)
+    try:
+        terms = rule.fn(layer.module, activations, backprops, set(layer.params), n, m)
+    except Exception as error:  # a rule meeting a layout it does not handle: the fallback is exact
+        return None, f"its rule raised {type(error).__name__}: {error}"
+    rows = {term.num_examples for term in terms.values()}
+    if rows != {count}:
+        return None, f"its input has {min(rows)} rows for {count} examples (the examples are not along dim 0)"
+    return terms, None
+
+
 def _capture(
-    model: nn.Module,
-    loss_fn: LossFn,
-    chosen: dict[str, Tensor],
+    objective: Objective,
     layers: dict[str, _Layer],
     inputs: Tensor,
     targets: Tensor,
@@ -103,58 +161,24 @@ def _capture(
     plan: GramPlan,
     n: int,
     m: int,
-    check: bool = False,
 ) -> dict[str, dict[str, Term]]:
     """Per covered layer, its terms (local parameter name -> term) over all examples, built chunk by chunk.
 
-    Layers called more or less than once in a forward lose their parameters to the fallback in ``plan``. With
-    ``check``, each term's summed gradient is compared with autograd's and parameters that disagree (used outside
-    their module too) go to the fallback as well.
+    Layers that cannot be factored on some chunk lose their parameters to the fallback (in ``plan``) and leave
+    ``layers``.
     """
-    leaves = {name: p.detach().requires_grad_(True) for name, p in chosen.items()}
-    constants = {name: p.detach() for name, p in model.named_parameters() if name not in leaves}
-    constants.update({name: b.detach() for name, b in model.named_buffers()})
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-
-    def hook_for(layer_name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            first = args[0] if args else kwargs.get("input")
-            if isinstance(first, Tensor) and isinstance(output, Tensor):
-                calls[layer_name].append((first.detach(), output))
-            else:  # an unusual call: leave this layer to the torch.func engine
-                calls[layer_name].extend([(first, output)] * 2)
-
-        return hook
-
-    handles = [layer.module.register_forward_hook(hook_for(name), with_kwargs=True) for name, layer in layers.items()]
     chunks: dict[str, list[dict[str, Term]]] = defaultdict(list)
-    try:
-        for start in range(0, inputs.shape[0], chunk):
-            calls.clear()
-            outputs = functional_call(model, (leaves, constants), (inputs[start : start + chunk],))
-            loss = loss_fn(outputs, targets[start : start + chunk]).sum()
-            active = [name for name in layers if len(calls[name]) == 1 and calls[name][0][1].requires_grad]
-            for name in layers:
-                if name not in active:
-                    for full in layers[name].params.values():
-                        plan.fallback.setdefault(full, f"module called {len(calls[name])} times in one forward")
-            wanted = [leaves[full] for name in active for full in layers[name].params.values()] if check else []
-            grads = torch.autograd.grad(loss, [calls[name][0][1] for name in active] + wanted, allow_unused=True)
-            for name, grad in zip(active, grads[: len(active)], strict=True):
-                activations, output = calls[name][0]
-                backprops = torch.zeros_like(output) if grad is None else grad.detach()
-                chunks[name].append(layer_terms(layers[name], activations, backprops, n, m))
-            calls.clear()  # frees this chunk's graph before the next forward
-            if check:
-                _check_sums(layers, active, chunks, grads[len(active) :], plan)
-            for name in list(layers):
-                layer = layers[name]
-                layer.params = {local: full for local, full in layer.params.items() if full not in plan.fallback}
-                if not layer.params:
-                    del layers[name]
-    finally:
-        for handle in handles:
-            handle.remove()
+    for start in range(0, inputs.shape[0], chunk):
+        x, y = inputs[start : start + chunk], targets[start : start + chunk]
+        calls = _forward_backward(objective, layers, x, y)
+        for name in list(layers):
+            terms, why = _chunk_terms(layers[name], calls[name], x.shape[0], n, m)
+            if why is not None:
+                for full in layers.pop(name).params.values():
+                    plan.fallback[full] = why
+            else:
+                chunks[name].append(terms)
+        del calls  # frees this chunk's graph before the next forward
     return {
         name: {local: type(parts[0][local]).concat([part[local] for part in parts]) for local in layers[name].params}
         for name, parts in chunks.items()
@@ -162,38 +186,23 @@ def _capture(
     }
 
 
-def _check_sums(
-    layers: dict[str, _Layer],
-    active: list[str],
-    chunks: dict[str, list[dict[str, Term]]],
-    param_grads: tuple[Tensor | None, ...],
-    plan: GramPlan,
-) -> None:
-    """Move to the fallback every parameter whose summed factored gradient differs from autograd's."""
-    grads = iter(param_grads)
-    for name in active:
-        terms = chunks[name][-1]
-        for local, full in layers[name].params.items():
-            true = next(grads)
-            estimate = terms[local].summed()
-            true = torch.zeros_like(estimate) if true is None else true.detach().flatten()
-            tolerance = (1e-4 if true.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9) * (
-                float(true.norm()) + float(estimate.norm()) + 1e-30
-            )
-            if true.shape != estimate.shape or float((true - estimate).norm()) > tolerance:
-                plan.fallback[full] = "also used outside its module (summed gradient check)"
-
-
-def layer_terms(layer: _Layer, activations: Tensor, backprops: Tensor, n: int, m: int) -> dict[str, Term]:
-    rule = rule_for(layer.module)
-    assert rule is not None
-    return rule.fn(layer.module, activations, backprops, set(layer.params), n, m)
+def _check(objective: Objective, layers: dict[str, _Layer], reference: ReferenceGradients, plan: GramPlan, n, m):
+    """Run the per-example check of every covered parameter's term; failures go to the fallback (:mod:`.check`)."""
+    count = reference.inputs.shape[0]
+    terms = _capture(objective, layers, reference.inputs, reference.targets, count, plan, n, m)
+    for name in list(layers):
+        layer = layers[name]
+        for local, full in list(layer.params.items()):
+            why = reference.disagreement(full, terms[name][local].per_example())
+            if why is not None:
+                plan.fallback[full] = "per-example check: " + why
+                del layer.params[local]
+        if not layer.params:
+            del layers[name]
 
 
 def factored_grams(
-    model: nn.Module,
-    loss_fn: LossFn,
-    chosen: dict[str, Tensor],
+    objective: Objective,
     inputs: Tensor,
     targets: Tensor,
     inputs2: Tensor | None = None,
@@ -207,46 +216,36 @@ def factored_grams(
 
     With ``gather_columns`` (distributed use), ``inputs`` are this process's rows and ``inputs2`` all examples: each
     term of the rows is passed to ``gather_columns``, which returns the same term over all examples (gathered from
-    every process), instead of capturing the columns again; ``inputs2`` then serves the check and the torch.func part.
+    every process), instead of capturing the columns again; ``inputs2`` then serves the check and the fallback.
     """
     plan = GramPlan()
-    layers = _candidate_layers(model, chosen, plan)
+    layers = _candidate_layers(objective.model, objective.params, plan)
     chunk = chunk_size or DEFAULT_FACTORED_CHUNK
     n = inputs.shape[0]
     m = n if inputs2 is None else inputs2.shape[0]
     if gather_columns is not None:
         n = m  # every process must pick the same form for a layer, so decide on the whole matrix's size
-    # The summed-gradient check is structural: a few examples tell whether a parameter is used outside its module.
-    # It runs on the first examples of the columns, which are the same on every process when they are gathered.
+    # The check runs on the first examples of the columns when they are gathered: the same on every process, so
+    # every process makes the same decisions.
     check_x, check_y = (inputs, targets) if gather_columns is None else (inputs2, targets2)
-    few = slice(0, CHECK_EXAMPLES)
-    _capture(model, loss_fn, chosen, layers, check_x[few], check_y[few], chunk, plan, n, m, check=True)
-    rows = _capture(model, loss_fn, chosen, layers, inputs, targets, chunk, plan, n, m)
+    reference = ReferenceGradients(objective, check_x[:CHECK_EXAMPLES], check_y[:CHECK_EXAMPLES])
+    if layers:
+        _check(objective, layers, reference, plan, n, m)
+    rows = _capture(objective, layers, inputs, targets, chunk, plan, n, m) if layers else {}
     if gather_columns is not None:
         cols = {name: {local: gather_columns(term) for local, term in terms.items()} for name, terms in rows.items()}
     elif inputs2 is None:
         cols = rows
     else:
-        cols = _capture(model, loss_fn, chosen, layers, inputs2, targets2, chunk, plan, n, m)
-    grams: dict[str, Tensor] = {}
-    total_steps = len(rows) + (1 if plan.fallback else 0)
-    for step, (name, row_terms) in enumerate(rows.items(), start=1):
-        layer = layers[name]
-        col_terms = cols[name]
-        gram = None
-        for local, term in row_terms.items():
-            plan.forms[layer.params[local]] = term.form
-            block = term.gram(col_terms[local])
-            gram = block if gram is None else gram.add_(block)
-        grams[name] = gram.to(dtype)
-        if progress is not None:
-            progress(step, total_steps)
+        cols = _capture(objective, layers, inputs2, targets2, chunk, plan, n, m)
+    grams = _factored_part(layers, rows, cols, plan, dtype, progress)
     if plan.fallback:
-        rest = {name: chosen[name] for name in chosen if name in plan.fallback}
-        fallback = torchfunc_gram(
-            model,
-            loss_fn,
-            rest,
+        rest = [name for name in objective.params if name in plan.fallback]
+        engine, per_example = fallback_engine(objective, rest, reference)
+        plan.forms.update(dict.fromkeys(rest, engine))
+        fallback = blocked_gram(
+            per_example,
+            {name: objective.params[name] for name in rest},
             inputs,
             targets,
             inputs2,
@@ -258,6 +257,28 @@ def factored_grams(
         for key, gram in fallback.items():
             grams[key] = grams[key].add_(gram) if key in grams else gram
         if progress is not None:
-            progress(total_steps, total_steps)
+            progress(len(grams), len(grams))
+    plan.forms = {name: plan.forms[name] for name in objective.params if name in plan.forms}
     log.debug("%s", plan)
     return grams, plan
+
+
+def _factored_part(layers, rows, cols, plan: GramPlan, dtype: torch.dtype, progress: Progress) -> dict[str, Tensor]:
+    """Each covered layer's Gram matrix, the sum of its terms' (only layers still covered in ``plan``)."""
+    grams: dict[str, Tensor] = {}
+    steps = len(rows) + (1 if plan.fallback else 0)
+    for step, (name, row_terms) in enumerate(rows.items(), start=1):
+        if name not in layers:  # lost to the fallback while the columns were captured
+            continue
+        gram = None
+        for local, term in row_terms.items():
+            if local not in layers[name].params:
+                continue
+            plan.forms[layers[name].params[local]] = term.form
+            block = term.gram(cols[name][local])
+            gram = block if gram is None else gram.add_(block)
+        if gram is not None:
+            grams[name] = gram.to(dtype)
+        if progress is not None:
+            progress(step, steps)
+    return grams

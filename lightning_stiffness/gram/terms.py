@@ -75,9 +75,13 @@ class OuterTerm:
     def gram(self, other: "OuterTerm") -> Tensor:
         return (self.activations @ other.activations.T) * (self.backprops @ other.backprops.T)
 
-    def summed(self) -> Tensor:
-        """The gradient summed over examples, flattened like the parameter."""
-        return (self.backprops.T @ self.activations).flatten()
+    @property
+    def num_examples(self) -> int:
+        return self.activations.shape[0]
+
+    def per_example(self) -> Tensor:
+        """Per-example gradients [N, p * d], flattened like the parameter (for the per-example check)."""
+        return torch.einsum("np,nd->npd", self.backprops, self.activations).reshape(self.backprops.shape[0], -1)
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "OuterTerm":
         """The same term with ``fn`` applied to each tensor indexed by example (for gathering across processes)."""
@@ -98,8 +102,12 @@ class FlatTerm:
     def gram(self, other: "FlatTerm") -> Tensor:
         return self.rows @ other.rows.T
 
-    def summed(self) -> Tensor:
-        return self.rows.sum(dim=0)
+    @property
+    def num_examples(self) -> int:
+        return self.rows.shape[0]
+
+    def per_example(self) -> Tensor:
+        return self.rows
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "FlatTerm":
         return type(self)(fn(self.rows))
@@ -122,14 +130,12 @@ class _PositionsTerm:
     activations: Tensor | LazyPositions
     backprops: Tensor
 
-    def summed(self) -> Tensor:
-        n, t, d = self.activations.shape
-        block = _rows_per_block(t * (d + self.backprops.shape[2]) * self.backprops.element_size())
-        total = None
-        for start in range(0, n, block):
-            part = per_example_gradients(self.activations, self.backprops, start, min(n, start + block)).sum(dim=0)
-            total = part if total is None else total.add_(part)
-        return total
+    @property
+    def num_examples(self) -> int:
+        return self.activations.shape[0]
+
+    def per_example(self) -> Tensor:
+        return per_example_gradients(self.activations, self.backprops, 0, self.num_examples)
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "_PositionsTerm":
         if isinstance(self.activations, LazyPositions):
