@@ -1,8 +1,10 @@
 """Time and peak memory of the Gram engines, side by side, with ratios against the factored engine.
 
 Each measurement runs in a fresh subprocess so that its peak resident memory (VmHWM, above the process's baseline
-after the model and data are built) is its own. Engines: a per-example loop (one autograd.grad per example, then one
-matmul), the torch.func engine, the factored engine, and BackPACK's BatchGrad + matmul when BackPACK is installed.
+after the model and data are built) is its own. Engines: the loop engine (one autograd.grad per example), the
+torch.func engine, the factored engine, and BackPACK's BatchGrad + matmul when BackPACK is installed. For the factored
+engine the column "check" gives the time of its per-example check alone (measured again after the run), as a share
+of the engine's whole time.
 
     python benchmarks/bench_gram.py                 # the default table (several minutes on 2 cores)
     python benchmarks/bench_gram.py --quick         # small sizes, a smoke run
@@ -55,7 +57,19 @@ def mlp512() -> nn.Module:
     return relu_mlp(784, 512, 512, 512, 10)
 
 
-MODELS = {"paper_fc": paper_fc, "paper_cnn": paper_cnn, "mlp512": mlp512}
+class GRUClassifier(nn.Module):
+    """Each image read as a sequence of 28 rows by a GRU (hidden 128), then a Linear head on the last state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(28, 128, batch_first=True)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x.flatten(1, 2))[0][:, -1])
+
+
+MODELS = {"paper_fc": paper_fc, "paper_cnn": paper_cnn, "mlp512": mlp512, "gru": GRUClassifier}
 ENGINES = ["loop", "torch.func", "factored", "backpack"]
 
 
@@ -72,14 +86,25 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def loop_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = []
-    for i in range(x.shape[0]):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    jac = torch.stack(rows)
-    return jac @ jac.T
+def check_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> float:
+    """The factored engine's per-example check alone (reference gradients and checked terms), best of ``repeats``."""
+    from lightning_stiffness.gram.buffers import BufferGuard
+    from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients
+    from lightning_stiffness.gram.factored import GramPlan, _candidate_layers, _check
+    from lightning_stiffness.gram.objective import Objective
+    from lightning_stiffness.gram.validation import default_loss_fn
+
+    objective = Objective(model, default_loss_fn, dict(model.named_parameters()), BufferGuard(model))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.enable_grad():
+            plan = GramPlan()
+            layers = _candidate_layers(model, objective.params, plan)
+            reference = ReferenceGradients(objective, x[:CHECK_EXAMPLES], y[:CHECK_EXAMPLES])
+            _check(objective, layers, reference, plan, x.shape[0], x.shape[0])
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def backpack_gram(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -110,24 +135,24 @@ def run_case(model_name: str, n: int, engine: str) -> dict:
         except ImportError:
             return {"skipped": "BackPACK is not installed (pip install --no-deps backpack-for-pytorch einops unfoldNd)"}
     # Warm up on a few examples (lazy initialisation, kernels), then measure from a fresh peak.
-    warm = {"loop": loop_gram, "backpack": backpack_gram}.get(engine)
-    if warm is not None:
-        warm(model, x[:4], y[:4])
+    if engine == "backpack":
+        backpack_gram(model, x[:4], y[:4])
     else:
         gradient_gram(model, x[:4], y[:4], method=engine)
     _peak_rss_reset()
     baseline = _rss_kib("VmRSS")
     start = time.perf_counter()
-    if engine == "loop":
-        gram = loop_gram(model, x, y)
-    elif engine == "backpack":
+    if engine == "backpack":
         gram = backpack_gram(model, x, y)
     else:
         gram = gradient_gram(model, x, y, method=engine)
     seconds = time.perf_counter() - start
     peak_mib = (_rss_kib("VmHWM") - baseline) / 1024
     checksum = float(gram.double().diagonal().sum())
-    return {"seconds": seconds, "peak_mib": peak_mib, "params": params, "trace": checksum}
+    result = {"seconds": seconds, "peak_mib": peak_mib, "params": params, "trace": checksum}
+    if engine == "factored":
+        result["check"] = check_seconds(model, x, y)
+    return result
 
 
 DEFAULT_TABLE = [
@@ -138,10 +163,12 @@ DEFAULT_TABLE = [
     ("paper_cnn", 2048, ["torch.func", "factored"]),
     ("mlp512", 1024, ["torch.func", "factored", "backpack"]),
     ("mlp512", 4096, ["torch.func", "factored"]),
+    ("gru", 256, ["loop", "torch.func", "factored"]),
 ]
 QUICK_TABLE = [
     ("paper_fc", 64, ["loop", "torch.func", "factored", "backpack"]),
     ("paper_cnn", 64, ["loop", "torch.func", "factored"]),
+    ("gru", 32, ["loop", "torch.func", "factored"]),
 ]
 
 
@@ -159,7 +186,10 @@ def main() -> None:
     if args.models:
         table = [row for row in table if row[0] in args.models]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    header = f"{'model':<10} {'N':>5} {'P':>9} {'engine':<11} {'seconds':>9} {'peak MiB':>9} {'x factored time':>16}"
+    header = (
+        f"{'model':<10} {'N':>5} {'P':>9} {'engine':<11} {'seconds':>9} {'peak MiB':>9} {'x factored time':>16} "
+        f"{'check':>6}"
+    )
     print(header)
     print("-" * len(header))
     for model_name, n, engines in table:
@@ -179,9 +209,10 @@ def main() -> None:
                 print(f"{model_name:<10} {n:>5} {'':>9} {engine:<11} skipped: {r['skipped']}")
                 continue
             ratio = f"{r['seconds'] / base:.1f}x" if base else "-"
+            check = f"{100 * r['check'] / r['seconds']:.1f}%" if "check" in r else ""
             print(
                 f"{model_name:<10} {n:>5} {r['params']:>9} {engine:<11} {r['seconds']:>9.3f} {r['peak_mib']:>9.0f} "
-                f"{ratio:>16}"
+                f"{ratio:>16} {check:>6}"
             )
         if traces:
             spread = (max(traces) - min(traces)) / max(abs(max(traces)), 1e-30)

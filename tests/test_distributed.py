@@ -32,15 +32,20 @@ class FailsInGramOnRankOne(TinyNet):
 
 
 class FailsInFallbackOnRankOne(TinyNet):
-    """A raw parameter goes to the torch.func engine, which runs after the gathers; it fails there on process 1."""
+    """A raw parameter goes to the exact fallback, which runs after the gathers; it fails there on process 1.
+
+    The fallback differentiates only ``scale``, so the layers' weights reach the forward as constants (no gradient):
+    that happens nowhere else (not in the per-example check, nor in the capture), and on process 1 both fallback
+    engines (torch.func, then the loop) raise.
+    """
 
     def __init__(self):
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
 
     def forward(self, x):
-        if self.global_rank == 1 and torch._C._functorch.is_functorch_wrapped_tensor(x):
-            raise RuntimeError("failure in the torch.func engine on rank 1")
+        if self.global_rank == 1 and not self.net[0].weight.requires_grad:
+            raise RuntimeError("failure in the fallback engine on rank 1")
         return super().forward(x) * self.scale
 
 

@@ -243,3 +243,49 @@ def test_unused_layer_contributes_zero():
     layers = gradient_gram(model, x, y, per_layer=True)
     assert torch.equal(layers["spare"], torch.zeros(4, 4, dtype=torch.float64))
     torch.testing.assert_close(layers["used"], reference_gram(model, x, y))
+
+
+class Scale(nn.Module):
+    """An elementwise scale, y = x * weight: a layer type with no built-in rule."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class WronglyScaled(Scale):
+    """The same layer, registered below with a wrong rule: the per-example check must refuse it."""
+
+
+@pytest.fixture
+def user_rules():
+    from lightning_stiffness.gram.rules import GRAM_RULES, register_gram_rule
+    from lightning_stiffness.gram.terms import FlatTerm
+
+    @register_gram_rule(Scale, params=("weight",))
+    def scale_rule(layer, activations, backprops, params, n, m):
+        return {"weight": FlatTerm(activations * backprops)}
+
+    @register_gram_rule(WronglyScaled, params=("weight",))
+    def wrong_rule(layer, activations, backprops, params, n, m):
+        return {"weight": FlatTerm(2 * activations * backprops)}
+
+    yield
+    del GRAM_RULES[Scale], GRAM_RULES[WronglyScaled]
+
+
+@pytest.mark.parametrize("layer", [Scale, WronglyScaled])
+def test_user_rule_registered_by_decorator(user_rules, layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), layer(), nn.Linear(6, 3)).double().eval()
+    x, y = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4)), _targets(7, 4)
+    torch.testing.assert_close(gradient_gram(model, x, y), reference_gram(model, x, y))
+    plan = gram_plan(model, x, y)
+    if layer is Scale:
+        assert plan.forms["2.weight"] == "flat" and not plan.fallback, str(plan)
+    else:
+        assert plan.forms["2.weight"] == "torch.func", str(plan)
+        assert "per-example check" in plan.fallback["2.weight"], str(plan)
