@@ -22,25 +22,21 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_stiffness.checks import check_int
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.representations import layer_outputs
 
+# The sums behind the measures (`class_pair_sums`, `binned_sums`, `line_sum_vector`, ...) are internals that
+# `lightning_stiffness.metrics` accumulates over blocks; they are not part of this public list.
 __all__ = [
     "METHODS",
     "DistanceCurve",
-    "LineFitSums",
-    "binned_sums",
-    "class_pair_sums",
     "class_stiffness",
     "cosine_stiffness",
     "critical_distance",
-    "critical_distance_from_sums",
     "distance_bin_edges",
     "gradient_gram",
     "layer_outputs",
-    "line_fit_sums",
-    "line_sum_vector",
-    "mean_or_nan",
     "pairwise_distances",
     "sign_stiffness",
     "stiffness_by_distance",
@@ -139,8 +135,7 @@ def class_stiffness(
     highest = int(max(labels.max(), labels2.max()))
     if num_classes is None:
         num_classes = highest + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    check_int(num_classes, "num_classes")
     lowest = int(min(labels.min(), labels2.min()))
     if lowest < 0 or highest >= num_classes:
         raise ValueError(f"`labels` and `labels2` must lie in [0, {num_classes}), got values in [{lowest}, {highest}].")
@@ -285,8 +280,7 @@ def distance_bin_edges(
     """
     if binning not in ("width", "quantile"):
         raise ValueError(f"`binning` must be 'width' or 'quantile', got {binning!r}.")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"`bins` must be a positive integer, got {bins!r}.")
+    check_int(bins, "bins")
     keep = torch.isfinite(distances) if mask is None else torch.isfinite(distances) & mask
     return _bin_edges(distances[keep].double().cpu(), bins, binning)
 
@@ -326,9 +320,8 @@ def stiffness_by_distance(
             raise ValueError(f"`bins` given as edges must be a 1-D increasing tensor of at least 2 values, got {bins}.")
         inside = (dist >= edges[0]) & (dist <= edges[-1])
         dist, stiff = dist[inside], stiff[inside]
-    elif isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"`bins` must be a positive integer or a tensor of edges, got {bins!r}.")
     else:
+        check_int(bins, "bins", alternative="or a tensor of edges")
         edges = _bin_edges(dist.cpu(), bins, binning)
     sums, count = binned_sums(dist.cpu(), stiff.cpu(), edges)
     return DistanceCurve(edges=edges, mean=mean_or_nan(sums, count), count=count)

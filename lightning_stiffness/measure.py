@@ -17,11 +17,19 @@ from lightning_stiffness.functional import (
     within_between,
 )
 from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance, block_stiffness
-
-#: Stiffness kinds, in the order they are computed and logged.
-KINDS = ("cosine", "sign")
-#: Which probe sets each pair compares: (rows, columns).
-PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}
+from lightning_stiffness.names import (
+    KINDS,
+    PAIRS,
+    PREFIX,
+    SIDES,
+    class_tag,
+    critical_distance_tag,
+    kind_key,
+    layer_class_tag,
+    layer_key,
+    layer_kind_key,
+    xi_kind,
+)
 
 
 @dataclass
@@ -77,21 +85,21 @@ class StiffnessResult:
     def pairs(self) -> list[str]:
         return list(self.distances)
 
-    def scalars(self) -> dict[str, float]:
-        """The logged scalars, by tag (see the README's table)."""
+    def scalars(self, prefix: str = PREFIX) -> dict[str, float]:
+        """The logged scalars, by tag (see the README's table); ``prefix`` replaces the tags' first part."""
         out = {}
         for pair in self.pairs:
             for kind in self.kinds:
-                out[f"stiffness/{pair}/{kind}/within_class"] = self.within_class[f"{pair}/{kind}"]
-                out[f"stiffness/{pair}/{kind}/between_class"] = self.between_class[f"{pair}/{kind}"]
-            out[f"stiffness/{pair}/critical_distance/input"] = self.critical_distance[pair]
+                values = zip(SIDES, (self.within_class, self.between_class), strict=True)
+                out.update({class_tag(pair, kind, side, prefix): v[kind_key(pair, kind)] for side, v in values})
+            out[critical_distance_tag(pair, prefix=prefix)] = self.critical_distance[pair]
             for layer in self.representation_layers:
-                out[f"stiffness/{pair}/critical_distance/{layer}"] = self.layer_critical_distance[f"{pair}/{layer}"]
+                out[critical_distance_tag(pair, layer, prefix)] = self.layer_critical_distance[layer_key(pair, layer)]
             for kind in self.kinds:
                 for layer in self.gram_layers:
-                    key = f"{pair}/{kind}/{layer}"
-                    out[f"stiffness/{pair}/{kind}/by_layer/{layer}/within_class"] = self.layer_within_class[key]
-                    out[f"stiffness/{pair}/{kind}/by_layer/{layer}/between_class"] = self.layer_between_class[key]
+                    key = layer_kind_key(pair, kind, layer)
+                    out[layer_class_tag(pair, kind, layer, "within", prefix)] = self.layer_within_class[key]
+                    out[layer_class_tag(pair, kind, layer, "between", prefix)] = self.layer_between_class[key]
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +146,54 @@ class GramRows:
         return cls(gram, torch.arange(gram.shape[0], device=gram.device), torch.diagonal(gram))
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What every pair is measured with."""
+
+    kinds: tuple[str, ...]
+    num_classes: int
+    num_distance_bins: int
+    distance_metric: str
+    sync: bool
+    device: torch.device
+
+    def metric(self, metric_class: type, *args: Any) -> Any:
+        return metric_class(*args, sync_on_compute=self.sync).to(self.device)
+
+
+@dataclass
+class _PairBlock:
+    """One pair of probe sets, as far as this process holds its rows."""
+
+    pair: str
+    rows: slice  # the row set's examples among all probe examples
+    cols: slice  # the column set's
+    mine: Tensor  # which of this process's Gram rows belong to the row set
+    ids: Tensor  # their indices among all probe examples
+    labels_r: Tensor
+    labels_c: Tensor
+
+    @property
+    def same_set(self) -> bool:
+        return self.rows == self.cols
+
+    @property
+    def local(self) -> Tensor:
+        """This process's rows, counted within the row set."""
+        return self.ids - self.rows.start
+
+    @property
+    def self_pairs(self) -> tuple[Tensor | None, Tensor | None]:
+        """Example indices of rows and columns (pairs with equal ones are left out), when a set meets itself."""
+        if not self.same_set:
+            return None, None
+        return self.ids, torch.arange(self.cols.start, self.cols.stop, device=self.ids.device)
+
+    def of(self, source: GramRows) -> tuple[Tensor, Tensor, Tensor]:
+        """This process's rows of the pair's block of ``source``, with the squared norms of its rows and columns."""
+        return source.values[self.mine][:, self.cols], source.sq_norms[self.ids], source.sq_norms[self.cols]
+
+
 def measure_stiffness(
     gram: Tensor | GramRows,
     inputs: dict[str, Tensor],
@@ -181,23 +237,26 @@ def measure_stiffness(
         full_gram: the whole [T, T] Gram matrix, for the stiffness matrices of the result (default: ``gram`` when it
             is whole; otherwise they are left out).
         sync: reduce the metrics across processes (every process must call this with its own rows).
+
+    Raises:
+        ValueError: when ``gram`` does not have one column and one norm per probe example.
     """
     offsets, start = {}, 0
     for name, x in inputs.items():
-        offsets[name] = slice(start, start + x.shape[0])
-        start += x.shape[0]
+        offsets[name], start = slice(start, start + x.shape[0]), start + x.shape[0]
     rows_of = gram if isinstance(gram, GramRows) else GramRows.whole(gram)
     if rows_of.values.dim() != 2 or rows_of.values.shape[1] != start or rows_of.sq_norms.shape != (start,):
         raise ValueError(f"`gram` must have {start} columns and {start} norms, got {tuple(rows_of.values.shape)}.")
     if full_gram is None and not isinstance(gram, GramRows):
         full_gram = gram
+    full = full_gram.detach().cpu() if full_gram is not None else None
     device = rows_of.values.device
-    xi_kind = "cosine" if "cosine" in kinds else kinds[0]
+    settings = _Settings(tuple(kinds), num_classes, num_distance_bins, distance_metric, sync, device)
     result = StiffnessResult(
         epoch=epoch,
         step=step,
         kinds=tuple(kinds),
-        xi_kind=xi_kind,
+        xi_kind=xi_kind(kinds),
         num_classes=num_classes,
         labels={k: v.cpu() for k, v in labels.items()},
         indices={k: v.cpu() for k, v in indices.items()},
@@ -209,71 +268,93 @@ def measure_stiffness(
         layer: g if isinstance(g, GramRows) else GramRows.whole(g) for layer, g in (layer_grams or {}).items()
     }
     all_labels = torch.cat([labels[name].to(device) for name in inputs])
-    full_norms = torch.diagonal(full_gram.detach()).cpu() if full_gram is not None else None
-
-    def metric(metric_class, *args):
-        return metric_class(*args, sync_on_compute=sync).to(device)
-
     for pair, (rows, cols) in PAIRS.items():
-        if rows not in inputs or cols not in inputs:
-            continue
-        same_set = rows == cols
-        rs, cs = offsets[rows], offsets[cols]
-        mine = (rows_of.rows >= rs.start) & (rows_of.rows < rs.stop)
-        ids = rows_of.rows[mine]
-        col_ids = torch.arange(cs.start, cs.stop, device=device)
-        pair_ids = (ids, col_ids) if same_set else (None, None)
-        labels_r, labels_c = all_labels[ids], all_labels[cs]
-
-        block, norms_r, norms_c = _block_of(rows_of, mine, ids, cs)
-        if full_gram is not None:
-            full_block = full_gram.detach()[rs, cs].cpu()
-        for kind in kinds:
-            key = f"{pair}/{kind}"
-            classes = metric(ClassStiffness, num_classes, kind)
-            classes.update(block, labels_r, labels_c, norms_r, norms_c, *pair_ids)
-            result.class_matrices[key] = classes.compute().to(block.dtype).cpu()
-            result.within_class[key], result.between_class[key] = within_between(result.class_matrices[key])
-            if full_gram is not None:
-                result.stiffness[key] = block_stiffness(kind, full_block, full_norms[rs], full_norms[cs])
-            for layer, source in layer_rows.items():
-                classes = metric(ClassStiffness, num_classes, kind)
-                layer_block, layer_norms_r, layer_norms_c = _block_of(source, mine, ids, cs)
-                classes.update(layer_block, labels_r, labels_c, layer_norms_r, layer_norms_c, *pair_ids)
-                matrix = classes.compute()
-                key = f"{pair}/{kind}/{layer}"
-                result.layer_within_class[key], result.layer_between_class[key] = within_between(matrix)
-
-        # Distances are cheap and known to every process: compute them whole, then take this process's rows.
-        local = ids - rs.start
-        same_class = labels_r[:, None] == labels_c[None, :]
-        distances = pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(device)
-        result.distances[pair] = distances.to(block.dtype).cpu()
-        spaces = {None: distances}
-        for layer in result.representation_layers:
-            spaces[layer] = pairwise_distances(
-                representations[rows][layer].detach(), representations[cols][layer].detach(), metric=distance_metric
-            ).to(device)
-            result.layer_distances[f"{pair}/{layer}"] = spaces[layer].to(block.dtype).cpu()
-        for layer, space in spaces.items():
-            not_self = _not_self(space.shape, same_set, device)
-            edges = distance_bin_edges(space, not_self, num_distance_bins)
-            curves, xi = {}, float("nan")
-            for side, side_mask in (("within", same_class), ("between", ~same_class)):
-                by_distance = metric(StiffnessByDistance, edges, xi_kind)
-                by_distance.update(block, space[local], norms_r, norms_c, *pair_ids, mask=side_mask)
-                curves[side], side_xi = by_distance.compute()
-                xi = side_xi if side == "within" else xi
-            if layer is None:
-                result.critical_distance[pair], result.curves[pair] = xi, curves
-            else:
-                result.layer_critical_distance[f"{pair}/{layer}"], result.layer_curves[f"{pair}/{layer}"] = xi, curves
+        if rows in inputs and cols in inputs:
+            mine = (rows_of.rows >= offsets[rows].start) & (rows_of.rows < offsets[rows].stop)
+            ids = rows_of.rows[mine]
+            block = _PairBlock(
+                pair, offsets[rows], offsets[cols], mine, ids, all_labels[ids], all_labels[offsets[cols]]
+            )
+            _class_measures(result, block, rows_of, layer_rows, full, settings)
+            _distance_measures(result, block, rows_of, inputs, representations or {}, settings)
     return result
 
 
-def _block_of(source: GramRows, mine: Tensor, ids: Tensor, cols: slice) -> tuple[Tensor, Tensor, Tensor]:
-    """This process's rows of a pair's block, with the squared norms of its rows and columns."""
-    return source.values[mine][:, cols], source.sq_norms[ids], source.sq_norms[cols]
+def _class_matrix(block: _PairBlock, source: GramRows, kind: str, settings: _Settings) -> Tensor:
+    """The pair's class stiffness matrix from ``source``'s rows, reduced across processes."""
+    values, norms_r, norms_c = block.of(source)
+    metric = settings.metric(ClassStiffness, settings.num_classes, kind)
+    metric.update(values, block.labels_r, block.labels_c, norms_r, norms_c, *block.self_pairs)
+    return metric.compute().to(values.dtype).cpu()
+
+
+def _class_measures(
+    result: StiffnessResult,
+    block: _PairBlock,
+    gram: GramRows,
+    layer_rows: dict[str, GramRows],
+    full: Tensor | None,
+    settings: _Settings,
+) -> None:
+    """Class matrices, within/between-class stiffness (whole and per layer), and the stiffness matrices (from the
+    whole Gram matrix ``full``, on the CPU, when given)."""
+    pair = block.pair
+    norms = torch.diagonal(full) if full is not None else None
+    for kind in settings.kinds:
+        key = kind_key(pair, kind)
+        result.class_matrices[key] = _class_matrix(block, gram, kind, settings)
+        result.within_class[key], result.between_class[key] = within_between(result.class_matrices[key])
+        if full is not None:
+            values = full[block.rows, block.cols]
+            result.stiffness[key] = block_stiffness(kind, values, norms[block.rows], norms[block.cols])
+        for layer, source in layer_rows.items():
+            matrix = _class_matrix(block, source, kind, settings)
+            key = layer_kind_key(pair, kind, layer)
+            result.layer_within_class[key], result.layer_between_class[key] = within_between(matrix)
+
+
+def _distance_measures(
+    result: StiffnessResult,
+    block: _PairBlock,
+    gram: GramRows,
+    inputs: dict[str, Tensor],
+    representations: dict[str, dict[str, Tensor]],
+    settings: _Settings,
+) -> None:
+    """Distances, stiffness-against-distance curves and critical distances, in input space and in each layer."""
+    pair, (rows, cols) = block.pair, PAIRS[block.pair]
+    dtype = gram.values.dtype
+    # Distances are cheap and known to every process: compute them whole, then take this process's rows.
+    spaces = {None: pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(settings.device)}
+    result.distances[pair] = spaces[None].to(dtype).cpu()
+    for layer in result.representation_layers:
+        a, b = representations[rows][layer].detach(), representations[cols][layer].detach()
+        spaces[layer] = pairwise_distances(a, b, metric=settings.distance_metric).to(settings.device)
+        result.layer_distances[layer_key(pair, layer)] = spaces[layer].to(dtype).cpu()
+    for layer, space in spaces.items():
+        curves, xi = _curves(block, gram, space, result.xi_kind, settings)
+        if layer is None:
+            result.critical_distance[pair], result.curves[pair] = xi, curves
+        else:
+            result.layer_critical_distance[layer_key(pair, layer)] = xi
+            result.layer_curves[layer_key(pair, layer)] = curves
+
+
+def _curves(
+    block: _PairBlock, gram: GramRows, space: Tensor, kind: str, settings: _Settings
+) -> tuple[dict[str, DistanceCurve], float]:
+    """Within- and between-class curves against the distances ``space`` (shared bins), and xi (within class)."""
+    values, norms_r, norms_c = block.of(gram)
+    not_self = _not_self(space.shape, block.same_set, settings.device)
+    edges = distance_bin_edges(space, not_self, settings.num_distance_bins)
+    same_class = block.labels_r[:, None] == block.labels_c[None, :]
+    curves, xi = {}, float("nan")
+    for side, mask in zip(SIDES, (same_class, ~same_class), strict=True):
+        metric = settings.metric(StiffnessByDistance, edges, kind)
+        metric.update(values, space[block.local], norms_r, norms_c, *block.self_pairs, mask=mask)
+        curves[side], side_xi = metric.compute()
+        xi = side_xi if side == "within" else xi
+    return curves, xi
 
 
 def _not_self(shape: torch.Size, same_set: bool, device: torch.device) -> Tensor:

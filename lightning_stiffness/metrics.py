@@ -6,12 +6,15 @@ sides), adds per-class-pair or per-bin sums and counts to its states, and reduce
 ``compute()``. Any split of the pairs into blocks gives the result of the functional API on the whole matrix.
 """
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.functional import (
     DistanceCurve,
     LineFitSums,
@@ -23,8 +26,7 @@ from lightning_stiffness.functional import (
     mean_or_nan,
     sign_stiffness,
 )
-
-_KINDS = ("cosine", "sign")
+from lightning_stiffness.names import KINDS
 
 
 def block_stiffness(kind: str, gram: Tensor, sq_norms: Tensor | None, sq_norms2: Tensor | None) -> Tensor:
@@ -40,10 +42,25 @@ def block_stiffness(kind: str, gram: Tensor, sq_norms: Tensor | None, sq_norms2:
     return sign_stiffness(gram)
 
 
-def _keep_shapes(metric: Metric, restore) -> None:
-    """torchmetrics squeezes one-element results (a 1 x 1 class matrix, a single bin); give them their shape back."""
-    wrapped = metric.compute
-    metric.compute = lambda *args, **kwargs: restore(wrapped(*args, **kwargs))
+class _ShapedMetric(Metric):
+    """A metric whose ``compute()`` keeps its result's shape.
+
+    torchmetrics squeezes one-element results (a 1 x 1 class matrix, a single bin). It wraps ``compute`` when a
+    metric is built and again when one is unpickled or cloned; restoring the shape inside that wrapping keeps it
+    through ``clone()``, ``pickle`` and ``sync``.
+    """
+
+    def _shaped(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(compute)
+        def shaped(*args: Any, **kwargs: Any) -> Any:
+            return self._shaped(wrapped(*args, **kwargs))
+
+        return shaped
 
 
 def _pair_mask(gram: Tensor, indices: Tensor | None, indices2: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -56,7 +73,7 @@ def _pair_mask(gram: Tensor, indices: Tensor | None, indices2: Tensor | None, ma
     return keep
 
 
-class ClassStiffness(Metric):
+class ClassStiffness(_ShapedMetric):
     r"""Class stiffness matrix accumulated over blocks of a Gram matrix.
 
     ``compute()`` gives C[a, b], the mean ``kind`` stiffness over the pairs seen with i in class a and j in class b,
@@ -87,15 +104,11 @@ class ClassStiffness(Metric):
 
     def __init__(self, num_classes: int, kind: str = "cosine", **kwargs) -> None:
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
-        if kind not in _KINDS:
-            raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}.")
-        self.num_classes, self.kind = num_classes, kind
+        self.num_classes = check_int(num_classes, "num_classes")
+        self.kind = check_choice(kind, "kind", KINDS)
         zeros = torch.zeros(num_classes, num_classes, dtype=torch.float64)
         self.add_state("sums", default=zeros.clone(), dist_reduce_fx="sum")
         self.add_state("counts", default=zeros.clone(), dist_reduce_fx="sum")
-        _keep_shapes(self, lambda matrix: matrix.reshape(num_classes, num_classes))
 
     def update(
         self,
@@ -127,8 +140,11 @@ class ClassStiffness(Metric):
     def compute(self) -> Tensor:
         return mean_or_nan(self.sums, self.counts)
 
+    def _shaped(self, value: Tensor) -> Tensor:
+        return value.reshape(self.num_classes, self.num_classes)
 
-class StiffnessByDistance(Metric):
+
+class StiffnessByDistance(_ShapedMetric):
     r"""Mean stiffness in bins of distance, and the critical distance xi, accumulated over blocks of pairs.
 
     Per bin it keeps the sum and count of stiffness; for xi, the sums a least-squares line needs
@@ -162,21 +178,12 @@ class StiffnessByDistance(Metric):
         edges = torch.as_tensor(edges, dtype=torch.float64).cpu()
         if edges.dim() != 1 or edges.numel() < 2 or bool((edges[1:] < edges[:-1]).any()):
             raise ValueError(f"`edges` must be a 1-D increasing sequence of at least 2 values, got {edges}.")
-        if kind not in _KINDS:
-            raise ValueError(f"`kind` must be one of {_KINDS}, got {kind!r}.")
-        self.kind = kind
+        self.kind = check_choice(kind, "kind", KINDS)
         self.register_buffer("edges", edges)
         bins = edges.numel() - 1
         self.add_state("bin_sums", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("bin_counts", default=torch.zeros(bins, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("line_sums", default=torch.zeros(5, dtype=torch.float64), dist_reduce_fx="sum")
-        _keep_shapes(
-            self,
-            lambda out: (
-                DistanceCurve(out[0].edges.reshape(-1), out[0].mean.reshape(-1), out[0].count.reshape(-1)),
-                float(out[1]),
-            ),
-        )
 
     def update(
         self,
@@ -206,3 +213,7 @@ class StiffnessByDistance(Metric):
         curve = DistanceCurve(edges=self.edges.cpu(), mean=mean.cpu(), count=self.bin_counts.round().long().cpu())
         xi = critical_distance_from_sums(LineFitSums(*[float(v) for v in self.line_sums]))
         return curve, xi
+
+    def _shaped(self, value: tuple[DistanceCurve, float]) -> tuple[DistanceCurve, float]:
+        curve, xi = value
+        return DistanceCurve(curve.edges.reshape(-1), curve.mean.reshape(-1), curve.count.reshape(-1)), float(xi)

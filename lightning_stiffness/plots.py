@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from lightning_stiffness.measure import StiffnessResult
 
 from lightning_stiffness.functional import DistanceCurve
+from lightning_stiffness.names import (
+    PREFIX,
+    by_layer_tag,
+    class_matrix_tag,
+    critical_distance_by_layer_tag,
+    distance_curve_tag,
+    kind_key,
+    layer_key,
+    layer_kind_key,
+)
 
 DPI = 100
 #: Diverging colour map for stiffness, fixed to [-1, 1] so that colours mean the same thing in every image.
@@ -126,42 +136,42 @@ def critical_distance_by_layer_image(names: Sequence[str], values: Sequence[floa
         return _to_rgb(figure)
 
 
-def probe_images(result: "StiffnessResult", class_names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Every image of one probe, by TensorBoard tag (see the README's table of logged names)."""
+def probe_images(result: "StiffnessResult", class_names: Sequence[str], prefix: str = PREFIX) -> dict[str, np.ndarray]:
+    """Every image of one probe, by tag (see the README's table of logged names)."""
     when = f"epoch {result.epoch}, step {result.step}"
+    stiffness = f"{result.xi_kind} stiffness"
     images = {}
     for pair in result.pairs:
         for kind in result.kinds:
-            title = f"{kind} stiffness, {pair} ({when})"
-            images[f"stiffness/{pair}/{kind}/class_matrix"] = class_matrix_image(
-                result.class_matrices[f"{pair}/{kind}"], class_names, title
+            images[class_matrix_tag(pair, kind, prefix)] = class_matrix_image(
+                result.class_matrices[kind_key(pair, kind)], class_names, f"{kind} stiffness, {pair} ({when})"
             )
-        images[f"stiffness/{pair}/distance_curve"] = distance_curve_image(
+        images[distance_curve_tag(pair, prefix=prefix)] = distance_curve_image(
             result.curves[pair],
             result.critical_distance[pair],
-            f"{result.xi_kind} stiffness against input distance, {pair} ({when})",
-            f"mean {result.xi_kind} stiffness",
+            f"{stiffness} against input distance, {pair} ({when})",
+            f"mean {stiffness}",
         )
         for layer in result.representation_layers:
-            images[f"stiffness/{pair}/distance_curve/{layer}"] = distance_curve_image(
-                result.layer_curves[f"{pair}/{layer}"],
-                result.layer_critical_distance[f"{pair}/{layer}"],
-                f"{result.xi_kind} stiffness against distance in {layer}, {pair} ({when})",
-                f"mean {result.xi_kind} stiffness",
+            images[distance_curve_tag(pair, layer, prefix)] = distance_curve_image(
+                result.layer_curves[layer_key(pair, layer)],
+                result.layer_critical_distance[layer_key(pair, layer)],
+                f"{stiffness} against distance in {layer}, {pair} ({when})",
+                f"mean {stiffness}",
                 xlabel=f"{result.distance_metric} distance between outputs of {layer}",
             )
         if result.representation_layers:
-            images[f"stiffness/{pair}/critical_distance_by_layer"] = critical_distance_by_layer_image(
+            images[critical_distance_by_layer_tag(pair, prefix)] = critical_distance_by_layer_image(
                 ["input", *result.representation_layers],
                 [result.critical_distance[pair]]
-                + [result.layer_critical_distance[f"{pair}/{layer}"] for layer in result.representation_layers],
+                + [result.layer_critical_distance[layer_key(pair, layer)] for layer in result.representation_layers],
                 f"stiff-domain size by layer, {pair} ({when})",
             )
         if result.gram_layers and "cosine" in result.kinds:
-            images[f"stiffness/{pair}/by_layer"] = layer_stiffness_image(
+            images[by_layer_tag(pair, prefix)] = layer_stiffness_image(
                 result.gram_layers,
-                [result.layer_within_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
-                [result.layer_between_class[f"{pair}/cosine/{layer}"] for layer in result.gram_layers],
+                [result.layer_within_class[layer_kind_key(pair, "cosine", layer)] for layer in result.gram_layers],
+                [result.layer_between_class[layer_kind_key(pair, "cosine", layer)] for layer in result.gram_layers],
                 f"cosine stiffness by layer, {pair} ({when})",
             )
     return images

@@ -1,7 +1,9 @@
 """Probe sets: the fixed examples whose gradients a probe compares, drawn once, stratified by class.
 
 Items of a map-style dataset are turned into ``(x, y)`` by :func:`default_batch_to_xy` (tuples, lists, dicts) or a
-user's ``batch_to_xy``. Sampling uses only the generator it is given, never the global random state.
+user's ``batch_to_xy``. Sampling uses only the generator it is given, never the global random state. Pure PyTorch:
+the callback finds the datasets (:func:`find_datasets`), draws each probe set (:func:`draw_probe_set`) or restores it
+from a checkpoint's indices (:func:`restore_probe_set`).
 """
 
 import importlib
@@ -154,3 +156,125 @@ def gather(dataset: Dataset, indices: Tensor, batch_to_xy: BatchToXY | None = No
         xs.append(torch.as_tensor(x))
         ys.append(_label_value(y, where))
     return ProbeSet(indices=indices.clone(), inputs=torch.stack(xs), labels=torch.tensor(ys, dtype=torch.long))
+
+
+def find_datasets(loaders: Any) -> list[Any]:
+    """The datasets of the dataloaders in ``loaders`` (a loader, or a dict, list or tuple of them), in order."""
+    if hasattr(loaders, "dataset"):
+        return [loaders.dataset]
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return [dataset for loader in loaders for dataset in find_datasets(loader)]
+    return []
+
+
+def draw_probe_set(
+    dataset: Dataset,
+    samples_per_class: int,
+    generator: torch.Generator,
+    batch_to_xy: BatchToXY | None = None,
+    where: str = "dataset",
+    broadcast: Callable[[Tensor], Tensor] = lambda indices: indices,
+) -> tuple[ProbeSet, dict[int, int]]:
+    """A stratified probe set of ``dataset``, and the classes that had fewer than ``samples_per_class`` examples.
+
+    Args:
+        dataset: a map-style dataset with integer class labels.
+        samples_per_class: examples drawn per class (all of a class that has fewer).
+        generator: the only source of randomness.
+        batch_to_xy: item -> ``(x, y)``; default :func:`default_batch_to_xy`.
+        where: names the dataset in error messages.
+        broadcast: makes every process use rank 0's draw (under DDP).
+
+    Raises:
+        ProbeDataError: for an empty dataset, negative or non-integer labels, or items without labels.
+    """
+    labels = dataset_labels(dataset, batch_to_xy, where)
+    if labels.numel() == 0:
+        raise ProbeDataError(f"{where} is empty.")
+    if int(labels.min()) < 0:
+        raise ProbeDataError(f"{where} has negative labels; class labels must be 0, 1, 2, ...")
+    indices, short = stratified_indices(labels, samples_per_class, generator)
+    return gather(dataset, broadcast(indices), batch_to_xy, where), short
+
+
+def restore_probe_set(
+    dataset: Dataset, indices: Tensor, batch_to_xy: BatchToXY | None = None, where: str = "dataset"
+) -> ProbeSet:
+    """The probe set at ``indices`` saved in a checkpoint.
+
+    Raises:
+        ProbeDataError: when the dataset is too small for the indices.
+    """
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    if len(indices) and int(indices.max()) >= len(dataset):
+        raise ProbeDataError(f"{where} has {len(dataset)} items, fewer than the checkpoint's probe indices need.")
+    return gather(dataset, indices, batch_to_xy, where)
+
+
+#: How probe sets are named in messages.
+SET_WORDS = {"train": "training", "val": "validation"}
+
+
+@dataclass
+class ProbeSets:
+    """The probe sets of a run (``"train"``, optionally ``"val"``), the number of classes and their names."""
+
+    sets: dict[str, ProbeSet]
+    num_classes: int
+    class_names: list[str]
+
+
+def build_probe_sets(
+    datasets: dict[str, Dataset],
+    samples_per_class: int,
+    seed: int,
+    *,
+    batch_to_xy: BatchToXY | None = None,
+    restored: dict[str, Tensor] | None = None,
+    broadcast: Callable[[Tensor], Tensor] = lambda indices: indices,
+    class_names: Sequence[str] | None = None,
+) -> tuple[ProbeSets, dict[str, dict[int, int]]]:
+    """Draw (or restore) a probe set from each dataset with one ``torch.Generator(seed)``, in the order given.
+
+    Args:
+        datasets: probe set name -> dataset.
+        samples_per_class: examples per class.
+        seed: seed of the generator that draws them.
+        batch_to_xy: item -> ``(x, y)``.
+        restored: probe set name -> indices saved in a checkpoint, used instead of a draw.
+        broadcast: makes every process use rank 0's draw (under DDP).
+        class_names: names given by the user; default: the first dataset's ``classes`` attribute, or the labels.
+
+    Returns:
+        The probe sets, and per drawn set the classes that had fewer examples than asked (class -> count).
+
+    Raises:
+        ProbeDataError: for data that cannot be probed, or fewer ``class_names`` than classes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sets, short = {}, {}
+    for name, dataset in datasets.items():
+        where = f"the {SET_WORDS[name]} dataset"
+        if restored and name in restored:
+            sets[name] = restore_probe_set(dataset, restored[name], batch_to_xy, where)
+        else:
+            sets[name], short[name] = draw_probe_set(
+                dataset, samples_per_class, generator, batch_to_xy, where, broadcast
+            )
+    num_classes = max(int(p.labels.max()) + 1 for p in sets.values())
+    names = _class_names(class_names, next(iter(datasets.values())), num_classes)
+    return ProbeSets(sets, num_classes, names), {name: s for name, s in short.items() if s}
+
+
+def _class_names(given: Sequence[str] | None, dataset: Dataset, num_classes: int) -> list[str]:
+    """The user's names, or the dataset's ``classes``, or the labels, for ``num_classes`` classes."""
+    if given is not None:
+        if len(given) < num_classes:
+            raise ProbeDataError(f"`class_names` names {len(given)} classes but the labels go up to {num_classes - 1}.")
+        return [str(name) for name in given[:num_classes]]
+    found = getattr(dataset, "classes", None)
+    if isinstance(found, (list, tuple)) and len(found) >= num_classes:
+        return [str(name) for name in found[:num_classes]]
+    return [str(label) for label in range(num_classes)]

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from lightning_stiffness.measure import PAIRS, StiffnessResult
+from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.names import KINDS, PAIRS, PREFIX, RAW_FILE_PATTERN, SIDES, kind_key, layer_key
 from lightning_stiffness.plots import STIFFNESS_CMAP, new_figure
 
 
@@ -58,26 +59,31 @@ class Run:
         return step / spe if spe else float(step)
 
 
-def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """Every directory holding ``stiffness/epoch=*-step=*.pt`` at or below the given paths."""
+def find_runs(paths: Sequence[str | Path], prefix: str = PREFIX) -> list[Path]:
+    """Every directory holding ``{prefix}/epoch=*-step=*.pt`` at or below the given paths."""
     runs: list[Path] = []
     for given in paths:
         root = Path(given).expanduser()
         if not root.exists():
             raise ReportError(f"{root} does not exist.")
-        found = sorted({p.parent.parent for p in root.glob("**/stiffness/epoch=*-step=*.pt")})
+        found = sorted({_run_dir(p, prefix) for p in root.glob(f"**/{prefix}/{RAW_FILE_PATTERN}")})
         if not found:
             raise ReportError(
-                f"no saved stiffness results under {root}: expected stiffness/epoch=E-step=S.pt files, which "
+                f"no saved stiffness results under {root}: expected {prefix}/epoch=E-step=S.pt files, which "
                 "StiffnessCallback writes under the logger's log_dir when save_raw=True."
             )
         runs.extend(p for p in found if p not in runs)
     return runs
 
 
+def _run_dir(raw_file: Path, prefix: str) -> Path:
+    """The run directory of a raw result file ``{run}/{prefix}/epoch=E-step=S.pt``."""
+    return raw_file.parents[len(Path(prefix).parts)]
+
+
 def _is_loss(name: str) -> bool:
     """A logged loss at epoch level (``train_loss``, ``val_loss``, ``..._epoch``), not a step-level one."""
-    return "loss" in name and not name.startswith("stiffness/") and not name.endswith("_step")
+    return "loss" in name and not name.startswith(f"{PREFIX}/") and not name.endswith("_step")
 
 
 def _read_losses(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -110,8 +116,9 @@ def _read_hparams(run_dir: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_run(run_dir: Path) -> Run:
-    files = sorted((run_dir / "stiffness").glob("epoch=*-step=*.pt"))
+def load_run(run_dir: Path, prefix: str = PREFIX) -> Run:
+    """The probes a run saved under ``{run_dir}/{prefix}``, with its losses and hyperparameters."""
+    files = sorted((run_dir / prefix).glob(RAW_FILE_PATTERN))
     results = [StiffnessResult.from_dict(torch.load(f, weights_only=True, map_location="cpu")) for f in files]
     results.sort(key=lambda r: r.step)
     return Run(path=run_dir, results=results, losses=_read_losses(run_dir), hparams=_read_hparams(run_dir))
@@ -130,7 +137,7 @@ def _class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, k
         image = None
         for i, result in enumerate(chosen):
             axes = figure.add_subplot(1, len(chosen), i + 1)
-            matrix = result.class_matrices[f"{pair}/{kind}"].double().numpy()
+            matrix = result.class_matrices[kind_key(pair, kind)].double().numpy()
             image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
             ticks = range(result.num_classes)
             axes.set_xticks(ticks)
@@ -162,11 +169,11 @@ def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
     with _saved_figure(path, 8, 4.8) as figure:
         axes = figure.add_subplot()
         xs = [run.epochs_trained(r.step) for r in run.results]
-        for kind, style in (("cosine", "-"), ("sign", "--")):
+        for kind, style in zip(KINDS, ("-", "--"), strict=True):
             if kind not in run.results[-1].kinds:
                 continue
-            for side, colour in (("within", "tab:blue"), ("between", "tab:red")):
-                values = [getattr(r, f"{side}_class")[f"{pair}/{kind}"] for r in run.results]
+            for side, colour in zip(SIDES, ("tab:blue", "tab:red"), strict=True):
+                values = [getattr(r, f"{side}_class")[kind_key(pair, kind)] for r in run.results]
                 axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
         _losses_axes(run, axes)
         axes.axhline(0, color="grey", linewidth=0.8)
@@ -180,7 +187,7 @@ def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
 def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
     series = {"input": [r.critical_distance[pair] for r in run.results]}
     for layer in run.results[-1].representation_layers:
-        series[layer] = [r.layer_critical_distance.get(f"{pair}/{layer}", math.nan) for r in run.results]
+        series[layer] = [r.layer_critical_distance.get(layer_key(pair, layer), math.nan) for r in run.results]
     return series
 
 
@@ -241,6 +248,7 @@ def write_report(
     kind: str = "cosine",
     fmt: str = "md",
     lr_key: str = "lr",
+    prefix: str = PREFIX,
 ) -> Path:
     """Write the report for the runs under ``paths`` into ``out_dir``; returns the report file's path.
 
@@ -249,7 +257,7 @@ def write_report(
     """
     if fmt not in ("md", "html"):
         raise ReportError(f"`fmt` must be 'md' or 'html', got {fmt!r}.")
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs = [load_run(p, prefix) for p in find_runs(paths, prefix)]
     for run in runs:
         if pair not in run.results[-1].pairs:
             raise ReportError(f"{run.path} has no {pair!r} results; it has {run.results[-1].pairs}.")
@@ -257,41 +265,7 @@ def write_report(
             raise ReportError(f"{run.path} has no {kind!r} stiffness; it has {list(run.results[-1].kinds)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections: list[tuple[str, list[tuple[str, str]], list[list[str]]]] = []
-    for index, run in enumerate(runs):
-        prefix = f"run{index}"
-        figures = []
-        chosen = _pick(run, epochs)
-        _class_matrices_figure(run, chosen, pair, kind, out / f"{prefix}_class_matrices.png")
-        figures.append(("class stiffness matrices", f"{prefix}_class_matrices.png"))
-        _stiffness_figure(run, pair, out / f"{prefix}_stiffness.png")
-        figures.append(("within/between-class stiffness and loss", f"{prefix}_stiffness.png"))
-        _xi_figure(run, pair, out / f"{prefix}_critical_distance.png")
-        figures.append(("critical distance", f"{prefix}_critical_distance.png"))
-        layers = run.results[-1].representation_layers
-        header = [
-            "epochs trained",
-            "step",
-            f"{kind} within",
-            f"{kind} between",
-            "ξ input",
-            *[f"ξ {layer}" for layer in layers],
-        ]
-        rows = [header]
-        for r in run.results:
-            rows.append(
-                [
-                    f"{run.epochs_trained(r.step):g}",
-                    str(r.step),
-                    _fmt(r.within_class[f"{pair}/{kind}"]),
-                    _fmt(r.between_class[f"{pair}/{kind}"]),
-                    _fmt(r.critical_distance[pair]),
-                    *[_fmt(r.layer_critical_distance.get(f"{pair}/{layer}", math.nan)) for layer in layers],
-                ]
-            )
-        lr = run.hparams.get(lr_key)
-        title = f"{run.path}" + (f" ({lr_key} = {lr})" if lr is not None else "")
-        sections.append((title, figures, rows))
+    sections = [_run_section(run, f"run{index}", out, epochs, pair, kind, lr_key) for index, run in enumerate(runs)]
     notes = []
     lrs = [run.hparams.get(lr_key) for run in runs]
     if len(runs) > 1:
@@ -307,6 +281,35 @@ def write_report(
         _render_md(sections, pair, kind, notes) if fmt == "md" else _render_html(sections, pair, kind, notes)
     )
     return report
+
+
+def _run_section(
+    run: Run, name: str, out: Path, epochs: Sequence[float] | None, pair: str, kind: str, lr_key: str
+) -> tuple[str, list[tuple[str, str]], list[list[str]]]:
+    """One run's figures (written to ``out``) and table: its section of the report."""
+    _class_matrices_figure(run, _pick(run, epochs), pair, kind, out / f"{name}_class_matrices.png")
+    _stiffness_figure(run, pair, out / f"{name}_stiffness.png")
+    _xi_figure(run, pair, out / f"{name}_critical_distance.png")
+    figures = [
+        ("class stiffness matrices", f"{name}_class_matrices.png"),
+        ("within/between-class stiffness and loss", f"{name}_stiffness.png"),
+        ("critical distance", f"{name}_critical_distance.png"),
+    ]
+    layers = run.results[-1].representation_layers
+    rows = [["epochs trained", "step", f"{kind} within", f"{kind} between", "ξ input", *[f"ξ {x}" for x in layers]]]
+    for r in run.results:
+        rows.append(
+            [
+                f"{run.epochs_trained(r.step):g}",
+                str(r.step),
+                _fmt(r.within_class[kind_key(pair, kind)]),
+                _fmt(r.between_class[kind_key(pair, kind)]),
+                _fmt(r.critical_distance[pair]),
+                *[_fmt(r.layer_critical_distance.get(layer_key(pair, layer), math.nan)) for layer in layers],
+            ]
+        )
+    lr = run.hparams.get(lr_key)
+    return f"{run.path}" + (f" ({lr_key} = {lr})" if lr is not None else ""), figures, rows
 
 
 def _render_md(sections, pair: str, kind: str, notes: list[str]) -> str:
@@ -348,9 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("-o", "--out", default="stiffness-report", help="output directory (default: %(default)s)")
     report.add_argument("--epochs", nargs="+", type=float, help="epochs trained at which to show class matrices")
     report.add_argument("--pair", default="train-train", choices=list(PAIRS), help="probe pair (default: %(default)s)")
-    report.add_argument("--kind", default="cosine", choices=["cosine", "sign"], help="stiffness kind for matrices")
+    report.add_argument("--kind", default="cosine", choices=list(KINDS), help="stiffness kind for matrices")
     report.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")
     report.add_argument("--lr-key", default="lr", help="hparams.yaml key of the learning rate (default: %(default)s)")
+    report.add_argument("--prefix", default=PREFIX, help="the callback's `prefix` (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         path = write_report(
@@ -361,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind=args.kind,
             fmt=args.format,
             lr_key=args.lr_key,
+            prefix=args.prefix,
         )
     except ReportError as err:
         print(f"lightning-stiffness report: error: {err}", file=sys.stderr)

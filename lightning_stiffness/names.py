@@ -1,0 +1,101 @@
+"""The names users depend on: stiffness kinds, probe sets and pairs, distance metrics, logged tags, raw-result keys.
+
+Dashboards, monitors (``EarlyStopping(monitor=...)``) and saved results refer to these names, so every tag and key is
+built here and nowhere else (change one only with a deprecation). The README's table of logged names lists them.
+
+Example::
+
+    >>> from lightning_stiffness import names
+    >>> names.class_tag("train-val", "cosine", "within")
+    'stiffness/train-val/cosine/within_class'
+    >>> names.critical_distance_tag("train-train", layer="net.2")
+    'stiffness/train-train/critical_distance/net.2'
+"""
+
+from collections.abc import Sequence
+
+#: Stiffness kinds, in the order they are computed and logged.
+KINDS = ("cosine", "sign")
+#: Probe sets, in the order their examples are concatenated.
+SETS = ("train", "val")
+#: Which probe sets each pair compares: (rows, columns).
+PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}
+#: Pairs of examples of the same class, and of different classes.
+SIDES = ("within", "between")
+#: Metrics of distances between representations (input distances are always cosine).
+DISTANCE_METRICS = ("cosine", "euclidean")
+#: The first part of every logged tag and the folder of raw results under the logger's ``log_dir``, by default.
+PREFIX = "stiffness"
+#: Raw result files of one run, ``epoch=E-step=S.pt``.
+RAW_FILE_PATTERN = "epoch=*-step=*.pt"
+
+
+def xi_kind(kinds: Sequence[str]) -> str:
+    """The kind critical distances are fitted on: cosine when measured, else the first kind."""
+    return "cosine" if "cosine" in kinds else kinds[0]
+
+
+# ------------------------------------------------------------------------------------------------ raw-result keys
+
+
+def kind_key(pair: str, kind: str) -> str:
+    """Key of a pair's per-kind values in a result (``stiffness``, ``class_matrices``, ``within_class``, ...)."""
+    return f"{pair}/{kind}"
+
+
+def layer_key(pair: str, layer: str) -> str:
+    """Key of a pair's values in one layer's representation (``layer_distances``, ``layer_curves``, ...)."""
+    return f"{pair}/{layer}"
+
+
+def layer_kind_key(pair: str, kind: str, layer: str) -> str:
+    """Key of a pair's per-kind values from one layer's own gradients (``layer_within_class``, ...)."""
+    return f"{pair}/{kind}/{layer}"
+
+
+def raw_file_name(epoch: int, step: int) -> str:
+    """File name of one probe's raw results."""
+    return f"epoch={epoch}-step={step}.pt"
+
+
+# ----------------------------------------------------------------------------------------------------- logged tags
+
+
+def class_tag(pair: str, kind: str, side: str, prefix: str = PREFIX) -> str:
+    """Scalar: within-class (``side="within"``) or between-class stiffness."""
+    return f"{prefix}/{pair}/{kind}/{side}_class"
+
+
+def critical_distance_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) -> str:
+    """Scalar: critical distance xi in input space (``layer=None``) or in a layer's representation."""
+    return f"{prefix}/{pair}/critical_distance/{layer or 'input'}"
+
+
+def layer_class_tag(pair: str, kind: str, layer: str, side: str, prefix: str = PREFIX) -> str:
+    """Scalar: within/between-class stiffness of one layer's own gradients."""
+    return f"{prefix}/{pair}/{kind}/by_layer/{layer}/{side}_class"
+
+
+def probe_seconds_tag(prefix: str = PREFIX) -> str:
+    """Scalar: how long a probe took."""
+    return f"{prefix}/probe_seconds"
+
+
+def class_matrix_tag(pair: str, kind: str, prefix: str = PREFIX) -> str:
+    """Image: class stiffness matrix."""
+    return f"{prefix}/{pair}/{kind}/class_matrix"
+
+
+def distance_curve_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) -> str:
+    """Image: stiffness against input distance (``layer=None``) or against distance in a layer."""
+    return f"{prefix}/{pair}/distance_curve" + (f"/{layer}" if layer else "")
+
+
+def by_layer_tag(pair: str, prefix: str = PREFIX) -> str:
+    """Image: within/between cosine stiffness of each layer's own gradients."""
+    return f"{prefix}/{pair}/by_layer"
+
+
+def critical_distance_by_layer_tag(pair: str, prefix: str = PREFIX) -> str:
+    """Image: critical distance in input space and in each recorded layer."""
+    return f"{prefix}/{pair}/critical_distance_by_layer"

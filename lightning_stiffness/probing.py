@@ -1,0 +1,153 @@
+"""Measuring one probe: the probe sets' losses checked, this process's rows of the Gram matrix, one result.
+
+Pure PyTorch apart from the :class:`~lightning_stiffness.distributed.Communicator`, which is an identity with one
+process: the callback calls :func:`measure_probe` inside its context managers (eval mode, random states kept, a
+progress bar) and writes the :class:`~lightning_stiffness.measure.StiffnessResult` it returns.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_stiffness.context import Progress
+from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.failures import ProbeSkipped
+from lightning_stiffness.gram import gradient_gram
+from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness
+from lightning_stiffness.probe import ProbeSet
+from lightning_stiffness.representations import forward_with_outputs
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How a probe measures (the callback's arguments, resolved).
+
+    Attributes:
+        kinds: stiffness kinds.
+        loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``.
+        method: Gram engine.
+        chunk_size: examples per block (None: the engine's default).
+        per_layer: also measure each layer's own Gram matrix.
+        layers: modules whose outputs give representation distances, in network order.
+        layer_distance: metric of those distances.
+        num_distance_bins: bins of the distance curves.
+        keep_matrices: gather the whole Gram matrix, for the stiffness matrices of the raw results.
+    """
+
+    kinds: tuple[str, ...]
+    loss_fn: LossFn
+    method: str = "auto"
+    chunk_size: int | None = None
+    per_layer: bool = False
+    layers: tuple[str, ...] = ()
+    layer_distance: str = "cosine"
+    num_distance_bins: int = 20
+    keep_matrices: bool = True
+
+
+def measure_probe(
+    model: nn.Module,
+    probe_sets: dict[str, ProbeSet],
+    num_classes: int,
+    options: ProbeOptions,
+    comm: Communicator | None = None,
+    *,
+    epoch: int = 0,
+    step: int = 0,
+    progress: Progress | None = None,
+) -> StiffnessResult:
+    """Measure stiffness between all probe examples of ``model`` (evaluated as given, with gradients enabled).
+
+    Under DDP every process calls this with the same probe sets; each computes its share of the Gram rows and the
+    metrics reduce them, so every process returns the same result.
+
+    Raises:
+        ProbeSkipped: when the loss of a probe example is not finite.
+        FailedElsewhere: when the probe failed on another process.
+    """
+    comm = comm or Communicator()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    inputs = {name: p.inputs.to(device) for name, p in probe_sets.items()}
+    labels = {name: p.labels.to(device) for name, p in probe_sets.items()}
+    all_x, all_y = torch.cat(list(inputs.values())), torch.cat(list(labels.values()))
+    total = len(all_y)
+    span = comm.span(total)
+    # Every failure is agreed on by all processes before the next collective call, so that none is left waiting.
+    representations = comm.agreed(lambda: _checked_forward(model, all_x, all_y, options))
+    grams = comm.agreed(lambda: _gram_rows(model, all_x, all_y, span, options, comm, progress))
+    rows = torch.arange(span.start, span.stop, device=device)
+    parts = {key: GramRows(g, rows, comm.all_norms(g, span, total)) for key, g in grams.items()}
+    whole = parts.pop("")
+    return measure_stiffness(
+        whole,
+        inputs,
+        labels,
+        {name: p.indices for name, p in probe_sets.items()},
+        kinds=options.kinds,
+        num_classes=num_classes,
+        num_distance_bins=options.num_distance_bins,
+        epoch=epoch,
+        step=step,
+        layer_grams=parts or None,
+        representations=_split_by_set(representations, inputs) if options.layers else None,
+        distance_metric=options.layer_distance,
+        full_gram=comm.gather_rows(whole.values, total) if options.keep_matrices else None,
+        sync=comm.world_size > 1,
+    )
+
+
+def _checked_forward(model: nn.Module, x: Tensor, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
+    """One forward without gradients: checks the losses, records the outputs of ``options.layers``."""
+    outputs, representations = forward_with_outputs(model, x, options.layers, options.chunk_size or 512)
+    with torch.no_grad():
+        losses = options.loss_fn(outputs, y)
+    bad = int((~torch.isfinite(losses)).sum())
+    if bad:
+        raise ProbeSkipped(f"the loss is not finite for {bad} of {len(y)} probe examples")
+    return representations
+
+
+def _gram_rows(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    span: slice,
+    options: ProbeOptions,
+    comm: Communicator,
+    progress: Progress | None,
+) -> dict[str, Tensor]:
+    """This process's rows of the Gram matrix (key ``""``) and, with ``per_layer``, of each layer's."""
+    engine = {
+        "loss_fn": options.loss_fn,
+        "method": options.method,
+        "chunk_size": options.chunk_size,
+        "per_layer": options.per_layer,
+        "progress": progress,
+    }
+    if comm.world_size == 1:
+        grams = gradient_gram(model, x, y, **engine)
+    else:
+        if options.method != "torch.func":
+            engine["gather_columns"] = comm.term_gatherer(len(y))
+        # More processes than probe examples: an empty share still takes part in the gathers, with one row that is
+        # dropped.
+        rows = span if span.stop > span.start else slice(0, 1)
+        grams = gradient_gram(model, x[rows], y[rows], x, y, **engine)
+        if span.stop == span.start:
+            grams = {k: g[:0] for k, g in grams.items()} if options.per_layer else grams[:0]
+    if not options.per_layer:
+        return {"": grams}
+    return {"": sum(grams.values()), **grams}
+
+
+def _split_by_set(representations: dict[str, Tensor], inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Layer -> outputs of all probe examples, into probe set -> layer -> that set's rows."""
+    out, start = {}, 0
+    for name, x in inputs.items():
+        out[name] = {layer: rows[start : start + x.shape[0]] for layer, rows in representations.items()}
+        start += x.shape[0]
+    return out
