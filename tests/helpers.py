@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_stiffness.names import PREFIX
+
 
 def digits_tensors(n: int = 400):
     digits = load_digits()
@@ -104,5 +106,5 @@ def events(log_dir: Path) -> EventAccumulator:
     return accumulator
 
 
-def raw_results(log_dir: Path) -> dict[str, dict]:
-    return {p.name: torch.load(p, weights_only=True) for p in sorted((Path(log_dir) / "stiffness").glob("*.pt"))}
+def raw_results(log_dir: Path, prefix: str = PREFIX) -> dict[str, dict]:
+    return {p.name: torch.load(p, weights_only=True) for p in sorted((Path(log_dir) / prefix).glob("*.pt"))}

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,15 +18,22 @@ from PIL import Image
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import class_stiffness, within_between
 from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.names import (
+    KINDS,
+    PAIRS,
+    SIDES,
+    class_matrix_tag,
+    class_tag,
+    critical_distance_tag,
+    distance_curve_tag,
+    layer_class_tag,
+)
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 from tests.reference import reference_gradients
 
-PAIRS = ["train-train", "train-val", "val-val"]
-KINDS = ["cosine", "sign"]
-SCALAR_TAGS = [f"stiffness/{p}/{k}/{side}" for p in PAIRS for k in KINDS for side in ("within_class", "between_class")]
-SCALAR_TAGS += [f"stiffness/{p}/critical_distance/input" for p in PAIRS]
-IMAGE_TAGS = [f"stiffness/{p}/{k}/class_matrix" for p in PAIRS for k in KINDS]
-IMAGE_TAGS += [f"stiffness/{p}/distance_curve" for p in PAIRS]
+SCALAR_TAGS = [class_tag(p, k, side) for p in PAIRS for k in KINDS for side in SIDES]
+SCALAR_TAGS += [critical_distance_tag(p) for p in PAIRS]
+IMAGE_TAGS = [class_matrix_tag(p, k) for p in PAIRS for k in KINDS] + [distance_curve_tag(p) for p in PAIRS]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +138,8 @@ def test_resume_probes_the_same_examples(tmp_path):
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
     second = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, seed=99)], max_epochs=2)
-    second.fit(TinyNet(), datamodule=DigitsData(), ckpt_path=ckpt)
+    with pytest.warns(UserWarning, match="drawn with seed=3, and this callback has seed=99. The checkpoint's examples"):
+        second.fit(TinyNet(), datamodule=DigitsData(), ckpt_path=ckpt)
     before = raw_results(first.log_dir)["epoch=0-step=4.pt"]
     after = raw_results(second.log_dir)
     assert sorted(after) == ["epoch=1-step=8.pt"]  # no probe "at initialisation" on a resumed run
@@ -157,7 +166,7 @@ def test_every_n_epochs_and_image_cadence(tmp_path):
 
 
 def test_monitors_can_use_stiffness(tmp_path):
-    tag = "stiffness/train-train/cosine/within_class"
+    tag = class_tag("train-train", "cosine", "within")
     stop = EarlyStopping(monitor=tag, mode="max", patience=0, min_delta=10.0)  # stops after the second check
     checkpoint = ModelCheckpoint(monitor=tag, mode="max", filename="best")
     fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False), stop, checkpoint], max_epochs=5)
@@ -237,14 +246,98 @@ def test_no_logger_refused(tmp_path):
         fit.fit(TinyNet(), datamodule=DigitsData())
 
 
-def test_sharded_strategy_refused(tmp_path):
-    from lightning.pytorch.strategies import FSDPStrategy
+@pytest.mark.parametrize("package", ["lightning.pytorch", "pytorch_lightning"])
+def test_sharded_strategy_refused(package):
+    strategies = pytest.importorskip(f"{package}.strategies")
 
     class FakeTrainer:
-        strategy = FSDPStrategy()
+        strategy = strategies.FSDPStrategy()
 
     with pytest.raises(MisconfigurationException, match="sharded strategy FSDPStrategy"):
         StiffnessCallback().setup(FakeTrainer(), TinyNet(), "fit")
+
+
+def test_two_callbacks_in_one_trainer_log_and_resume_their_own_examples(tmp_path):
+    def callbacks():
+        return [
+            StiffnessCallback(samples_per_class=2, kinds=["cosine"], log_images=False),
+            StiffnessCallback(samples_per_class=3, kinds=["sign"], seed=5, prefix="stiffness-sign", log_images=False),
+        ]
+
+    seed_everything(0)
+    first = trainer(tmp_path, [*callbacks(), ModelCheckpoint(save_last=True)], max_epochs=1)
+    first.fit(TinyNet(), datamodule=DigitsData())
+    scalars = events(first.log_dir)
+    assert [e.step for e in scalars.Scalars(class_tag("train-val", "cosine", "within"))] == [0, 4]
+    assert [e.step for e in scalars.Scalars(class_tag("train-val", "sign", "within", "stiffness-sign"))] == [0, 4]
+    assert [e.step for e in scalars.Scalars(critical_distance_tag("val-val", prefix="stiffness-sign"))] == [0, 4]
+    assert class_tag("train-val", "sign", "within") not in scalars.Tags()["scalars"]
+
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    second = trainer(tmp_path, callbacks()[::-1], max_epochs=2)  # in the other order: states are found by key
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.fit(TinyNet(), datamodule=DigitsData(), ckpt_path=ckpt)
+    assert not [w for w in caught if "Stiffness" in str(w.message) or "callbacks used to create" in str(w.message)]
+    drawn = {}
+    for prefix, size in (("stiffness", 20), ("stiffness-sign", 30)):
+        before = raw_results(first.log_dir, prefix)["epoch=0-step=4.pt"]
+        after = raw_results(second.log_dir, prefix)
+        assert sorted(after) == ["epoch=1-step=8.pt"], prefix
+        for name in ("train", "val"):
+            assert torch.equal(after["epoch=1-step=8.pt"]["indices"][name], before["indices"][name]), prefix
+        drawn[prefix] = before["indices"]["train"]
+        assert len(drawn[prefix]) == size
+    assert not torch.equal(drawn["stiffness"], drawn["stiffness-sign"][:20])
+
+
+def test_same_prefix_twice_is_refused_by_lightning():
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        trainer(Path("unused"), [StiffnessCallback(), StiffnessCallback(kinds=["sign"])])
+
+
+class _BuggyProbe(TinyNet):
+    """A programming error that only the probe meets (it runs the model in eval mode with gradients)."""
+
+    def forward(self, x):
+        if not self.training and torch.is_grad_enabled():
+            raise TypeError("unsupported operand (a bug)")
+        return super().forward(x)
+
+
+def test_unexpected_failure_raises_in_strict_mode(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False, strict=True)], max_epochs=1)
+    with pytest.raises(TypeError, match="a bug"):
+        fit.fit(_BuggyProbe(), datamodule=DigitsData())
+
+
+def test_unexpected_failure_is_skipped_when_not_strict(tmp_path):
+    callback = StiffnessCallback(samples_per_class=2, log_images=False, strict=False)
+    fit = trainer(tmp_path, [callback], max_epochs=1)
+    with pytest.warns(UserWarning, match=r"probe at epoch 0 \(step 0\) was skipped: TypeError: unsupported operand"):
+        fit.fit(_BuggyProbe(), datamodule=DigitsData())
+    assert fit.current_epoch == 1 and callback.last_result is None
+
+
+def test_strict_mode_follows_the_environment(monkeypatch):
+    from lightning_stiffness.failures import STRICT_ENV
+
+    monkeypatch.setenv(STRICT_ENV, "0")
+    assert StiffnessCallback().strict is False and StiffnessCallback(strict=True).strict is True
+    monkeypatch.setenv(STRICT_ENV, "1")
+    assert StiffnessCallback().strict is True and StiffnessCallback(strict=False).strict is False
+
+
+def test_class_names_given_are_kept_and_inferred_ones_are_private(tmp_path):
+    names = [f"digit {d}" for d in range(10)]
+    given = StiffnessCallback(samples_per_class=2, class_names=names, log_images=False)
+    inferred = StiffnessCallback(samples_per_class=2, log_images=False, prefix="other")
+    data = DigitsData()
+    data.train_set.classes = [str(d) for d in range(12)]  # more names than classes present: the first ten are used
+    trainer(tmp_path, [given, inferred], max_epochs=1).fit(TinyNet(), datamodule=data)
+    assert given.class_names is names and given.class_names == [f"digit {d}" for d in range(10)]
+    assert given._probes.class_names == names
+    assert inferred.class_names is None and inferred._probes.class_names == [str(d) for d in range(10)]
 
 
 @pytest.mark.parametrize(
@@ -288,8 +381,8 @@ def test_per_layer_stiffness_logged_and_exact(tmp_path):
     acc = events(fit.log_dir)
     for pair in PAIRS:
         for layer in ("net.0", "net.3"):
-            for side in ("within_class", "between_class"):
-                tag = f"stiffness/{pair}/cosine/by_layer/{layer}/{side}"
+            for side in SIDES:
+                tag = layer_class_tag(pair, "cosine", layer, side)
                 assert [e.step for e in acc.Scalars(tag)] == [0, 4], tag
         assert [e.step for e in acc.Images(f"stiffness/{pair}/by_layer")] == [0, 4]
     last = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])

@@ -46,7 +46,8 @@ def test_yaml_config_trains_and_probes(tmp_path, digits_cli, config, overrides):
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, StiffnessCallback)]
     assert len(callbacks) == 1 and callbacks[0].samples_per_class == 2
-    assert callbacks[0].class_names == [str(d) for d in range(10)]  # from the dataset's `classes`
+    assert callbacks[0].class_names is None  # the argument as given; the dataset's `classes` are used privately
+    assert callbacks[0]._probes.class_names == [str(d) for d in range(10)]
     assert sorted(raw_results(cli.trainer.log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=3.pt"]
 
 

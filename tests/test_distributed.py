@@ -7,7 +7,8 @@ import torch
 from lightning.pytorch import seed_everything
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.distributed import row_span
+from lightning_stiffness.distributed import Communicator, row_span
+from lightning_stiffness.failures import FailedElsewhere, ProbeSkipped, is_expected
 from lightning_stiffness.measure import StiffnessResult
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 from tests.test_callback import IMAGE_TAGS, SCALAR_TAGS
@@ -49,9 +50,9 @@ class FailsInFallbackOnRankOne(TinyNet):
         return super().forward(x) * self.scale
 
 
-def _run(tmp_path, model_class=TinyNet, **kwargs):
+def _run(tmp_path, model_class=TinyNet, strict=None, **kwargs):
     seed_everything(0)
-    callback = StiffnessCallback(samples_per_class=3, seed=1, layers=["net.1"], per_layer=True)
+    callback = StiffnessCallback(samples_per_class=3, seed=1, layers=["net.1"], per_layer=True, strict=strict)
     fit = trainer(tmp_path, [callback], max_epochs=1, **kwargs)
     fit.fit(model_class(), datamodule=DigitsData())
     # The parent of ddp_spawn workers does not learn the logger's version they used: find the one run directory.
@@ -115,7 +116,8 @@ def test_probe_at_initialisation_equals_single_process(single_and_ddp):
 def test_failure_on_one_process_is_an_agreed_skip(tmp_path, model_class):
     # (`scale` of the last model is used by the probe only, hence find_unused_parameters)
     strategy = "ddp_spawn_find_unused_parameters_true"
-    fit = _run(tmp_path, model_class, strategy=strategy, accelerator="cpu", devices=2)
+    # Failures in the model's own code are unexpected: skipped only when not strict (the test suite is strict).
+    fit = _run(tmp_path, model_class, strict=False, strategy=strategy, accelerator="cpu", devices=2)
     expected = ["epoch=0-step=4.pt"] if model_class is FailsOnRankOne else []  # the others fail at every probe
     assert sorted(raw_results(fit)) == expected  # skipped probes write nothing, and training finished
 
@@ -126,3 +128,65 @@ def test_row_spans_cover_every_row_once(total, world):
     covered = [i for s in spans for i in range(s.start, s.stop)]
     assert covered == list(range(total))
     assert max(s.stop - s.start for s in spans) - min(s.stop - s.start for s in spans) <= 1
+
+
+def test_unexpected_failure_on_one_process_raises_on_all_in_strict_mode(tmp_path):
+    with pytest.raises(Exception, match="boom on rank 1"):  # and no process is left waiting
+        _run(tmp_path, FailsOnRankOne, strict=True, strategy="ddp_spawn", accelerator="cpu", devices=2)
+
+
+class _FakeStrategy:
+    """The collective calls a Communicator makes, for two processes that hold the same tensors."""
+
+    def __init__(self, peer_failed: bool):
+        self.peer_failed = peer_failed
+
+    def reduce_boolean_decision(self, decision, all=True):
+        return decision or self.peer_failed
+
+    def reduce(self, tensor, reduce_op="sum"):
+        return 2 * tensor
+
+    def all_gather(self, tensor):
+        return torch.stack([tensor, tensor])
+
+    def broadcast(self, tensor, src=0):
+        return tensor
+
+
+class _Peer(Communicator):
+    """Process 0 of two; process 1 reports ``theirs`` when failures are gathered."""
+
+    def __init__(self, theirs=None):
+        super().__init__(_FakeStrategy(peer_failed=theirs is not None), world_size=2, rank=0)
+        self.theirs = theirs
+
+    def _gather_objects(self, mine):
+        return [mine, self.theirs]
+
+
+def test_communicator_agrees_on_failures_without_a_trainer():
+    assert _Peer().agree(None) is None
+    assert _Peer().agreed(lambda: 3) == 3
+    mine = ProbeSkipped("not finite")
+    assert _Peer().agree(mine) is mine
+    expected = _Peer(("on process 1: ProbeSkipped: not finite", True)).agree(None)
+    assert isinstance(expected, FailedElsewhere) and is_expected(expected)
+    assert str(expected) == "on process 1: ProbeSkipped: not finite"
+    with pytest.raises(FailedElsewhere, match="on process 1: TypeError: a bug") as raised:
+        _Peer(("on process 1: TypeError: a bug", False)).agreed(lambda: 3)
+    assert not is_expected(raised.value)
+
+
+def test_communicator_splits_rows_and_is_an_identity_alone():
+    single = Communicator()
+    rows = torch.arange(12.0).reshape(3, 4)
+    assert single.span(3) == slice(0, 3)
+    assert single.gather_rows(rows, 3) is rows
+    assert torch.equal(single.all_norms(torch.eye(3), slice(0, 3), 3), torch.ones(3))
+    peer = _Peer()
+    assert peer.span(5) == slice(0, 3)
+    assert torch.equal(peer.all_norms(torch.eye(5)[:3], slice(0, 3), 5), torch.tensor([2.0, 2, 2, 0, 0]))
+    assert peer.gather_rows(torch.ones(3, 2), 5).shape == (5, 2)
+    with pytest.raises(ValueError, match="a `strategy` is needed"):
+        Communicator(world_size=2)

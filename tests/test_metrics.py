@@ -114,3 +114,48 @@ def test_reset_and_bad_arguments():
         StiffnessByDistance(edges=[1.0, 0.0])
     with pytest.raises(ValueError, match="cosine stiffness needs `sq_norms`"):
         ClassStiffness(num_classes=2).update(torch.ones(2, 2), torch.tensor([0, 1]), torch.tensor([0, 1]))
+
+
+def _gather_twice(tensor, group=None):
+    """A stand-in for torchmetrics' all-gather over two processes that hold the same states."""
+    return [tensor, tensor]
+
+
+def _shapes(metric):
+    out = metric.compute()
+    if isinstance(out, tuple):
+        curve, xi = out
+        return [tuple(curve.edges.shape), tuple(curve.mean.shape), tuple(curve.count.shape), type(xi)]
+    return tuple(out.shape)
+
+
+@pytest.mark.parametrize(
+    "make, update, expected",
+    [
+        (
+            lambda **kw: ClassStiffness(num_classes=1, kind="sign", **kw),
+            lambda m: m.update(torch.ones(2, 2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)),
+            (1, 1),
+        ),
+        (
+            lambda **kw: StiffnessByDistance(edges=[0.0, 1.0], kind="sign", **kw),
+            lambda m: m.update(torch.ones(1, 1), torch.full((1, 1), 0.5)),
+            [(2,), (1,), (1,), float],
+        ),
+    ],
+)
+def test_one_element_results_keep_their_shape_through_clone_pickle_and_sync(make, update, expected):
+    import pickle
+
+    metric = make()
+    update(metric)
+    assert _shapes(metric) == expected
+    assert _shapes(metric.clone()) == expected
+    assert _shapes(pickle.loads(pickle.dumps(metric))) == expected
+    fresh = make()
+    update(fresh)
+    assert _shapes(fresh.clone()) == expected  # cloned before compute() ran
+    synced = make(dist_sync_fn=_gather_twice, distributed_available_fn=lambda: True)
+    update(synced)
+    assert _shapes(synced) == expected
+    assert _shapes(synced.clone()) == expected
