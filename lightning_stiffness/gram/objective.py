@@ -1,6 +1,7 @@
 """What every engine differentiates: each example's own loss as a function of the chosen parameters."""
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -25,6 +26,22 @@ class Objective:
     loss_fn: LossFn
     params: dict[str, Tensor]
     guard: BufferGuard
+    aliases: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        # A parameter held by several modules (tied weights) is passed under each of their names, with
+        # tie_weights=False: functional_call's own tying restores such a parameter wrongly (pytorch/pytorch#164759),
+        # leaving the model holding a functorch tensor. A module reachable under two names is one slot: one name.
+        names_of: dict[int, dict[tuple[int, str], str]] = defaultdict(dict)
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            module_name, _, local = name.rpartition(".")
+            slot = (id(self.model.get_submodule(module_name)), local)
+            names_of[id(p)].setdefault(slot, name)
+        self.aliases = {}
+        for slots in names_of.values():
+            names = list(slots.values())
+            for name in names:
+                self.aliases[name] = names
 
     def constants(self, variables: dict[str, Any]) -> dict[str, Tensor]:
         """The model's other parameters, detached, to pass beside ``variables`` (so autograd ignores them)."""
@@ -32,4 +49,7 @@ class Objective:
 
     def loss(self, weights: dict[str, Tensor], constants: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
         """The summed loss of ``inputs`` with the parameters in ``weights`` and ``constants`` (buffers: the model's)."""
-        return self.loss_fn(functional_call(self.model, (weights, constants), (inputs,)), targets).sum()
+        tensors = {
+            alias: t for source in (weights, constants) for name, t in source.items() for alias in self.aliases[name]
+        }
+        return self.loss_fn(functional_call(self.model, tensors, (inputs,), tie_weights=False), targets).sum()
