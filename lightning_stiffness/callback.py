@@ -110,7 +110,7 @@ class StiffnessCallback(Callback):
         every_n_epochs: int | None = None,
         probe_at_start: bool = True,
         kinds: list[Literal["cosine", "sign"]] | None = None,
-        method: Literal["auto", "factored", "torch.func"] = "auto",
+        method: Literal["auto", "factored", "torch.func", "loop"] = "auto",
         chunk_size: int | None = None,
         seed: int = 0,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
