@@ -350,22 +350,22 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     # examples not along dim 0
     "seq_first_transformer": Layout(
-        lambda t: SeqFirstTransformer(), "sequence", 6, 5, fallback=("encoder.",), factored=("embed.", "head.")
+        lambda t: SeqFirstTransformer(), "sequence", 6, 5, fallback=(), factored=("embed.", "encoder.", "head.")
     ),
     "seq_first_transformer_n_eq_t": Layout(
-        lambda t: SeqFirstTransformer(), "sequence", 6, 6, fallback=("encoder.",), factored=("embed.", "head.")
+        lambda t: SeqFirstTransformer(), "sequence", 6, 6, fallback=(), factored=("embed.", "encoder.", "head.")
     ),
     "seq_first_attention": Layout(
-        lambda t: SeqFirstAttention(), "sequence", 5, 4, fallback=("attn.",), factored=("embed.", "head.")
+        lambda t: SeqFirstAttention(), "sequence", 5, 4, fallback=(), factored=("embed.", "attn.", "head.")
     ),
     "seq_first_attention_n_eq_t": Layout(
-        lambda t: SeqFirstAttention(), "sequence", 5, 5, fallback=("attn.",), factored=("embed.", "head.")
+        lambda t: SeqFirstAttention(), "sequence", 5, 5, fallback=(), factored=("embed.", "attn.", "head.")
     ),
     "flattened_time_linear": Layout(
-        lambda t: FlattenedTimeLinear(), "sequence", 6, 5, fallback=("frame.",), factored=("head.",)
+        lambda t: FlattenedTimeLinear(), "sequence", 6, 5, fallback=(), factored=("frame.", "head.")
     ),
     "flattened_time_linear_n_eq_t": Layout(
-        lambda t: FlattenedTimeLinear(), "sequence", 5, 5, fallback=("frame.",), factored=("head.",)
+        lambda t: FlattenedTimeLinear(), "sequence", 5, 5, fallback=(), factored=("frame.", "head.")
     ),
     "flattened_frames_conv1d": Layout(
         lambda t: FlattenedFramesConv(), "frames", 5, 3, fallback=("conv.",), factored=("head.",)

@@ -21,7 +21,7 @@ from tests.models import MODELS, build
 from tests.models import make_inputs as model_inputs
 from tests.reference import reference_gram
 
-FACTORED_FORMS = {"outer", "flat", "ghost", "materialised", "materialised-blocked"}
+FACTORED_FORMS = {"outer", "flat", "ghost", "materialised", "materialised-blocked", "tokens"}
 FALLBACK_FORMS = {"torch.func", "loop"}
 ENGINES = ("auto", "factored", "loop", "torch.func")
 TOLERANCE = {"rtol": 1e-7, "atol": 1e-9}
@@ -414,12 +414,12 @@ def test_random_models_cover_the_menu():
 
 # --- the plan ---------------------------------------------------------------------------------------------------------
 
-PLANNED = [name for name, layout in LAYOUTS.items() if layout.fallback]
+PLANNED = [name for name, layout in LAYOUTS.items() if layout.fallback or layout.factored]
 
 
 @pytest.mark.parametrize("name", PLANNED)
-def test_plan_sends_offending_layout_to_fallback(name):
-    """Parameters whose examples are not along dim 0 go to an exact fallback; batch-first layers stay factored."""
+def test_plan_factors_proven_layouts_and_sends_the_rest_to_fallback(name):
+    """Sequence-first and flattened layouts are factored (proven per example); broadcast ones go to the fallback."""
     layout = LAYOUTS[name]
     model, x, y = layout.build()
     plan = gram_plan(model, x, y)

@@ -69,8 +69,8 @@ CASES = {
     "conv2d": (lambda: _convnet(padding=1), (2, 7, 7), {"0.weight": "materialised", "1.weight": "flat"}),
     "conv2d_strided": (lambda: _convnet(stride=2, dilation=2, padding=2), (2, 9, 9), {"0.weight": "materialised"}),
     "conv2d_groups": (lambda: _convnet(groups=2), (2, 6, 6), {"0.weight": None}),
-    "conv2d_same": (lambda: _convnet(padding="same"), (2, 6, 6), {"0.weight": None}),
-    "conv2d_reflect": (lambda: _convnet(padding=1, padding_mode="reflect"), (2, 6, 6), {"0.weight": None}),
+    "conv2d_same": (lambda: _convnet(padding="same"), (2, 6, 6), {"0.weight": "materialised"}),
+    "conv2d_reflect": (lambda: _convnet(padding=1, padding_mode="reflect"), (2, 6, 6), {"0.weight": "materialised"}),
     "conv1d": (Conv1dNet, (2, 9), {"conv.weight": "materialised", "conv.bias": "flat"}),
     "sequence": (Sequence, (7, 5), {"proj.weight": "materialised", "norm.weight": "flat", "head.weight": "outer"}),
     "batchnorm_eval": (
@@ -91,9 +91,9 @@ CASES = {
     "embedding": (
         lambda: nn.Sequential(nn.Embedding(9, 4), nn.Flatten(), nn.Linear(12, 3)),
         None,
-        {"0.weight": None, "2.weight": "outer"},
+        {"0.weight": "tokens", "2.weight": "outer"},
     ),
-    "outside_use": (OutsideUse, (6,), {"layer.weight": None, "layer.bias": "flat", "head.weight": "outer"}),
+    "outside_use": (OutsideUse, (6,), {"layer.weight": "ghost", "layer.bias": "flat", "head.weight": "outer"}),
     "subclass": (
         lambda: nn.Sequential(ScaledLinear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
         (6,),

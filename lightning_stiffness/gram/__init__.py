@@ -207,8 +207,8 @@ def gram_plan(
         >>> from lightning_stiffness.gram import gram_plan
         >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
         >>> plan = gram_plan(model, torch.randint(0, 10, (3, 2)), torch.tensor([0, 1, 2]))
-        >>> plan.forms["2.weight"], plan.forms["0.weight"], plan.fallback["0.weight"]
-        ('outer', 'torch.func', 'no factored rule for its module')
+        >>> plan.forms
+        {'0.weight': 'tokens', '2.weight': 'outer', '2.bias': 'flat'}
     """
     check_examples(inputs, targets, "inputs", "targets")
     check_model_mode(model)

@@ -1,33 +1,43 @@
-"""The factored Gram engine: one batched forward and backward with hooks, per-layer Gram matrices summed.
+"""The factored Gram engine: one batched forward and backward, every parameter use recorded, Gram matrices summed.
 
-For every module with a registered rule (:mod:`.rules`), a forward hook records its input activations and output;
-one backward of the summed per-example losses gives the gradient with respect to each output (examples are
-independent in eval mode, so row i of that gradient is example i's own *when the layer's examples lie along dim 0*).
-Each rule turns those factors into per-parameter terms (:mod:`.terms`) whose Gram matrices sum to the layer's.
+:mod:`.capture` records each call of an operation with a rule (:mod:`.ops`: ``F.linear``, convolutions,
+``F.embedding``, the norms, a parameter added, multiplied or expanded), whichever module makes it, and each call of a
+module with a user rule (:mod:`.rules`), with the gradient of the summed loss with respect to its output. Examples
+are independent in eval mode, so the slice of that gradient along the examples' dimension is each example's own.
+Each use becomes factors; a parameter's uses join into one term per chunk (:mod:`.assemble`), and the terms' Gram
+matrices sum to the parameter's.
 
-Exactness does not rest on the rules' assumptions: every term is checked per example (:mod:`.check`) on a few
-examples before it is used, and every chunk's term must have one row per example. A parameter goes to an exact
-fallback (torch.func, or the loop engine where torch.func cannot run the model), with the reason in the plan, when:
+Exactness does not rest on the rules' assumptions. On a few check examples (:mod:`.check`) each use's examples'
+dimension is found by its size (a batch of 3 examples, or 2 or 4 where 3 is ambiguous: a sequence of 3 steps), and
+every parameter's per-example gradients from its term are compared with one autograd call per example. The same
+dimensions are used for the probe's chunks, whose uses must come in the same order with the right sizes. A
+parameter goes to an exact fallback (torch.func, or the loop where torch.func cannot run the model), with the reason
+in the plan, when:
 
-- its module has no rule, or settings the rule does not support, or it is a raw parameter used outside any module;
-- it is shared between modules (tied weights), or its module runs other than once per forward;
-- its rule raises, its term has the wrong number of rows (examples not along dim 0: sequence-first layouts, time
-  steps flattened into the batch, tensors broadcast over the batch), or its per-example gradients on the check
-  examples differ from autograd's (used outside its module as well, or any other broken assumption).
+- no recorded call uses it (no rule for the operation: RNN kernels, a raw ``matmul``), or a call's settings are not
+  covered (grouped convolutions, ``max_norm`` embeddings), or the output of its call is modified in place;
+- no dimension of a call's input holds the examples (time steps flattened into the batch, a tensor broadcast over
+  the batch), or the calls differ between the check and the probe;
+- its per-example gradients on the check examples differ from autograd's (used somewhere no rule sees as well).
 """
 
+import itertools
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_stiffness.gram.assemble import term_of
 from lightning_stiffness.gram.blocks import Progress, blocked_gram
+from lightning_stiffness.gram.capture import Recording, Use, record_uses
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.rules import Term, rule_for
+from lightning_stiffness.gram.rules import GramRule, rule_for
+from lightning_stiffness.gram.terms import SlicedTerm, Term
 
 log = logging.getLogger(__name__)
 
@@ -62,143 +72,228 @@ def owner(param_name: str) -> str:
     return module or param_name
 
 
-@dataclass
-class _Layer:
-    module: nn.Module
-    params: dict[str, str]  # local name ("weight") -> full name ("net.0.weight")
+ModuleRules = dict[str, tuple[nn.Module, GramRule, dict[str, str]]]
 
 
-def _candidate_layers(model: nn.Module, chosen: dict[str, Tensor], plan: GramPlan) -> dict[str, _Layer]:
-    """Modules whose chosen parameters a rule can cover; the other chosen parameters are marked for fallback."""
-    names_of: dict[int, list[str]] = defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names_of[id(p)].append(name)
-    layers: dict[str, _Layer] = {}
+def _module_rules(model: nn.Module, chosen: dict[str, Tensor]) -> ModuleRules:
+    """Modules with a user rule (:mod:`.rules`) and the chosen parameters of their own it covers (not shared)."""
+    names_of: dict[int, int] = defaultdict(int)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names_of[id(p)] += 1
+    found: ModuleRules = {}
     for module_name, module in model.named_modules():
         rule = rule_for(module)
         if rule is None:
             continue
-        covered = {}
-        for local, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{local}" if module_name else local
-            if full not in chosen:
-                continue
-            if len(names_of[id(p)]) > 1:
-                plan.fallback[full] = "shared with " + ", ".join(n for n in names_of[id(p)] if n != full)
-            elif local in rule.params:
-                covered[local] = full
-        if covered:
-            layers[module_name] = _Layer(module, covered)
-    covered_names = {full for layer in layers.values() for full in layer.params.values()}
-    for name in chosen:
-        if name not in covered_names and name not in plan.fallback:
-            plan.fallback[name] = "no factored rule for its module"
-    return layers
-
-
-def _forward_backward(
-    objective: Objective, layers: dict[str, _Layer], inputs: Tensor, targets: Tensor
-) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """One batched forward and backward: per layer, its calls as (input activations, gradient of its output)."""
-    leaves = {name: p.detach().requires_grad_(True) for name, p in objective.params.items()}
-    constants = objective.constants(leaves)
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
-
-    def hook_for(layer_name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            first = args[0] if args else kwargs.get("input")
-            calls[layer_name].append((first.detach() if isinstance(first, Tensor) else first, output))
-
-        return hook
-
-    handles = [layer.module.register_forward_hook(hook_for(name), with_kwargs=True) for name, layer in layers.items()]
-    try:
-        loss = objective.loss(leaves, constants, inputs, targets)
-        outputs = [out for name in layers for _, out in calls[name] if isinstance(out, Tensor) and out.requires_grad]
-        grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ())
-        return {
-            name: [
-                (act, _backprop(out, grads) if isinstance(out, Tensor) and out.requires_grad else None)
-                for act, out in calls[name]
-            ]
-            for name in layers
+        prefix = f"{module_name}." if module_name else ""
+        covered = {
+            local: prefix + local
+            for local, p in module.named_parameters(recurse=False)
+            if prefix + local in chosen and local in rule.params and names_of[id(p)] == 1
         }
-    finally:
-        for handle in handles:
-            handle.remove()
-        objective.guard.restore()
+        if covered:
+            found[module_name] = (module, rule, covered)
+    return found
 
 
-def _backprop(output: Tensor, grads) -> Tensor:
-    grad = next(grads)
-    return torch.zeros_like(output) if grad is None else grad.detach()
+@dataclass(frozen=True)
+class Where:
+    """Where a call's examples are: along ``dim``, or inside it, flattened with other positions.
+
+    ``split`` is None (the dimension holds the examples), ``"outer"`` ([N * T]: example-major) or ``"inner"``
+    ([T * N]: the examples vary fastest, as in the output projection of ``nn.MultiheadAttention``).
+    """
+
+    dim: int
+    split: str | None = None
 
 
-def _chunk_terms(layer: _Layer, calls: list, count: int, n: int, m: int) -> tuple[dict[str, Term] | None, str | None]:
-    """A layer's terms for one chunk of ``count`` examples, or why the layer cannot be factored."""
-    if len(calls) != 1:
-        return None, f"module called {len(calls)} times in one forward"
-    activations, backprops = calls[0]
-    if not isinstance(activations, Tensor) or backprops is None:
-        return None, "its input or output is not one tensor, or its output does not depend on the parameters"
-    rule = rule_for(layer.module)
+@dataclass
+class _Layout:
+    """What the check established for the recorded uses, in call order: who they are and where their examples are."""
+
+    signatures: list[tuple]
+    wheres: list[Where | None]
+
+
+def _candidates(use: Use, count: int) -> list[Where]:
+    """The places a call's ``count`` examples could be, from its shapes alone."""
+    if isinstance(use.rule, GramRule):
+        return [Where(0)]
+    found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count)]
+    if use.rule.batched is not None:
+        shape = use.bound[use.rule.batched].shape
+        for dim in use.rule.leading_dims(use.bound):
+            if shape[dim] > count and shape[dim] % count == 0:
+                found += [Where(dim, "outer"), Where(dim, "inner")]
+    return found
+
+
+def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str, Any]:
+    """The use's factors (or a module rule's terms) by role, its examples (at ``where``) along dim 0."""
+    if isinstance(use.rule, GramRule):
+        return use.rule.fn(use.module, use.bound["input"], use.backprop, set(use.params), n, m)
+    bound, output, backprop, dim = use.bound, use.output, use.backprop, where.dim
+    if where.split is not None:
+        size = bound[use.rule.batched].shape[dim]
+        if size % count:
+            raise ValueError(f"a dimension of {size} cannot hold {count} examples")
+        sizes = (count, size // count) if where.split == "outer" else (size // count, count)
+        bound = {**bound, use.rule.batched: bound[use.rule.batched].unflatten(dim, sizes)}
+        output, backprop = output.unflatten(dim, sizes), backprop.unflatten(dim, sizes)
+        dim = dim if where.split == "outer" else dim + 1
+    return use.rule.factors(bound, output, backprop, dim)
+
+
+def _num_examples(factors: Any) -> int:
+    for name in ("rows", "backprops", "ids"):
+        value = getattr(factors, name, None)
+        if isinstance(value, Tensor):
+            return value.shape[0]
+    return factors.num_examples
+
+
+def _terms(
+    recording: Recording, wheres: list[Where | None], count: int, wanted: set[str], plan: GramPlan, n: int, m: int
+) -> dict[str, Any]:
+    """One term per parameter in ``wanted`` over this chunk's ``count`` examples; failures go to the fallback."""
+    for name, why in recording.unsupported.items():
+        plan.fallback.setdefault(name, why)
+    slices: dict[str, dict[tuple[int, int] | None, list]] = defaultdict(lambda: defaultdict(list))
+    for use, where in zip(recording.uses, wheres, strict=True):
+        names = {at.name for at in use.params.values()}
+        if where is None or use.backprop is None or not names & wanted - set(plan.fallback):
+            continue
+        try:
+            factors = _use_factors(use, where, count, n, m)
+        except Exception as error:  # a rule meeting a layout it does not handle: the fallback is exact
+            for name in names:
+                plan.fallback.setdefault(name, f"its rule raised {type(error).__name__}: {error}")
+            continue
+        for role, at in use.params.items():
+            part = factors.get(role)
+            if part is None or _num_examples(part) != count:
+                plan.fallback.setdefault(at.name, f"a call gives {count} examples another number of rows")
+            else:
+                slices[at.name][at.rows].append(part)
+    return {name: term for name in wanted if (term := _param_term(name, slices.get(name), plan, n, m)) is not None}
+
+
+def _param_term(name: str, parts: dict | None, plan: GramPlan, n: int, m: int) -> Term | None:
+    if name in plan.fallback:
+        return None
+    if not parts:
+        plan.fallback[name] = "no factored rule covers its uses"
+        return None
+    terms = {rows: term_of(uses, n, m) for rows, uses in parts.items()}
+    if any(term is None for term in terms.values()):
+        plan.fallback[name] = "uses of different kinds too large to join (per-example gradients over budget)"
+        return None
+    if list(terms) == [None]:
+        return terms[None]
+    spans = sorted(rows for rows in terms if rows is not None)
+    overlapping = None in terms or any(a[1] > b[0] for a, b in itertools.pairwise(spans))
+    if overlapping:
+        plan.fallback[name] = "used through overlapping slices"
+        return None
+    return spans, terms
+
+
+def _check(
+    objective: Objective, modules: ModuleRules, x: Tensor, y: Tensor, plan: GramPlan, n: int, m: int
+) -> tuple[_Layout, ReferenceGradients]:
+    """Find where each call's examples are and check every parameter's term per example (see :mod:`.check`)."""
+    count = min(CHECK_EXAMPLES, x.shape[0])
+    recording = record_uses(objective, modules, x[:count], y[:count])
+    reference = ReferenceGradients(objective, x[:count], y[:count])
+    calls = Counter(at.name for use in recording.uses for at in use.params.values())
+    wheres: list[Where | None] = []
+    for use in recording.uses:
+        found = _candidates(use, count)
+        if len(found) > 1 and all(calls[at.name] == 1 and at.rows is None for at in use.params.values()):
+            found = [where for where in found if _passes(use, where, count, reference, n, m)][:1]
+        wheres.append(found[0] if len(found) == 1 else None)
+        if len(found) != 1:
+            shape = tuple(use.output.shape)
+            why = "no" if not found else "more than one"
+            for at in use.params.values():
+                plan.fallback.setdefault(at.name, f"{why} dimension of a call's output {shape} holds the examples")
+    terms = _finish(_terms(recording, wheres, count, set(objective.params), plan, n, m), objective)
+    for name, term in terms.items():
+        why = reference.disagreement(name, term.per_example())
+        if why is not None:
+            plan.fallback[name] = "per-example check: " + why
+    return _Layout([use.signature for use in recording.uses], wheres), reference
+
+
+def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n: int, m: int) -> bool:
+    """Whether the examples at ``where`` give autograd's per-example gradients for every parameter of the call (its
+    parameters' only call): how the order of a flattened layout is proven, not guessed."""
     try:
-        terms = rule.fn(layer.module, activations, backprops, set(layer.params), n, m)
-    except Exception as error:  # a rule meeting a layout it does not handle: the fallback is exact
-        return None, f"its rule raised {type(error).__name__}: {error}"
-    rows = {term.num_examples for term in terms.values()}
-    if rows != {count}:
-        return None, f"its input has {min(rows)} rows for {count} examples (the examples are not along dim 0)"
-    return terms, None
+        factors = _use_factors(use, where, count, n, m)
+        return all(
+            reference.disagreement(at.name, term_of([factors[role]], n, m).per_example()) is None
+            for role, at in use.params.items()
+        )
+    except Exception:  # this candidate does not fit the call's shapes
+        return False
+
+
+def _finish(terms: dict, objective: Objective) -> dict[str, Term]:
+    """Sliced parameters' parts as one :class:`SlicedTerm` each."""
+    out = {}
+    for name, term in terms.items():
+        if isinstance(term, tuple):
+            spans, parts = term
+            p = objective.params[name]
+            row = p[0].numel() if p.dim() else 1
+            term = SlicedTerm([(rows, parts[rows]) for rows in spans], row, p.numel())
+        out[name] = term
+    return out
 
 
 def _capture(
     objective: Objective,
-    layers: dict[str, _Layer],
+    modules: ModuleRules,
+    layout: _Layout,
+    wanted: set[str],
     inputs: Tensor,
     targets: Tensor,
     chunk: int,
     plan: GramPlan,
     n: int,
     m: int,
-) -> dict[str, dict[str, Term]]:
-    """Per covered layer, its terms (local parameter name -> term) over all examples, built chunk by chunk.
-
-    Layers that cannot be factored on some chunk lose their parameters to the fallback (in ``plan``) and leave
-    ``layers``.
-    """
-    chunks: dict[str, list[dict[str, Term]]] = defaultdict(list)
+) -> dict[str, Term]:
+    """The terms of the parameters in ``wanted`` over all ``inputs``, built chunk by chunk with the check's layout."""
+    chunks: dict[str, list[Term]] = defaultdict(list)
     for start in range(0, inputs.shape[0], chunk):
         x, y = inputs[start : start + chunk], targets[start : start + chunk]
-        calls = _forward_backward(objective, layers, x, y)
-        for name in list(layers):
-            terms, why = _chunk_terms(layers[name], calls[name], x.shape[0], n, m)
-            if why is not None:
-                for full in layers.pop(name).params.values():
-                    plan.fallback[full] = why
-            else:
-                chunks[name].append(terms)
-        del calls  # frees this chunk's graph before the next forward
+        recording = record_uses(objective, modules, x, y)
+        if [use.signature for use in recording.uses] != layout.signatures:
+            _calls_differ(recording, layout, wanted, plan)
+            wheres = [None] * len(recording.uses)
+        else:
+            wheres = layout.wheres
+        for name, term in _finish(_terms(recording, wheres, x.shape[0], wanted, plan, n, m), objective).items():
+            chunks[name].append(term)
+        del recording  # frees this chunk's activations before the next forward
     return {
-        name: {local: type(parts[0][local]).concat([part[local] for part in parts]) for local in layers[name].params}
+        name: type(parts[0]).concat(parts) if len(parts) > 1 else parts[0]
         for name, parts in chunks.items()
-        if name in layers
+        if name not in plan.fallback
     }
 
 
-def _check(objective: Objective, layers: dict[str, _Layer], reference: ReferenceGradients, plan: GramPlan, n, m):
-    """Run the per-example check of every covered parameter's term; failures go to the fallback (:mod:`.check`)."""
-    count = reference.inputs.shape[0]
-    terms = _capture(objective, layers, reference.inputs, reference.targets, count, plan, n, m)
-    for name in list(layers):
-        layer = layers[name]
-        for local, full in list(layer.params.items()):
-            why = reference.disagreement(full, terms[name][local].per_example())
-            if why is not None:
-                plan.fallback[full] = "per-example check: " + why
-                del layer.params[local]
-        if not layer.params:
-            del layers[name]
+def _calls_differ(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> None:
+    """Send to the fallback every parameter whose calls in this chunk are not those of the check."""
+
+    def calls_of(name: str, signatures: list[tuple]) -> list[tuple]:
+        return [s for s in signatures if any(where.name == name for _, where in s[1])]
+
+    seen = [use.signature for use in recording.uses]
+    for name in wanted:
+        if calls_of(name, seen) != calls_of(name, layout.signatures):
+            plan.fallback.setdefault(name, "its calls differ between the check examples and the probe's")
 
 
 def factored_grams(
@@ -219,7 +314,7 @@ def factored_grams(
     every process), instead of capturing the columns again; ``inputs2`` then serves the check and the fallback.
     """
     plan = GramPlan()
-    layers = _candidate_layers(objective.model, objective.params, plan)
+    modules = _module_rules(objective.model, objective.params)
     chunk = chunk_size or DEFAULT_FACTORED_CHUNK
     n = inputs.shape[0]
     m = n if inputs2 is None else inputs2.shape[0]
@@ -228,17 +323,16 @@ def factored_grams(
     # The check runs on the first examples of the columns when they are gathered: the same on every process, so
     # every process makes the same decisions.
     check_x, check_y = (inputs, targets) if gather_columns is None else (inputs2, targets2)
-    reference = ReferenceGradients(objective, check_x[:CHECK_EXAMPLES], check_y[:CHECK_EXAMPLES])
-    if layers:
-        _check(objective, layers, reference, plan, n, m)
-    rows = _capture(objective, layers, inputs, targets, chunk, plan, n, m) if layers else {}
+    layout, reference = _check(objective, modules, check_x, check_y, plan, n, m)
+    covered = {name for name in objective.params if name not in plan.fallback}
+    rows = _capture(objective, modules, layout, covered, inputs, targets, chunk, plan, n, m) if covered else {}
     if gather_columns is not None:
-        cols = {name: {local: gather_columns(term) for local, term in terms.items()} for name, terms in rows.items()}
+        cols = {name: gather_columns(term) for name, term in rows.items()}
     elif inputs2 is None:
         cols = rows
     else:
-        cols = _capture(objective, layers, inputs2, targets2, chunk, plan, n, m)
-    grams = _factored_part(layers, rows, cols, plan, dtype, progress)
+        cols = _capture(objective, modules, layout, set(rows), inputs2, targets2, chunk, plan, n, m)
+    grams = _factored_part(rows, cols, plan, dtype, progress)
     if plan.fallback:
         rest = [name for name in objective.params if name in plan.fallback]
         engine, per_example = fallback_engine(objective, rest, reference)
@@ -263,22 +357,16 @@ def factored_grams(
     return grams, plan
 
 
-def _factored_part(layers, rows, cols, plan: GramPlan, dtype: torch.dtype, progress: Progress) -> dict[str, Tensor]:
-    """Each covered layer's Gram matrix, the sum of its terms' (only layers still covered in ``plan``)."""
+def _factored_part(rows, cols, plan: GramPlan, dtype: torch.dtype, progress: Progress) -> dict[str, Tensor]:
+    """Each layer's Gram matrix from its factored parameters (those still covered in ``plan``), by :func:`owner`."""
     grams: dict[str, Tensor] = {}
-    steps = len(rows) + (1 if plan.fallback else 0)
-    for step, (name, row_terms) in enumerate(rows.items(), start=1):
-        if name not in layers:  # lost to the fallback while the columns were captured
-            continue
-        gram = None
-        for local, term in row_terms.items():
-            if local not in layers[name].params:
-                continue
-            plan.forms[layers[name].params[local]] = term.form
-            block = term.gram(cols[name][local])
-            gram = block if gram is None else gram.add_(block)
-        if gram is not None:
-            grams[name] = gram.to(dtype)
+    names = [name for name in rows if name not in plan.fallback and name in cols]
+    steps = len(names) + (1 if plan.fallback else 0)
+    for step, name in enumerate(names, start=1):
+        plan.forms[name] = rows[name].form
+        block = rows[name].gram(cols[name]).to(dtype)
+        key = owner(name)
+        grams[key] = grams[key].add_(block) if key in grams else block
         if progress is not None:
             progress(step, steps)
     return grams

@@ -20,6 +20,7 @@ memory budget, so one layer's working set stays bounded.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -216,3 +217,123 @@ def sequence_term(
     if (n + m) * d * p * backprops.element_size() <= PER_EXAMPLE_BYTES:
         return PerExampleTerm(per_example_gradients(activations, backprops, 0, activations.shape[0]))
     return BlockedTerm(activations, backprops)
+
+
+@dataclass
+class TokenTerm:
+    """An embedding table's per-example gradients, g_i = sum_t onehot(id_it) b_it^T, kept sparse.
+
+    Each example's gradient has a row for each distinct token it holds (the rows of a repeated token summed), so
+    <g_i, g'_j> = sum over the tokens both hold of the two rows' dot product. The Gram matrix is built from the pairs
+    of entries with equal tokens only: for each token, (examples holding it on one side) x (on the other) dot products
+    of length d, far fewer than the (N T)^2 of a ghost form unless most tokens are shared by most examples.
+
+    Attributes:
+        ids: [N, T] token ids; backprops: [N, T, d] the output gradients at each position (zero where no gradient
+            reaches the table, as at ``padding_idx``); num_embeddings: V, the table's rows.
+    """
+
+    ids: Tensor
+    backprops: Tensor
+    num_embeddings: int
+    form = "tokens"
+
+    @property
+    def num_examples(self) -> int:
+        return self.ids.shape[0]
+
+    def _entries(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(example [K], token [K], summed rows [K, d]): one entry per distinct (example, token)."""
+        n, t = self.ids.shape
+        key = torch.arange(n, device=self.ids.device).repeat_interleave(t) * self.num_embeddings + self.ids.reshape(-1)
+        unique, inverse = torch.unique(key, return_inverse=True)
+        rows = self.backprops.new_zeros(unique.shape[0], self.backprops.shape[-1])
+        rows.index_add_(0, inverse, self.backprops.reshape(n * t, -1))
+        return unique // self.num_embeddings, unique % self.num_embeddings, rows
+
+    def gram(self, other: "TokenTerm") -> Tensor:
+        row_example, row_ids, row_values = self._entries()
+        col_example, col_ids, col_values = (row_example, row_ids, row_values) if other is self else other._entries()
+        out = row_values.new_zeros(self.num_examples, other.num_examples)
+        col_ids, col_order = col_ids.sort()
+        low = torch.searchsorted(col_ids, row_ids, side="left")
+        counts = torch.searchsorted(col_ids, row_ids, side="right") - low
+        pairs_per_block = _rows_per_block(2 * row_values.shape[1] * row_values.element_size())
+        start = 0
+        while start < row_ids.shape[0]:  # blocks of row entries with at most `pairs_per_block` pairs (at least one)
+            cumulative = counts[start:].cumsum(0)
+            stop = start + max(1, int((cumulative <= pairs_per_block).sum()))
+            repeats = counts[start:stop]
+            row = torch.arange(start, stop, device=row_ids.device).repeat_interleave(repeats)
+            first = (torch.cumsum(repeats, 0) - repeats).repeat_interleave(repeats)
+            col = col_order[low[row] + torch.arange(row.shape[0], device=row.device) - first]
+            dots = (row_values[row] * col_values[col]).sum(dim=1)
+            out.index_put_((row_example[row], col_example[col]), dots, accumulate=True)
+            start = stop
+        return out
+
+    def per_example(self) -> Tensor:
+        n, d = self.ids.shape[0], self.backprops.shape[-1]
+        out = self.backprops.new_zeros(n, self.num_embeddings, d)
+        out.scatter_add_(1, self.ids.unsqueeze(-1).expand(-1, -1, d), self.backprops)
+        return out.reshape(n, -1)
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "TokenTerm":
+        return type(self)(fn(self.ids), fn(self.backprops), self.num_embeddings)
+
+    @classmethod
+    def concat(cls, terms: list["TokenTerm"]) -> "TokenTerm":
+        ids = torch.cat([t.ids for t in terms])
+        return cls(ids, torch.cat([t.backprops for t in terms]), terms[0].num_embeddings)
+
+
+@dataclass
+class SlicedTerm:
+    """A parameter used through row slices of its dim 0 (a packed projection split into query, key and value).
+
+    Slices are disjoint, so the Gram matrix is the sum of the slices' and the per-example gradient their placement.
+
+    Attributes:
+        parts: ((start, stop) rows of dim 0, the term of those rows) per slice.
+        row_numel: entries in one row of dim 0; numel: entries of the whole parameter.
+    """
+
+    parts: list[tuple[tuple[int, int], Any]]
+    row_numel: int
+    numel: int
+
+    @property
+    def form(self) -> str:
+        return "+".join(dict.fromkeys(term.form for _, term in self.parts))
+
+    @property
+    def num_examples(self) -> int:
+        return self.parts[0][1].num_examples
+
+    def gram(self, other: "SlicedTerm") -> Tensor:
+        total = None
+        for (_, mine), (_, theirs) in zip(self.parts, other.parts, strict=True):
+            block = mine.gram(theirs)
+            total = block if total is None else total.add_(block)
+        return total
+
+    def per_example(self) -> Tensor:
+        first = self.parts[0][1].per_example()
+        out = first.new_zeros(first.shape[0], self.numel)
+        for (start, stop), term in self.parts:
+            out[:, start * self.row_numel : stop * self.row_numel] = term.per_example()
+        return out
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "SlicedTerm":
+        return SlicedTerm([(rows, term.map_rows(fn)) for rows, term in self.parts], self.row_numel, self.numel)
+
+    @classmethod
+    def concat(cls, terms: list["SlicedTerm"]) -> "SlicedTerm":
+        parts = [
+            (rows, type(term).concat([t.parts[i][1] for t in terms])) for i, (rows, term) in enumerate(terms[0].parts)
+        ]
+        return cls(parts, terms[0].row_numel, terms[0].numel)
+
+
+#: Any factored term.
+Term = OuterTerm | FlatTerm | PerExampleTerm | GhostTerm | BlockedTerm | TokenTerm | SlicedTerm
