@@ -22,8 +22,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_stiffness.checks import check_int
+from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.gram import METHODS, gradient_gram
+from lightning_stiffness.names import DISTANCE_METRICS
 from lightning_stiffness.representations import layer_outputs
 
 # The sums behind the measures (`class_pair_sums`, `binned_sums`, `line_sum_vector`, ...) are internals that
@@ -207,8 +208,7 @@ def pairwise_distances(a: Tensor, b: Tensor | None = None, metric: Literal["cosi
     Raises:
         ValueError: for an unknown ``metric``, empty inputs or feature sizes that differ between ``a`` and ``b``.
     """
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"`metric` must be 'cosine' or 'euclidean', got {metric!r}.")
+    check_choice(metric, "metric", DISTANCE_METRICS)
     x = _flatten_features(a, "a")
     y = x if b is None else _flatten_features(b, "b").to(x.dtype)
     if x.shape[1] != y.shape[1]:

@@ -36,7 +36,9 @@ def readme_commands() -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL):
         commands += [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
     prose = re.sub(r"```.*?```", "", README, flags=re.DOTALL)
-    commands += re.findall(r"`((?:python|lightning-stiffness|tensorboard|bash|source|\.venv/bin/[^`\s]+) [^`]*)`", prose)
+    commands += re.findall(
+        r"`((?:python|lightning-stiffness|tensorboard|bash|source|\.venv/bin/[^`\s]+) [^`]*)`", prose
+    )
     return list(dict.fromkeys(commands))
 
 
