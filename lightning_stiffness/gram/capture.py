@@ -49,6 +49,15 @@ class Use:
     version: int
     backprop: Tensor | None = None
     module: nn.Module | None = None
+    hooked: Tensor | None = None  # the output's gradient as its hook saw it (before any in-place change)
+
+    def __post_init__(self) -> None:
+        # A hook registered now receives the gradient with respect to the output as the call returned it, even when
+        # the model then writes to it in place (ReLU(inplace=True) after a convolution or a norm).
+        def keep(grad: Tensor) -> None:
+            self.hooked = grad.detach()
+
+        self.output.register_hook(keep)
 
     @property
     def signature(self) -> tuple:
@@ -194,7 +203,7 @@ def record_uses(
     try:
         with _Recorder(tracked, recording):
             loss = objective.loss(leaves, objective.constants(leaves), inputs, targets)
-        _backward(loss, recording)
+        _backward(loss, recording, leaves)
     finally:
         for handle in handles:
             handle.remove()
@@ -202,16 +211,21 @@ def record_uses(
     return recording
 
 
-def _backward(loss: Tensor, recording: Recording) -> None:
-    """Fill each use's ``backprop``; an output written in place after the call cannot give its own gradient."""
-    for use in recording.uses:
-        if use.output._version != use.version:
-            for where in use.params.values():
-                recording.unsupported[where.name] = "the output of its operation is modified in place afterwards"
-    wanted = [use for use in recording.uses if use.output._version == use.version]
-    if not wanted or not loss.requires_grad:
+def _backward(loss: Tensor, recording: Recording, leaves: dict[str, Tensor]) -> None:
+    """Fill each use's ``backprop``: the gradient of the summed loss with respect to its output.
+
+    An output written in place after its call (by ``ReLU(inplace=True)``) is no longer the tensor the call returned:
+    its gradient comes from the hook registered at the call, reached by asking for its parameters' gradients.
+    """
+    if not recording.uses or not loss.requires_grad:
         return
-    grads = torch.autograd.grad(loss, [use.output for use in wanted], allow_unused=True)
-    for use, grad in zip(wanted, grads, strict=True):
-        use.backprop = torch.zeros_like(use.output) if grad is None else grad.detach()
+    plain = [use for use in recording.uses if use.output._version == use.version]
+    modified = [use for use in recording.uses if use.output._version != use.version]
+    through = list({at.name: leaves[at.name] for use in modified for at in use.params.values()}.values())
+    grads = torch.autograd.grad(loss, [use.output for use in plain] + through, allow_unused=True)
+    for use, grad in zip(plain, grads, strict=False):
+        use.backprop = grad.detach() if grad is not None else None
+    for use in recording.uses:
+        if use.backprop is None:
+            use.backprop = use.hooked if use.hooked is not None else torch.zeros_like(use.output)
         use.output = use.output.detach()
