@@ -182,8 +182,17 @@ class TestBadInput:
             gradient_gram(self.model, self.x, self.y, chunk_size=chunk_size)
 
     def test_not_a_tensor(self):
-        with pytest.raises(ValueError, match="`inputs` must be a tensor"):
+        with pytest.raises(ValueError, match=r"`inputs\[0\]` must be a tensor .* got list"):
             gradient_gram(self.model, [[0.0] * 6], self.y)
+        with pytest.raises(ValueError, match="`inputs` must be a tensor .* got str"):
+            gradient_gram(self.model, "features", self.y)
+
+    def test_dict_entry_with_other_rows(self):
+        x = {"features": self.x, "mask": torch.ones(self.x.shape[0] + 1, 2)}
+        with pytest.raises(
+            ValueError, match=r"`inputs\['mask'\]` has 5 rows along dim 0 but `inputs\['features'\]` has 4"
+        ):
+            gradient_gram(self.model, x, self.y)
 
 
 def test_tf32_is_off_during_the_gram_and_restored():

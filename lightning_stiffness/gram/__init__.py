@@ -23,6 +23,7 @@ from lightning_stiffness.gram.blocks import Progress, blocked_gram
 from lightning_stiffness.gram.buffers import untouched_buffers
 from lightning_stiffness.gram.check import CHECK_EXAMPLES
 from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
+from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, take
 from lightning_stiffness.gram.loop import loop_per_example
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import Term
@@ -64,9 +65,9 @@ __all__ = ["METHODS", "GramPlan", "gradient_gram", "gram_plan"]
 
 def gradient_gram(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
-    inputs2: Tensor | None = None,
+    inputs2: Inputs | None = None,
     targets2: Tensor | None = None,
     *,
     loss_fn: LossFn | None = None,
@@ -76,6 +77,7 @@ def gradient_gram(
     per_layer: bool = False,
     progress: Progress = None,
     gather_columns: Callable[[Term], Term] | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Gram matrix of per-example loss gradients.
 
@@ -93,8 +95,10 @@ def gradient_gram(
     ``requires_grad`` flags and ``.grad``. Each example is measured with the buffers as they were.
 
     Args:
-        model: the network; ``model(inputs)`` must give the outputs ``loss_fn`` takes.
-        inputs: examples, one per row (any tensor the model takes: images, features, token ids).
+        model: the network; ``model(inputs)`` (or ``forward_fn(model, inputs)``) must give the outputs ``loss_fn``
+            takes.
+        inputs: examples, along dim 0: a tensor (images, features, token ids), a tuple of tensors (the model's
+            positional arguments) or a dict of tensors (its keyword arguments: ``input_ids``, ``attention_mask``).
         targets: one target per example.
         inputs2: a second set of examples for a cross Gram matrix [N, M]; ``None`` for the square Gram of ``inputs``.
         targets2: targets of ``inputs2``.
@@ -109,6 +113,9 @@ def gradient_gram(
             factored engine, examples per batched forward/backward (default 512).
         per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
         progress: called as ``progress(done, total)`` as the computation advances.
+        forward_fn: ``forward_fn(model, x) -> outputs`` for a model called otherwise than ``model(x)`` (a
+            LightningModule whose network is ``self.model``, a forward that needs extra arguments). Default:
+            ``model(x)``, ``model(*x)`` for a tuple, ``model(**x)`` for a dict.
         gather_columns: for distributed use (the callback under DDP): ``inputs`` are this process's rows,
             ``inputs2`` all examples, and the factored engine gathers each layer's column factors from all processes
             with this function (a factored term of this process's rows -> the same term over all examples) instead
@@ -140,45 +147,30 @@ def gradient_gram(
     """
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
-    check_examples(inputs, targets, "inputs", "targets")
     if (inputs2 is None) != (targets2 is None):
         raise ValueError("`inputs2` and `targets2` must be given together (both or neither).")
-    if inputs2 is not None:
-        check_examples(inputs2, targets2, "inputs2", "targets2")
-    elif gather_columns is not None:
+    if inputs2 is None and gather_columns is not None:
         raise ValueError("`gather_columns` needs `inputs2` and `targets2`: all the examples of the columns.")
-    check_model_mode(model)
-    chosen = select_parameters(model, params)
-    dtype = floating_dtype(chosen)
-    loss_fn = loss_fn or default_loss_fn
-
-    device = next(iter(chosen.values())).device
-    inputs, targets = inputs.to(device), targets.to(device)
+    setup = _Setup(model, params, loss_fn, forward_fn)
+    inputs, targets = setup.examples(inputs, targets, "inputs", "targets")
     if inputs2 is not None:
-        inputs2, targets2 = inputs2.to(device), targets2.to(device)
-
-    # Every engine is a plain function of the parameters: no .grad is written, the buffers are restored.
-    with untouched_buffers(model) as guard, torch.enable_grad(), full_float32_precision():
-        check_loss_fn(model, loss_fn, inputs, targets)
-        guard.restore()
-        objective = Objective(model, loss_fn, chosen, guard)
+        inputs2, targets2 = setup.examples(inputs2, targets2, "inputs2", "targets2")
+    with setup.objective(inputs, targets) as objective:
         if method in ("auto", "factored"):
             grams, _ = factored_grams(
-                objective, inputs, targets, inputs2, targets2, chunk_size, dtype, progress, gather_columns
+                objective, inputs, targets, inputs2, targets2, chunk_size, setup.dtype, progress, gather_columns
             )
         else:
             engine = torchfunc_per_example if method == "torch.func" else loop_per_example
-            groups = {name: owner(name) for name in chosen} if per_layer else None
+            groups = {name: owner(name) for name in setup.chosen} if per_layer else None
             grams = blocked_gram(
-                engine(objective, list(chosen)), chosen, inputs, targets, inputs2, targets2, chunk_size, dtype,
-                progress, groups,
+                engine(objective, list(setup.chosen)), setup.chosen, inputs, targets, inputs2, targets2, chunk_size,
+                setup.dtype, progress, groups,
             )  # fmt: skip
     if per_layer:
-        order = list(dict.fromkeys(owner(name) for name in chosen))
+        order = list(dict.fromkeys(owner(name) for name in setup.chosen))
         return {key: grams[key] for key in order}
     total = None
     for gram in grams.values():
@@ -186,19 +178,51 @@ def gradient_gram(
     return total
 
 
+class _Setup:
+    """The checked arguments every entry point shares: model, parameters, loss, forward, device and dtype."""
+
+    def __init__(self, model: nn.Module, params, loss_fn: LossFn | None, forward_fn: ForwardFn | None) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError(f"`forward_fn` must be a callable (module, x) -> outputs, got {forward_fn!r}.")
+        check_model_mode(model)
+        self.model, self.forward_fn = model, forward_fn
+        self.chosen = select_parameters(model, params)
+        self.dtype = floating_dtype(self.chosen)
+        self.loss_fn = loss_fn or default_loss_fn
+        self.device = next(iter(self.chosen.values())).device
+
+    def examples(self, inputs: Inputs, targets: Tensor, inputs_name: str, targets_name: str):
+        """The examples, checked and moved to the model's device."""
+        check_examples(inputs, targets, inputs_name, targets_name)
+        return apply(inputs, lambda t: t.to(self.device)), targets.to(self.device)
+
+    @contextmanager
+    def objective(self, inputs: Inputs, targets: Tensor) -> Iterator[Objective]:
+        """The objective, once the loss is checked on a few examples; buffers restored and TF32 off throughout."""
+        # Every engine is a plain function of the parameters: no .grad is written, the buffers are restored.
+        with untouched_buffers(self.model) as guard, torch.enable_grad(), full_float32_precision():
+            objective = Objective(self.model, self.loss_fn, self.chosen, guard, self.forward_fn)
+            check_loss_fn(objective.runner, self.loss_fn, inputs, targets)
+            guard.restore()
+            yield objective
+
+
 def gram_plan(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     *,
     loss_fn: LossFn | None = None,
     params: Sequence[str] | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> GramPlan:
     """How the default engine computes each parameter's share of the Gram matrix, from a run on a few examples.
 
     The run takes the first examples the per-example check uses (three), so the plan is the one ``gradient_gram``
     follows on the same model and layouts. Its ``forms`` name each parameter's factored form or exact engine, and
-    ``fallback`` why a parameter is not factored.
+    ``fallback`` why a parameter is not factored. Arguments as for :func:`gradient_gram`.
 
     Example::
 
@@ -209,15 +233,13 @@ def gram_plan(
         >>> plan = gram_plan(model, torch.randint(0, 10, (3, 2)), torch.tensor([0, 1, 2]))
         >>> plan.forms
         {'0.weight': 'tokens', '2.weight': 'outer', '2.bias': 'flat'}
+        >>> bilinear = nn.Bilinear(3, 3, 2)
+        >>> gram_plan(bilinear, (torch.randn(3, 3), torch.randn(3, 3)), torch.tensor([0, 1, 0])).forms
+        {'weight': 'torch.func', 'bias': 'torch.func'}
     """
+    setup = _Setup(model, params, loss_fn, forward_fn)
     check_examples(inputs, targets, "inputs", "targets")
-    check_model_mode(model)
-    chosen = select_parameters(model, params)
-    loss_fn = loss_fn or default_loss_fn
-    device = next(iter(chosen.values())).device
-    few_x, few_y = inputs[:CHECK_EXAMPLES].to(device), targets[:CHECK_EXAMPLES].to(device)
-    with untouched_buffers(model) as guard, torch.enable_grad(), full_float32_precision():
-        check_loss_fn(model, loss_fn, few_x, few_y)
-        guard.restore()
-        _, plan = factored_grams(Objective(model, loss_fn, chosen, guard), few_x, few_y, dtype=floating_dtype(chosen))
+    few_x, few_y = setup.examples(take(inputs, slice(0, CHECK_EXAMPLES)), targets[:CHECK_EXAMPLES], "inputs", "targets")
+    with setup.objective(few_x, few_y) as objective:
+        _, plan = factored_grams(objective, few_x, few_y, dtype=setup.dtype)
     return plan

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from lightning_stiffness.gram.inputs import Inputs, take
+
 #: Bytes the engine may spend on per-example gradients held at once when ``chunk_size`` is not given.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
@@ -46,9 +48,9 @@ def _spans(n: int, size: int) -> Iterator[tuple[int, int]]:
 def blocked_gram(
     per_example: PerExampleFn,
     params: dict[str, Tensor],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
-    inputs2: Tensor | None = None,
+    inputs2: Inputs | None = None,
     targets2: Tensor | None = None,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -71,8 +73,8 @@ def blocked_gram(
     panel = 3 * block
     square = inputs2 is None
     cols_x, cols_y = (inputs, targets) if square else (inputs2, targets2)
-    n, m = inputs.shape[0], cols_x.shape[0]
-    out = {group: torch.empty(n, m, dtype=dtype, device=inputs.device) for group in members}
+    n, m = targets.shape[0], cols_y.shape[0]
+    out = {group: torch.empty(n, m, dtype=dtype, device=targets.device) for group in members}
 
     # When every column fits in one block, compute the column gradients once instead of once per panel.
     cached_cols = per_example(cols_x, cols_y) if (not square and m <= block) else None
@@ -80,7 +82,7 @@ def blocked_gram(
     total = sum(math.ceil(((m - p0) if square else m) / block) for p0, _ in panels)
     done = 0
     for p0, p1 in panels:
-        rows = per_example(inputs[p0:p1], targets[p0:p1])
+        rows = per_example(take(inputs, slice(p0, p1)), targets[p0:p1])
         col_start = p0 if square else 0
         for c0, c1 in _spans(m - col_start, block):
             c0, c1 = c0 + col_start, c1 + col_start
@@ -90,7 +92,7 @@ def blocked_gram(
                 # Columns inside the panel: reuse its gradients.
                 cols = {name: g[c0 - p0 : c1 - p0] for name, g in rows.items()}
             else:
-                cols = per_example(cols_x[c0:c1], cols_y[c0:c1])
+                cols = per_example(take(cols_x, slice(c0, c1)), cols_y[c0:c1])
             for group, names in members.items():
                 out[group][p0:p1, c0:c1] = gram_of(rows, cols, names).to(dtype)
                 if square and c0 >= p1:

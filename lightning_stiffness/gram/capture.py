@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from lightning_stiffness.gram.inputs import Inputs
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.ops import OP_RULES, OpRule
 from lightning_stiffness.gram.rules import GramRule
@@ -166,7 +167,7 @@ def _name(func: Callable[..., Any]) -> str:
 def record_uses(
     objective: Objective,
     module_rules: dict[str, tuple[nn.Module, GramRule, dict[str, str]]],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
 ) -> Recording:
     """Run one batched forward and backward of ``inputs``; return every use with the gradient of its output.

@@ -35,6 +35,7 @@ from lightning_stiffness.gram.assemble import term_of
 from lightning_stiffness.gram.blocks import Progress, blocked_gram
 from lightning_stiffness.gram.capture import Recording, Use, record_uses
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
+from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import SlicedTerm, Term
@@ -203,9 +204,10 @@ def _check(
     objective: Objective, modules: ModuleRules, x: Tensor, y: Tensor, plan: GramPlan, n: int, m: int
 ) -> tuple[_Layout, ReferenceGradients]:
     """Find where each call's examples are and check every parameter's term per example (see :mod:`.check`)."""
-    count = min(CHECK_EXAMPLES, x.shape[0])
-    recording = record_uses(objective, modules, x[:count], y[:count])
-    reference = ReferenceGradients(objective, x[:count], y[:count])
+    count = min(CHECK_EXAMPLES, y.shape[0])
+    x, y = take(x, slice(0, count)), y[:count]
+    recording = record_uses(objective, modules, x, y)
+    reference = ReferenceGradients(objective, x, y)
     calls = Counter(at.name for use in recording.uses for at in use.params.values())
     wheres: list[Where | None] = []
     for use in recording.uses:
@@ -257,7 +259,7 @@ def _capture(
     modules: ModuleRules,
     layout: _Layout,
     wanted: set[str],
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     chunk: int,
     plan: GramPlan,
@@ -266,15 +268,15 @@ def _capture(
 ) -> dict[str, Term]:
     """The terms of the parameters in ``wanted`` over all ``inputs``, built chunk by chunk with the check's layout."""
     chunks: dict[str, list[Term]] = defaultdict(list)
-    for start in range(0, inputs.shape[0], chunk):
-        x, y = inputs[start : start + chunk], targets[start : start + chunk]
+    for start in range(0, targets.shape[0], chunk):
+        x, y = take(inputs, slice(start, start + chunk)), targets[start : start + chunk]
         recording = record_uses(objective, modules, x, y)
         if [use.signature for use in recording.uses] != layout.signatures:
             _calls_differ(recording, layout, wanted, plan)
             wheres = [None] * len(recording.uses)
         else:
             wheres = layout.wheres
-        for name, term in _finish(_terms(recording, wheres, x.shape[0], wanted, plan, n, m), objective).items():
+        for name, term in _finish(_terms(recording, wheres, y.shape[0], wanted, plan, n, m), objective).items():
             chunks[name].append(term)
         del recording  # frees this chunk's activations before the next forward
     return {
@@ -298,9 +300,9 @@ def _calls_differ(recording: Recording, layout: _Layout, wanted: set[str], plan:
 
 def factored_grams(
     objective: Objective,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
-    inputs2: Tensor | None = None,
+    inputs2: Inputs | None = None,
     targets2: Tensor | None = None,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -316,8 +318,8 @@ def factored_grams(
     plan = GramPlan()
     modules = _module_rules(objective.model, objective.params)
     chunk = chunk_size or DEFAULT_FACTORED_CHUNK
-    n = inputs.shape[0]
-    m = n if inputs2 is None else inputs2.shape[0]
+    n = targets.shape[0]
+    m = n if targets2 is None else targets2.shape[0]
     if gather_columns is not None:
         n = m  # every process must pick the same form for a layer, so decide on the whole matrix's size
     # The check runs on the first examples of the columns when they are gathered: the same on every process, so

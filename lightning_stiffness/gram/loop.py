@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_stiffness.gram.blocks import Gradients, PerExampleFn
+from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
 
 
@@ -23,12 +24,12 @@ def loop_per_example(objective: Objective, names: list[str]) -> PerExampleFn:
     constants = objective.constants(leaves)
     wanted = list(leaves.values())
 
-    def per_example(inputs: Tensor, targets: Tensor) -> Gradients:
-        count = inputs.shape[0]
+    def per_example(inputs: Inputs, targets: Tensor) -> Gradients:
+        count = targets.shape[0]
         out = {name: torch.zeros((count, *p.shape), dtype=p.dtype, device=p.device) for name, p in leaves.items()}
         for i in range(count):
             try:
-                loss = objective.loss(leaves, constants, inputs[i : i + 1], targets[i : i + 1])
+                loss = objective.loss(leaves, constants, take(inputs, slice(i, i + 1)), targets[i : i + 1])
                 grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else ()
             finally:
                 objective.guard.restore()

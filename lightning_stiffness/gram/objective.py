@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_stiffness.gram.buffers import BufferGuard
+from lightning_stiffness.gram.inputs import Forward, ForwardFn, Inputs
 from lightning_stiffness.gram.validation import LossFn
 
 
@@ -20,13 +21,16 @@ class Objective:
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-example losses.
         params: name -> parameter, every parameter the Gram matrix differentiates.
         guard: restores the model's buffers after each forward and backward (:mod:`.buffers`).
+        forward_fn: ``forward_fn(model, x) -> outputs``; default ``model(x)``, ``model(*x)`` or ``model(**x)``.
     """
 
     model: nn.Module
     loss_fn: LossFn
     params: dict[str, Tensor]
     guard: BufferGuard
+    forward_fn: ForwardFn | None = None
     aliases: dict[str, list[str]] = field(init=False)
+    runner: Forward = field(init=False)
 
     def __post_init__(self) -> None:
         # A parameter held by several modules (tied weights) is passed under each of their names, with
@@ -37,6 +41,7 @@ class Objective:
             module_name, _, local = name.rpartition(".")
             slot = (id(self.model.get_submodule(module_name)), local)
             names_of[id(p)].setdefault(slot, name)
+        self.runner = Forward(self.model, self.forward_fn)
         self.aliases = {}
         for slots in names_of.values():
             names = list(slots.values())
@@ -47,9 +52,12 @@ class Objective:
         """The model's other parameters, detached, to pass beside ``variables`` (so autograd ignores them)."""
         return {name: p.detach() for name, p in self.model.named_parameters() if name not in variables}
 
-    def loss(self, weights: dict[str, Tensor], constants: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
+    def loss(self, weights: dict[str, Tensor], constants: dict[str, Tensor], inputs: Inputs, targets: Tensor) -> Tensor:
         """The summed loss of ``inputs`` with the parameters in ``weights`` and ``constants`` (buffers: the model's)."""
         tensors = {
-            alias: t for source in (weights, constants) for name, t in source.items() for alias in self.aliases[name]
+            "model." + alias: t
+            for source in (weights, constants)
+            for name, t in source.items()
+            for alias in self.aliases[name]
         }
-        return self.loss_fn(functional_call(self.model, tensors, (inputs,), tie_weights=False), targets).sum()
+        return self.loss_fn(functional_call(self.runner, tensors, (inputs,), tie_weights=False), targets).sum()

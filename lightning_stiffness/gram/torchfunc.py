@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from lightning_stiffness.gram.blocks import Gradients, PerExampleFn
+from lightning_stiffness.gram.inputs import Inputs, apply
 from lightning_stiffness.gram.objective import Objective
 
 
@@ -23,12 +24,12 @@ def torchfunc_per_example(objective: Objective, names: list[str]) -> PerExampleF
     weights = {name: objective.params[name].detach() for name in names}
     constants = objective.constants(weights)
 
-    def example_loss(w: Gradients, x: Tensor, y: Tensor) -> Tensor:
-        return objective.loss(w, constants, x.unsqueeze(0), y.unsqueeze(0))
+    def example_loss(w: Gradients, x: Inputs, y: Tensor) -> Tensor:
+        return objective.loss(w, constants, apply(x, lambda t: t.unsqueeze(0)), y.unsqueeze(0))
 
     gradients = vmap(grad(example_loss), in_dims=(None, 0, 0))
 
-    def per_example(inputs: Tensor, targets: Tensor) -> Gradients:
+    def per_example(inputs: Inputs, targets: Tensor) -> Gradients:
         try:
             with warnings.catch_warnings():
                 # vmap's notice that an op runs without a batching rule (attention kernels on the CPU): slower only.

@@ -5,9 +5,12 @@ with a message the caller can act on instead of producing a silently wrong Gram 
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_stiffness.gram.inputs import Inputs, num_examples, take
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -47,17 +50,20 @@ def _modules_where(model: nn.Module, predicate: Callable[[nn.Module], bool]) -> 
     return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
-def check_examples(inputs: Tensor, targets: Tensor, inputs_name: str, targets_name: str) -> None:
-    """Check that a set of examples is a non-empty pair of tensors of equal length."""
-    if not isinstance(inputs, Tensor):
-        raise ValueError(f"`{inputs_name}` must be a tensor with one example per row, got {type(inputs).__name__}.")
+def check_examples(inputs: Inputs, targets: Tensor, inputs_name: str, targets_name: str) -> None:
+    """Check that a set of examples is non-empty, with one target per example.
+
+    ``inputs`` may be a tensor, a tuple/list or a dict of tensors, the examples along dim 0 of each
+    (:mod:`.inputs`).
+    """
+    count = num_examples(inputs, inputs_name)
     if not isinstance(targets, Tensor):
         raise ValueError(f"`{targets_name}` must be a tensor with one target per row, got {type(targets).__name__}.")
-    if inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError(f"`{inputs_name}` must hold at least one example, got shape {tuple(inputs.shape)}.")
-    if targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
+    if count == 0:
+        raise ValueError(f"`{inputs_name}` must hold at least one example, got none along dim 0.")
+    if targets.dim() == 0 or targets.shape[0] != count:
         raise ValueError(
-            f"`{targets_name}` must have one entry per example of `{inputs_name}` ({inputs.shape[0]}), "
+            f"`{targets_name}` must have one entry per example of `{inputs_name}` ({count}), "
             f"got shape {tuple(targets.shape)}."
         )
 
@@ -88,18 +94,22 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[st
 
 
 def floating_dtype(params: dict[str, Tensor]) -> torch.dtype:
-    """The floating dtype the Gram matrix is computed and returned in: that of the differentiated parameters."""
+    """The dtype the Gram matrix is accumulated and returned in: the differentiated parameters', at least float32.
+
+    Half-precision products (bfloat16 keeps 8 bits of mantissa) cannot tell the sign of a dot product near zero,
+    which is what sign stiffness reads; float64 parameters give a float64 Gram matrix.
+    """
     for p in params.values():
         if p.is_floating_point():
-            return p.dtype
+            return torch.promote_types(p.dtype, torch.float32)
     raise ValueError("`params` must include at least one floating-point parameter to differentiate.")
 
 
-def check_loss_fn(model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor) -> None:
-    """Run the loss on a few examples and check it returns one loss per example."""
-    n = min(2, inputs.shape[0])
+def check_loss_fn(forward: Callable[[Inputs], Any], loss_fn: LossFn, inputs: Inputs, targets: Tensor) -> None:
+    """Run the loss on a few examples (``forward(x) -> outputs``) and check it returns one loss per example."""
+    n = min(2, targets.shape[0])
     with torch.no_grad():
-        losses = loss_fn(model(inputs[:n]), targets[:n])
+        losses = loss_fn(forward(take(inputs, slice(0, n))), targets[:n])
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (n,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
