@@ -69,7 +69,29 @@ class GRUClassifier(nn.Module):
         return self.head(self.gru(x.flatten(1, 2))[0][:, -1])
 
 
-MODELS = {"paper_fc": paper_fc, "paper_cnn": paper_cnn, "mlp512": mlp512, "gru": GRUClassifier}
+class EncoderClassifier(nn.Module):
+    """Token ids [N, 64] -> embedding (vocab 8000, d 256) + learned positions -> 4 batch-first encoder layers
+    (4 heads, FFN 1024) -> mean over positions -> Linear: 5.2 M parameters."""
+
+    def __init__(self, vocab: int = 8000, d: int = 256, length: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.position = nn.Parameter(torch.randn(1, length, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 1024, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids) + self.position).mean(dim=1))
+
+
+MODELS = {
+    "paper_fc": paper_fc,
+    "paper_cnn": paper_cnn,
+    "mlp512": mlp512,
+    "gru": GRUClassifier,
+    "encoder": EncoderClassifier,
+}
 ENGINES = ["loop", "torch.func", "factored", "backpack"]
 
 
@@ -126,7 +148,7 @@ def run_case(model_name: str, n: int, engine: str) -> dict:
 
     torch.manual_seed(0)
     model = MODELS[model_name]().eval()
-    x = torch.randn(n, 1, 28, 28)
+    x = torch.randint(0, 8000, (n, 64)) if model_name == "encoder" else torch.randn(n, 1, 28, 28)
     y = torch.randint(0, 10, (n,))
     params = sum(p.numel() for p in model.parameters())
     if engine == "backpack":
@@ -164,6 +186,7 @@ DEFAULT_TABLE = [
     ("mlp512", 1024, ["torch.func", "factored", "backpack"]),
     ("mlp512", 4096, ["torch.func", "factored"]),
     ("gru", 256, ["loop", "torch.func", "factored"]),
+    ("encoder", 256, ["torch.func", "factored"]),
 ]
 QUICK_TABLE = [
     ("paper_fc", 64, ["loop", "torch.func", "factored", "backpack"]),

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stiffness.gram.buffers import untouched_buffers
+from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, default_forward, num_examples, take
 
 
 def check_layer_names(model: nn.Module, layers: Sequence[str]) -> list[str]:
@@ -59,11 +60,16 @@ def recording(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, lis
 
 
 def forward_with_outputs(
-    model: nn.Module, inputs: Tensor, layers: Sequence[str] = (), chunk_size: int = 512
+    model: nn.Module,
+    inputs: Inputs,
+    layers: Sequence[str] = (),
+    chunk_size: int = 512,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The model's outputs and the named modules' flattened outputs, over ``inputs`` in chunks, without gradients.
 
-    Buffers the forward updates are restored (bitwise) after each chunk.
+    ``inputs`` and ``forward_fn`` as for :func:`~lightning_stiffness.gram.gradient_gram`. Buffers the forward updates
+    are restored (bitwise) after each chunk.
 
     Raises:
         ValueError: when a named module runs more than once (or not at all) per forward, so that one example has no
@@ -71,10 +77,10 @@ def forward_with_outputs(
     """
     outputs, per_layer = [], {name: [] for name in layers}
     with torch.no_grad(), untouched_buffers(model) as guard, recording(model, layers) as records:
-        for start in range(0, inputs.shape[0], chunk_size):
+        for start in range(0, num_examples(inputs), chunk_size):
             for calls in records.values():
                 calls.clear()
-            outputs.append(model(inputs[start : start + chunk_size]))
+            outputs.append((forward_fn or default_forward)(model, take(inputs, slice(start, start + chunk_size))))
             guard.restore()  # every chunk sees the buffers as they were, and none is left changed
             for name, calls in records.items():
                 if len(calls) != 1:
@@ -86,21 +92,29 @@ def forward_with_outputs(
     return torch.cat(outputs), {name: torch.cat(parts) for name, parts in per_layer.items()}
 
 
-def layer_outputs(model: nn.Module, inputs: Tensor, layers: Sequence[str], chunk_size: int = 512) -> dict[str, Tensor]:
+def layer_outputs(
+    model: nn.Module,
+    inputs: Inputs,
+    layers: Sequence[str],
+    chunk_size: int = 512,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, Tensor]:
     """Flattened outputs [N, D] of the named modules for ``inputs`` (one forward pass, no gradients).
 
     Args:
         model: the network (evaluated as given: call ``model.eval()`` first for eval-mode representations).
-        inputs: examples, one per row.
+        inputs: examples along dim 0: a tensor, a tuple of tensors (positional arguments) or a dict of tensors
+            (keyword arguments).
         layers: module names as in ``model.named_modules()``, for example ``["net.2", "net.4"]``.
         chunk_size: examples per forward pass.
+        forward_fn: ``forward_fn(model, x) -> outputs``; default ``model(x)``, ``model(*x)`` or ``model(**x)``.
 
     Returns:
         name -> [N, D] tensor, in network order.
 
     Raises:
-        ValueError: for an unknown module name (the message lists the valid ones), or a module that does not run
-            exactly once per forward.
+        ValueError: for an unknown module name (the message lists the valid ones), a module that does not run
+            exactly once per forward, or inputs that are not tensors with the same number of examples along dim 0.
 
     Example::
 
@@ -113,5 +127,6 @@ def layer_outputs(model: nn.Module, inputs: Tensor, layers: Sequence[str], chunk
         torch.Size([5, 5])
     """
     ordered = check_layer_names(model, layers)
+    num_examples(inputs)
     device = next(iter(model.parameters()), torch.empty(0)).device
-    return forward_with_outputs(model, inputs.to(device), ordered, chunk_size)[1]
+    return forward_with_outputs(model, apply(inputs, lambda t: t.to(device)), ordered, chunk_size, forward_fn)[1]

@@ -26,8 +26,10 @@ def gram_of(rows: Gradients, cols: Gradients, names: list[str] | None = None) ->
     """sum over parameters (``names``, default all) of rows[name] @ cols[name].T, without concatenating them."""
     out = None
     for name in names if names is not None else list(rows):
-        g = rows[name]
-        block = g.reshape(g.shape[0], -1) @ cols[name].reshape(cols[name].shape[0], -1).T
+        g, h = rows[name], cols[name]
+        if g.element_size() < 4:  # half precision: products and sums in float32
+            g, h = g.float(), h.float()
+        block = g.reshape(g.shape[0], -1) @ h.reshape(h.shape[0], -1).T
         out = block if out is None else out.add_(block)
     assert out is not None
     return out

@@ -27,7 +27,7 @@ from lightning_stiffness.gram.torchfunc import torchfunc_per_example
 CHECK_EXAMPLES = 3
 #: Relative tolerance of the per-example check, by the dtype of the gradients.
 _RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}
-_RTOL_LOW_PRECISION = 2e-2
+_RTOL_LOW_PRECISION = 5e-2
 
 
 class ReferenceGradients:

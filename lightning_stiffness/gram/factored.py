@@ -132,9 +132,10 @@ def _candidates(use: Use, count: int) -> list[Where]:
 
 def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str, Any]:
     """The use's factors (or a module rule's terms) by role, its examples (at ``where``) along dim 0."""
+    bound = {key: _widened(value) for key, value in use.bound.items()}
+    output, backprop, dim = _widened(use.output), _widened(use.backprop), where.dim
     if isinstance(use.rule, GramRule):
-        return use.rule.fn(use.module, use.bound["input"], use.backprop, set(use.params), n, m)
-    bound, output, backprop, dim = use.bound, use.output, use.backprop, where.dim
+        return use.rule.fn(use.module, bound["input"], backprop, set(use.params), n, m)
     if where.split is not None:
         size = bound[use.rule.batched].shape[dim]
         if size % count:
@@ -144,6 +145,14 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
         output, backprop = output.unflatten(dim, sizes), backprop.unflatten(dim, sizes)
         dim = dim if where.split == "outer" else dim + 1
     return use.rule.factors(bound, output, backprop, dim)
+
+
+def _widened(value: Any) -> Any:
+    """Half-precision tensors in float32: factors are multiplied and summed into the Gram matrix, and bfloat16's
+    8 bits of mantissa cannot tell the sign of a dot product near zero."""
+    if isinstance(value, Tensor) and value.is_floating_point() and value.element_size() < 4:
+        return value.float()
+    return value
 
 
 def _num_examples(factors: Any) -> int:
