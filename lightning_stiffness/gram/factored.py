@@ -42,8 +42,11 @@ from lightning_stiffness.gram.terms import SlicedTerm, Term
 
 log = logging.getLogger(__name__)
 
-#: Examples per batched forward/backward when ``chunk_size`` is not given.
+#: Most examples per batched forward/backward when ``chunk_size`` is not given.
 DEFAULT_FACTORED_CHUNK = 512
+#: Bytes the recorded inputs and outputs of one chunk may take when ``chunk_size`` is not given (the autograd graph
+#: of the chunk's forward is a few times as much).
+CAPTURE_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -115,6 +118,7 @@ class _Layout:
 
     signatures: list[tuple]
     wheres: list[Where | None]
+    bytes_per_example: int = 0
 
 
 def _candidates(use: Use, count: int) -> list[Where]:
@@ -234,7 +238,8 @@ def _check(
         why = reference.disagreement(name, term.per_example())
         if why is not None:
             plan.fallback[name] = "per-example check: " + why
-    return _Layout([use.signature for use in recording.uses], wheres), reference
+    recorded = sum(use.output.numel() * use.output.element_size() * 2 for use in recording.uses)  # outputs, inputs
+    return _Layout([use.signature for use in recording.uses], wheres, recorded // count), reference
 
 
 def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n: int, m: int) -> bool:
@@ -326,7 +331,6 @@ def factored_grams(
     """
     plan = GramPlan()
     modules = _module_rules(objective.model, objective.params)
-    chunk = chunk_size or DEFAULT_FACTORED_CHUNK
     n = targets.shape[0]
     m = n if targets2 is None else targets2.shape[0]
     if gather_columns is not None:
@@ -335,6 +339,7 @@ def factored_grams(
     # every process makes the same decisions.
     check_x, check_y = (inputs, targets) if gather_columns is None else (inputs2, targets2)
     layout, reference = _check(objective, modules, check_x, check_y, plan, n, m)
+    chunk = chunk_size or max(1, min(DEFAULT_FACTORED_CHUNK, CAPTURE_BYTES // max(1, layout.bytes_per_example)))
     covered = {name for name in objective.params if name not in plan.fallback}
     rows = _capture(objective, modules, layout, covered, inputs, targets, chunk, plan, n, m) if covered else {}
     if gather_columns is not None:

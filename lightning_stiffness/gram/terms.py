@@ -59,10 +59,21 @@ class LazyPositions:
         return self.expand(self.source)
 
 
-def per_example_gradients(activations: Tensor | LazyPositions, backprops: Tensor, start: int, stop: int) -> Tensor:
-    """sum_t b_it a_it^T for examples [start, stop), flattened like the weight: [stop - start, p * d]."""
-    grads = torch.bmm(backprops[start:stop].transpose(1, 2), activations[start:stop])
-    return grads.reshape(stop - start, -1)
+def per_example_gradients(
+    activations: Tensor | LazyPositions, backprops: Tensor, start: int, stop: int, out: Tensor | None = None
+) -> Tensor:
+    """sum_t b_it a_it^T for examples [start, stop), flattened like the weight: [stop - start, p * d].
+
+    ``out`` (at least [stop - start, p * d]) is written into when given: reusing one buffer for every block avoids
+    faulting in fresh memory for each, which costs more than the products themselves on the CPU.
+    """
+    count, p = stop - start, backprops.shape[2]
+    a = activations[start:stop]
+    if out is None:
+        return torch.bmm(backprops[start:stop].transpose(1, 2), a).reshape(count, -1)
+    target = out[:count]
+    torch.bmm(backprops[start:stop].transpose(1, 2), a, out=target.view(count, p, a.shape[2]))
+    return target
 
 
 @dataclass
@@ -182,15 +193,20 @@ class BlockedTerm(_PositionsTerm):
     def gram(self, other: "BlockedTerm") -> Tensor:
         n, m = self.activations.shape[0], other.activations.shape[0]
         size = self.activations.shape[2] * self.backprops.shape[2]
-        block = _rows_per_block(2 * size * self.backprops.element_size())
+        block = min(max(n, m), _rows_per_block(2 * size * self.backprops.element_size()))
         out = torch.empty(n, m, dtype=self.backprops.dtype, device=self.backprops.device)
         same = other is self
+        row_buffer = self.backprops.new_empty(min(n, block), size)
+        col_buffer = None if same and n <= block else self.backprops.new_empty(min(m, block), size)
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
-            rows = per_example_gradients(self.activations, self.backprops, r0, r1)
+            rows = per_example_gradients(self.activations, self.backprops, r0, r1, row_buffer)
             for c0 in range(r0 if same else 0, m, block):
                 c1 = min(m, c0 + block)
-                cols = rows if same and c0 == r0 else per_example_gradients(other.activations, other.backprops, c0, c1)
+                if same and c0 == r0:
+                    cols = rows
+                else:
+                    cols = per_example_gradients(other.activations, other.backprops, c0, c1, col_buffer)
                 out[r0:r1, c0:c1] = rows @ cols.T
                 if same and c0 != r0:
                     out[c0:c1, r0:r1] = out[r0:r1, c0:c1].T
@@ -214,7 +230,12 @@ def sequence_term(
     if ghost_ops < materialised_ops:
         full = activations.full() if isinstance(activations, LazyPositions) else activations
         return GhostTerm(full, backprops)
-    if (n + m) * d * p * backprops.element_size() <= PER_EXAMPLE_BYTES:
+    # Per-example gradients are formed now and kept when they are no larger than the factors they come from
+    # (convolutions: few weights, many positions) and fit the budget; otherwise (a transformer's projections: d p
+    # above T (d + p)) the factors are kept and each layer's gradients are formed a block at a time when its Gram
+    # matrix is computed, so that only one layer's are ever held.
+    fits = (n + m) * d * p * backprops.element_size() <= PER_EXAMPLE_BYTES
+    if fits and d * p <= t * (d + p):
         return PerExampleTerm(per_example_gradients(activations, backprops, 0, activations.shape[0]))
     return BlockedTerm(activations, backprops)
 
