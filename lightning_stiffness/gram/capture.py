@@ -72,6 +72,7 @@ class Recording:
 
     uses: list[Use] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)  # every differentiated parameter, in the model's order
 
 
 def _torch_functional_names() -> dict[str, Callable[..., Any]]:
@@ -181,7 +182,7 @@ def record_uses(
     leaves = {name: p.detach().requires_grad_(True) for name, p in objective.params.items()}
     by_module = {full for _, _, params in module_rules.values() for full in params.values()}
     tracked = {id(leaf): name for name, leaf in leaves.items() if name not in by_module}
-    recording = Recording()
+    recording = Recording(order=list(objective.params))
 
     def hook_for(module_name: str):
         _, rule, params = module_rules[module_name]

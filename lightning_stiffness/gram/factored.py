@@ -190,7 +190,9 @@ def _terms(
                 plan.fallback.setdefault(at.name, f"a call gives {count} examples another number of rows")
             else:
                 slices[at.name][at.rows].append(part)
-    return {name: term for name in wanted if (term := _param_term(name, slices.get(name), plan, n, m)) is not None}
+    # In the model's order (never a set's): under DDP every process gathers the terms in this order.
+    ordered = [name for name in recording.order if name in wanted]
+    return {name: term for name in ordered if (term := _param_term(name, slices.get(name), plan, n, m)) is not None}
 
 
 def _param_term(name: str, parts: dict | None, plan: GramPlan, n: int, m: int) -> Term | None:
@@ -343,7 +345,7 @@ def factored_grams(
     covered = {name for name in objective.params if name not in plan.fallback}
     rows = _capture(objective, modules, layout, covered, inputs, targets, chunk, plan, n, m) if covered else {}
     if gather_columns is not None:
-        cols = {name: gather_columns(term) for name, term in rows.items()}
+        cols = {name: gather_columns(rows[name]) for name in objective.params if name in rows}
     elif inputs2 is None:
         cols = rows
     else:
