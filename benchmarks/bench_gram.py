@@ -109,22 +109,20 @@ def _rss_kib(field: str) -> int:
 
 
 def check_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> float:
-    """The factored engine's per-example check alone (reference gradients and checked terms), best of ``repeats``."""
+    """The factored engine's per-example check alone (reference gradients, recorded uses, checked terms), best of
+    ``repeats``."""
     from lightning_stiffness.gram.buffers import BufferGuard
-    from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients
-    from lightning_stiffness.gram.factored import GramPlan, _candidate_layers, _check
+    from lightning_stiffness.gram.factored import GramPlan, _check, _module_rules
     from lightning_stiffness.gram.objective import Objective
     from lightning_stiffness.gram.validation import default_loss_fn
 
-    objective = Objective(model, default_loss_fn, dict(model.named_parameters()), BufferGuard(model))
+    params = dict(model.named_parameters())
+    objective = Objective(model, default_loss_fn, params, BufferGuard(model))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         with torch.enable_grad():
-            plan = GramPlan()
-            layers = _candidate_layers(model, objective.params, plan)
-            reference = ReferenceGradients(objective, x[:CHECK_EXAMPLES], y[:CHECK_EXAMPLES])
-            _check(objective, layers, reference, plan, x.shape[0], x.shape[0])
+            _check(objective, _module_rules(model, params), x, y, GramPlan(), x.shape[0], x.shape[0])
         best = min(best, time.perf_counter() - start)
     return best
 
