@@ -73,6 +73,7 @@ class Recording:
     uses: list[Use] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # every differentiated parameter, in the model's order
+    plain: list[Use] = field(default_factory=list)  # the uses whose own output the backward differentiates
 
 
 def _torch_functional_names() -> dict[str, Callable[..., Any]]:
@@ -85,6 +86,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.tracked = tracked
         self.recording = recording
+        self.enabled = True
 
     def slice_of(self, value: Any) -> ParamSlice | None:
         """The parameter (or dim-0 slice of one) ``value`` is, if any."""
@@ -130,6 +132,8 @@ class _Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.enabled:
+            return func(*args, **kwargs)
         if func in OP_RULES:
             return self.record(func, args, kwargs)
         if getattr(func, "__module__", None) == F.__name__ and self._touches(args, kwargs):
@@ -202,10 +206,20 @@ def record_uses(
     handles = [
         module.register_forward_hook(hook_for(name), with_kwargs=True) for name, (module, _, _) in module_rules.items()
     ]
+    recorder = _Recorder(tracked, recording)
+
+    def differentiate_after_forward() -> list[Tensor]:
+        # The backward runs inside the same mode and parameters as the forward (activation checkpointing recomputes
+        # segments in it, and must take the same paths), with recording off.
+        recorder.enabled = False
+        return _backward_targets(recording, leaves)
+
     try:
-        with _Recorder(tracked, recording):
-            loss = objective.loss(leaves, objective.constants(leaves), inputs, targets)
-        _backward(loss, recording, leaves)
+        with recorder:
+            grads = objective.gradients(
+                leaves, objective.constants(leaves), inputs, targets, differentiate_after_forward
+            )
+        _assign_backprops(recording, grads)
     finally:
         for handle in handles:
             handle.remove()
@@ -213,19 +227,19 @@ def record_uses(
     return recording
 
 
-def _backward(loss: Tensor, recording: Recording, leaves: dict[str, Tensor]) -> None:
-    """Fill each use's ``backprop``: the gradient of the summed loss with respect to its output.
-
-    An output written in place after its call (by ``ReLU(inplace=True)``) is no longer the tensor the call returned:
-    its gradient comes from the hook registered at the call, reached by asking for its parameters' gradients.
-    """
-    if not recording.uses or not loss.requires_grad:
-        return
+def _backward_targets(recording: Recording, leaves: dict[str, Tensor]) -> list[Tensor]:
+    """What the backward differentiates: each use's output, or, for an output written in place after its call (by
+    ``ReLU(inplace=True)``), its parameters, so that the hook registered at the call sees the output's gradient."""
     plain = [use for use in recording.uses if use.output._version == use.version]
     modified = [use for use in recording.uses if use.output._version != use.version]
     through = list({at.name: leaves[at.name] for use in modified for at in use.params.values()}.values())
-    grads = torch.autograd.grad(loss, [use.output for use in plain] + through, allow_unused=True)
-    for use, grad in zip(plain, grads, strict=False):
+    recording.plain = plain
+    return [use.output for use in plain] + through
+
+
+def _assign_backprops(recording: Recording, grads: tuple[Tensor | None, ...]) -> None:
+    """Fill each use's ``backprop``: the gradient of the summed loss with respect to its output."""
+    for use, grad in zip(recording.plain, grads, strict=False):
         use.backprop = grad.detach() if grad is not None else None
     for use in recording.uses:
         if use.backprop is None:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_stiffness.gram.blocks import Gradients, PerExampleFn
+from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.loop import loop_per_example
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.torchfunc import torchfunc_per_example
@@ -33,13 +34,23 @@ _RTOL_LOW_PRECISION = 5e-2
 class ReferenceGradients:
     """Per-example gradients of every differentiated parameter on the check examples, one autograd call each."""
 
-    def __init__(self, objective: Objective, inputs: Tensor, targets: Tensor) -> None:
+    def __init__(self, objective: Objective | None, inputs: Inputs, targets: Tensor) -> None:
         self.inputs, self.targets = inputs, targets
+        if objective is None:  # filled by `reordered`
+            return
         gradients = loop_per_example(objective, list(objective.params))(inputs, targets)
         self.rows = {name: g.reshape(g.shape[0], -1) for name, g in gradients.items()}
         self.row_norms = {name: rows.norm(dim=1) for name, rows in self.rows.items()}
         # Each example's whole gradient norm: the scale below which a parameter's error cannot matter.
         self.norms = torch.stack(list(self.row_norms.values())).norm(dim=0)
+
+    def reordered(self, order: Tensor) -> "ReferenceGradients":
+        """The same gradients for the check examples taken in ``order``."""
+        out = ReferenceGradients(None, take(self.inputs, order), self.targets[order])
+        out.rows = {name: rows[order] for name, rows in self.rows.items()}
+        out.row_norms = {name: norms[order] for name, norms in self.row_norms.items()}
+        out.norms = self.norms[order]
+        return out
 
     def disagreement(self, name: str, estimate: Tensor) -> str | None:
         """Why ``estimate`` ([k, numel] rows) is not parameter ``name``'s per-example gradient; None when it is."""

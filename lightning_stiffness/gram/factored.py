@@ -38,7 +38,7 @@ from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, f
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import GramRule, rule_for
-from lightning_stiffness.gram.terms import SlicedTerm, Term
+from lightning_stiffness.gram.terms import SlicedTerm, Term, cross_gram, join_chunks
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _candidates(use: Use, count: int) -> list[Where]:
     """The places a call's ``count`` examples could be, from its shapes alone."""
     if isinstance(use.rule, GramRule):
         return [Where(0)]
-    found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count)]
+    found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count, frozenset(use.params))]
     if use.rule.batched is not None:
         shape = use.bound[use.rule.batched].shape
         for dim in use.rule.leading_dims(use.bound):
@@ -148,7 +148,7 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
         bound = {**bound, use.rule.batched: bound[use.rule.batched].unflatten(dim, sizes)}
         output, backprop = output.unflatten(dim, sizes), backprop.unflatten(dim, sizes)
         dim = dim if where.split == "outer" else dim + 1
-    return use.rule.factors(bound, output, backprop, dim)
+    return use.rule.factors(bound, output, backprop, dim, frozenset(use.params))
 
 
 def _widened(value: Any) -> Any:
@@ -216,32 +216,73 @@ def _param_term(name: str, parts: dict | None, plan: GramPlan, n: int, m: int) -
 
 
 def _check(
-    objective: Objective, modules: ModuleRules, x: Tensor, y: Tensor, plan: GramPlan, n: int, m: int
+    objective: Objective, modules: ModuleRules, x: Inputs, y: Tensor, plan: GramPlan, n: int, m: int
 ) -> tuple[_Layout, ReferenceGradients]:
-    """Find where each call's examples are and check every parameter's term per example (see :mod:`.check`)."""
-    count = min(CHECK_EXAMPLES, y.shape[0])
-    x, y = take(x, slice(0, count)), y[:count]
-    recording = record_uses(objective, modules, x, y)
-    reference = ReferenceGradients(objective, x, y)
+    """Find where each call's examples are and check every parameter's term per example (see :mod:`.check`).
+
+    Three examples first; where a call of a shared or sliced parameter has several dimensions of that size (a
+    sequence of 3 steps), again with 2, 4 or 5. Then the same examples in reverse order must give the same
+    per-example gradients, reversed: a forward that reorders the batch by its data (sorting by length) is caught.
+    """
+    for count in _check_sizes(y.shape[0]):
+        cx, cy = take(x, slice(0, count)), y[:count]
+        recording = record_uses(objective, modules, cx, cy)
+        reference = ReferenceGradients(objective, cx, cy)
+        trial = GramPlan()
+        wheres = _locate(recording, count, reference, trial, n, m)
+        if not any(why.startswith("more than one") for why in trial.fallback.values()):
+            break
+    plan.fallback.update(trial.fallback)
+    _compare(_terms(recording, wheres, count, set(objective.params), plan, n, m), objective, reference, plan, "")
+    if count > 1:
+        order = torch.arange(count - 1, -1, -1, device=cy.device)
+        reversed_run = record_uses(objective, modules, take(cx, order), cy[order])
+        layout = _Layout([use.signature for use in recording.uses], wheres)
+        if [use.signature for use in reversed_run.uses] != layout.signatures:
+            _calls_differ(reversed_run, layout, set(objective.params), plan)
+        else:
+            wanted = {name for name in objective.params if name not in plan.fallback}
+            terms = _terms(reversed_run, wheres, count, wanted, plan, n, m)
+            _compare(terms, objective, reference.reordered(order), plan, " (the examples in reverse order)")
+    recorded = sum(use.output.numel() * use.output.element_size() * 2 for use in recording.uses)  # outputs, inputs
+    return _Layout([use.signature for use in recording.uses], wheres, recorded // count), reference
+
+
+def _check_sizes(available: int) -> list[int]:
+    """The numbers of check examples to try, in order: 3 (or all when fewer), then 2, 4, 5 where available."""
+    sizes = [min(CHECK_EXAMPLES, available)] + [size for size in (2, 4, 5) if size <= available]
+    return list(dict.fromkeys(sizes))
+
+
+def _locate(
+    recording: Recording, count: int, reference: ReferenceGradients, plan: GramPlan, n: int, m: int
+) -> list[Where | None]:
+    """Where each call's examples are; None (its parameters to the fallback in ``plan``) where that is not proven."""
     calls = Counter(at.name for use in recording.uses for at in use.params.values())
     wheres: list[Where | None] = []
     for use in recording.uses:
         found = _candidates(use, count)
         if len(found) > 1 and all(calls[at.name] == 1 and at.rows is None for at in use.params.values()):
             found = [where for where in found if _passes(use, where, count, reference, n, m)][:1]
+        elif len(found) > 1 and sum(where.split is None for where in found) == 1:
+            # A shared or sliced parameter: its calls cannot be tried one by one. The one dimension of the right
+            # size is taken, and the check of the parameter's joined term below proves it or sends it to the fallback.
+            found = [where for where in found if where.split is None]
         wheres.append(found[0] if len(found) == 1 else None)
         if len(found) != 1:
             shape = tuple(use.output.shape)
             why = "no" if not found else "more than one"
             for at in use.params.values():
                 plan.fallback.setdefault(at.name, f"{why} dimension of a call's output {shape} holds the examples")
-    terms = _finish(_terms(recording, wheres, count, set(objective.params), plan, n, m), objective)
-    for name, term in terms.items():
+    return wheres
+
+
+def _compare(terms: dict, objective: Objective, reference: ReferenceGradients, plan: GramPlan, how: str) -> None:
+    """Send every parameter whose term disagrees with the reference per example to the fallback."""
+    for name, term in _finish(terms, objective).items():
         why = reference.disagreement(name, term.per_example())
         if why is not None:
-            plan.fallback[name] = "per-example check: " + why
-    recorded = sum(use.output.numel() * use.output.element_size() * 2 for use in recording.uses)  # outputs, inputs
-    return _Layout([use.signature for use in recording.uses], wheres, recorded // count), reference
+            plan.fallback[name] = f"per-example check{how}: {why}"
 
 
 def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n: int, m: int) -> bool:
@@ -295,11 +336,7 @@ def _capture(
         for name, term in _finish(_terms(recording, wheres, y.shape[0], wanted, plan, n, m), objective).items():
             chunks[name].append(term)
         del recording  # frees this chunk's activations before the next forward
-    return {
-        name: type(parts[0]).concat(parts) if len(parts) > 1 else parts[0]
-        for name, parts in chunks.items()
-        if name not in plan.fallback
-    }
+    return {name: join_chunks(parts) for name, parts in chunks.items() if name not in plan.fallback}
 
 
 def _calls_differ(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> None:
@@ -339,7 +376,9 @@ def factored_grams(
         n = m  # every process must pick the same form for a layer, so decide on the whole matrix's size
     # The check runs on the first examples of the columns when they are gathered: the same on every process, so
     # every process makes the same decisions.
-    check_x, check_y = (inputs, targets) if gather_columns is None else (inputs2, targets2)
+    # The check takes the larger side of a cross Gram matrix: one example cannot tell the orders of a flattened layout.
+    columns_larger = targets2 is not None and targets2.shape[0] > targets.shape[0]
+    check_x, check_y = (inputs2, targets2) if gather_columns is not None or columns_larger else (inputs, targets)
     layout, reference = _check(objective, modules, check_x, check_y, plan, n, m)
     chunk = chunk_size or max(1, min(DEFAULT_FACTORED_CHUNK, CAPTURE_BYTES // max(1, layout.bytes_per_example)))
     covered = {name for name in objective.params if name not in plan.fallback}
@@ -382,7 +421,7 @@ def _factored_part(rows, cols, plan: GramPlan, dtype: torch.dtype, progress: Pro
     steps = len(names) + (1 if plan.fallback else 0)
     for step, name in enumerate(names, start=1):
         plan.forms[name] = rows[name].form
-        block = rows[name].gram(cols[name]).to(dtype)
+        block = cross_gram(rows[name], cols[name]).to(dtype)
         key = owner(name)
         grams[key] = grams[key].add_(block) if key in grams else block
         if progress is not None:

@@ -22,18 +22,16 @@ def loop_per_example(objective: Objective, names: list[str]) -> PerExampleFn:
     """
     leaves = {name: objective.params[name].detach().requires_grad_(True) for name in names}
     constants = objective.constants(leaves)
-    wanted = list(leaves.values())
 
     def per_example(inputs: Inputs, targets: Tensor) -> Gradients:
         count = targets.shape[0]
         out = {name: torch.zeros((count, *p.shape), dtype=p.dtype, device=p.device) for name, p in leaves.items()}
         for i in range(count):
             try:
-                loss = objective.loss(leaves, constants, take(inputs, slice(i, i + 1)), targets[i : i + 1])
-                grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else ()
+                grads = objective.gradients(leaves, constants, take(inputs, slice(i, i + 1)), targets[i : i + 1])
             finally:
                 objective.guard.restore()
-            for name, g in zip(leaves, grads, strict=False):
+            for name, g in zip(leaves, grads, strict=True):
                 if g is not None:
                     out[name][i] = g
         return out

@@ -75,12 +75,17 @@ class OpRule:
         """The call's arguments by name, or None when the call has settings this rule does not cover."""
         raise NotImplementedError
 
-    def example_dims(self, bound: dict[str, Any], output: Tensor, count: int) -> list[int]:
-        """The dimensions that can hold ``count`` examples (of the tensor :meth:`factors` indexes by example)."""
+    def example_dims(self, bound: dict[str, Any], output: Tensor, count: int, roles: frozenset[str]) -> list[int]:
+        """The dimensions that can hold ``count`` examples (of the tensor :meth:`factors` indexes by example).
+
+        ``roles`` are the arguments that hold differentiated parameters (the others are activations or constants).
+        """
         raise NotImplementedError
 
-    def factors(self, bound: dict[str, Any], output: Tensor, backprop: Tensor, dim: int) -> dict[str, Factors]:
-        """Factors of each role, the examples along ``dim`` moved to dim 0."""
+    def factors(
+        self, bound: dict[str, Any], output: Tensor, backprop: Tensor, dim: int, roles: frozenset[str]
+    ) -> dict[str, Factors]:
+        """Factors of each role in ``roles``, the examples along ``dim`` moved to dim 0."""
         raise NotImplementedError
 
 
@@ -128,11 +133,11 @@ class LinearRule(OpRule):
     def bind(self, args, kwargs):
         return _bind(("input", "weight", "bias"), {"bias": None}, args, kwargs)
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         x = bound["input"]
         return _dims_of_size(x.shape, range(x.dim() - 1), count)
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         grads = _examples_first(backprop, dim, 1)
         out: dict[str, Factors] = {"weight": Positions(_examples_first(bound["input"].detach(), dim, 1), grads)}
         out["bias"] = Rows(grads.sum(dim=1))
@@ -171,12 +176,12 @@ class ConvolutionRule(OpRule):
         # Groups change how patches map to weights: left to the exact fallback.
         return bound if bound["groups"] == 1 and bound["padding"] is not None else None
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         x = bound["input"]
         batched = x.dim() == bound["weight"].dim()
         return [0] if batched and x.shape[0] == count else []
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         weight = bound["weight"]
         source = bound["input"].detach()
         if weight.dim() == 3:  # conv1d as a conv2d of height 1
@@ -211,11 +216,11 @@ class EmbeddingRule(OpRule):
         # max_norm rewrites the table in place; scale_grad_by_freq couples the examples through token counts.
         return None if bound["max_norm"] is not None or bound["scale_grad_by_freq"] else bound
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         ids = bound["input"]
         return _dims_of_size(ids.shape, range(ids.dim()), count)
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         ids = bound["input"].movedim(dim, 0)
         ids = ids.reshape(ids.shape[0], -1)
         grads = _examples_first(backprop, dim, 1)
@@ -250,11 +255,11 @@ class LayerNormRule(OpRule):
             kwargs,
         )
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         x = bound["input"]
         return _dims_of_size(x.shape, range(x.dim() - len(bound["normalized_shape"])), count)
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         shape = tuple(bound["normalized_shape"])
         normalised = F.layer_norm(bound["input"].detach(), shape, eps=bound["eps"])
         return _affine_rows(normalised, backprop, dim, len(shape))
@@ -274,11 +279,11 @@ class GroupNormRule(OpRule):
             ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5}, args, kwargs
         )
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         x = bound["input"]
         return [0] if x.dim() >= 2 and x.shape[0] == count else []
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         normalised = F.group_norm(bound["input"].detach(), bound["num_groups"], eps=bound["eps"])
         return _affine_rows(_channels_last(normalised), _channels_last(backprop), 0, 1)
 
@@ -298,11 +303,11 @@ class BatchNormRule(OpRule):
         )
         return None if bound["training"] or bound["running_mean"] is None else bound
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         x = bound["input"]
         return [0] if x.dim() >= 2 and x.shape[0] == count else []
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         x = bound["input"].detach()
         shape = (1, -1) + (1,) * (x.dim() - 2)
         normalised = (x - bound["running_mean"].reshape(shape)) * torch.rsqrt(
@@ -319,16 +324,16 @@ class _BroadcastRule(OpRule):
     the parameter's shape.
     """
 
-    def _parameters(self, bound: dict[str, Any]) -> dict[str, Tensor]:
-        return {role: bound[role] for role in self.roles if isinstance(bound.get(role), Tensor)}
+    def _parameters(self, bound: dict[str, Any], roles: frozenset[str]) -> dict[str, Tensor]:
+        return {role: bound[role] for role in self.roles if role in roles and isinstance(bound.get(role), Tensor)}
 
-    def example_dims(self, bound, output, count):
+    def example_dims(self, bound, output, count, roles):
         dims = []
         for dim in range(output.dim()):
             if output.shape[dim] != count:
                 continue
             offset = output.dim() - dim  # the parameter's dimension aligned with `dim`, counted from the end
-            if all(p.dim() < offset or p.shape[p.dim() - offset] == 1 for p in self._parameters(bound).values()):
+            if all(p.dim() < offset or p.shape[p.dim() - offset] == 1 for p in self._parameters(bound, roles).values()):
                 dims.append(dim)
         return dims
 
@@ -347,10 +352,10 @@ class AddRule(_BroadcastRule):
         bound = _bind(("input", "other", "alpha"), {"alpha": 1}, args, kwargs)
         return bound if isinstance(bound["input"], Tensor) else None
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         sign = -1.0 if output.grad_fn is not None and "Sub" in type(output.grad_fn).__name__ else 1.0
         out = {}
-        for role, parameter in self._parameters(bound).items():
+        for role, parameter in self._parameters(bound, roles).items():
             scale = 1.0 if role == "input" else sign * bound["alpha"]
             out[role] = self._reduced(backprop * scale, parameter, dim)
         return out
@@ -363,9 +368,9 @@ class MulRule(_BroadcastRule):
     def bind(self, args, kwargs):
         return _bind(("input", "other"), {}, args, kwargs)
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         out = {}
-        for role, parameter in self._parameters(bound).items():
+        for role, parameter in self._parameters(bound, roles).items():
             other = bound["other" if role == "input" else "input"]
             other = other.detach() if isinstance(other, Tensor) else other
             out[role] = self._reduced(backprop * other, parameter, dim)
@@ -382,7 +387,7 @@ class ExpandRule(_BroadcastRule):
             sizes = tuple(sizes[0])
         return {"input": args[0], "sizes": sizes}
 
-    def factors(self, bound, output, backprop, dim):
+    def factors(self, bound, output, backprop, dim, roles):
         return {"input": self._reduced(backprop, bound["input"], dim)}
 
 

@@ -59,6 +59,39 @@ class LazyPositions:
         return self.expand(self.source)
 
 
+def _padded_cat(parts: list[Tensor]) -> Tensor:
+    """``parts`` [B_k, T_k, ...] joined along dim 0, each zero-padded along dim 1 to the longest T."""
+    longest = max(part.shape[1] for part in parts)
+    padded = [
+        part
+        if part.shape[1] == longest
+        else torch.cat([part, part.new_zeros(part.shape[0], longest - part.shape[1], *part.shape[2:])], dim=1)
+        for part in parts
+    ]
+    return torch.cat(padded)
+
+
+def cross_gram(rows: Any, cols: Any) -> Tensor:
+    """The Gram matrix between two terms of one parameter, even of different forms.
+
+    Rows and columns of different lengths (a padded batch against an unpadded one) can take different forms; those
+    are multiplied through their per-example gradients.
+    """
+    if type(rows) is type(cols):
+        return rows.gram(cols)
+    return rows.per_example() @ cols.per_example().T
+
+
+def join_chunks(parts: list[Any]) -> Any:
+    """One term from the terms of consecutive chunks; chunks of different lengths may have taken different forms,
+    which are then joined as per-example gradients."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(type(part) is type(parts[0]) for part in parts):
+        return type(parts[0]).concat(parts)
+    return PerExampleTerm(torch.cat([part.per_example() for part in parts]))
+
+
 def per_example_gradients(
     activations: Tensor | LazyPositions, backprops: Tensor, start: int, stop: int, out: Tensor | None = None
 ) -> Tensor:
@@ -159,9 +192,9 @@ class _PositionsTerm:
         first = terms[0].activations
         if isinstance(first, LazyPositions):
             activations = LazyPositions(torch.cat([t.activations.source for t in terms]), first.expand)
-        else:
-            activations = torch.cat([t.activations for t in terms])
-        return cls(activations, torch.cat([t.backprops for t in terms]))
+            return cls(activations, torch.cat([t.backprops for t in terms]))
+        # Chunks padded to their own longest example have different T: zero positions add nothing to sum_t b a^T.
+        return cls(_padded_cat([t.activations for t in terms]), _padded_cat([t.backprops for t in terms]))
 
 
 class GhostTerm(_PositionsTerm):
@@ -304,8 +337,10 @@ class TokenTerm:
 
     @classmethod
     def concat(cls, terms: list["TokenTerm"]) -> "TokenTerm":
-        ids = torch.cat([t.ids for t in terms])
-        return cls(ids, torch.cat([t.backprops for t in terms]), terms[0].num_embeddings)
+        # Padded positions hold token 0 with a zero gradient row: they add nothing to any dot product.
+        return cls(
+            _padded_cat([t.ids for t in terms]), _padded_cat([t.backprops for t in terms]), terms[0].num_embeddings
+        )
 
 
 @dataclass
@@ -334,7 +369,7 @@ class SlicedTerm:
     def gram(self, other: "SlicedTerm") -> Tensor:
         total = None
         for (_, mine), (_, theirs) in zip(self.parts, other.parts, strict=True):
-            block = mine.gram(theirs)
+            block = cross_gram(mine, theirs)
             total = block if total is None else total.add_(block)
         return total
 
@@ -350,9 +385,7 @@ class SlicedTerm:
 
     @classmethod
     def concat(cls, terms: list["SlicedTerm"]) -> "SlicedTerm":
-        parts = [
-            (rows, type(term).concat([t.parts[i][1] for t in terms])) for i, (rows, term) in enumerate(terms[0].parts)
-        ]
+        parts = [(rows, join_chunks([t.parts[i][1] for t in terms])) for i, (rows, _) in enumerate(terms[0].parts)]
         return cls(parts, terms[0].row_numel, terms[0].numel)
 
 
