@@ -34,73 +34,64 @@ from lightning_stiffness.failures import is_expected, strict_default
 from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import StiffnessResult
-from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX
+from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
 from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter
 from lightning_stiffness.probe import SET_WORDS, ProbeSets, build_probe_sets, find_datasets, resolve_callable
 from lightning_stiffness.probing import ProbeOptions, measure_probe
 from lightning_stiffness.representations import check_layer_names
+from lightning_stiffness.schedule import ProbeSchedule
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
 class StiffnessCallback(Callback):
-    r"""Measure gradient stiffness on fixed probe examples at chosen epochs and log it.
+    r"""Measure gradient stiffness on fixed probe examples at chosen epochs or steps and log it.
 
-    For probe examples i, j with per-example loss gradients :math:`g_i, g_j`, cosine stiffness is
-    :math:`\cos(g_i, g_j)` and sign stiffness :math:`\operatorname{sign}(g_i \cdot g_j)`: positive when a gradient
-    step on i also lowers the loss on j. Each probe logs scalars such as ``stiffness/{pair}/{kind}/within_class``
-    (each probe its own point at the trainer's global step; epoch-end values also go to ``pl_module.log``, so
-    ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them), TensorBoard images, and raw results under the
-    trainer's ``log_dir``; :mod:`lightning_stiffness.names` builds every name and the README lists them. The model's
-    modes, parameters, gradients and random states are restored after each probe, so training follows exactly the
-    trajectory it would without the callback.
+    Stiffness between examples i, j is :math:`\cos(g_i, g_j)` or :math:`\operatorname{sign}(g_i \cdot g_j)` of their
+    loss gradients. Each probe logs scalars (``stiffness/{pair}/{kind}/within_class``, ...) and images to every logger
+    at the global step, raw results under ``log_dir``, and keeps the latest scalars available to monitors. Training
+    is unchanged (modes, parameters, gradients and random states are restored after each probe).
 
     Args:
         samples_per_class: probe examples drawn per class from the training set and from the validation set.
-        epochs: epochs (0-based) at whose end to probe. Cannot be combined with ``every_n_epochs``.
-        every_n_epochs: probe at the end of every n-th epoch; 0 for no epoch-end probes. Default: every epoch,
-            unless ``epochs`` is given.
-        probe_at_start: probe once when training starts, before the first optimiser step (epoch 0, step 0).
+        epochs: epochs (Lightning's, 0-based) at whose end to probe. Cannot be combined with ``every_n_epochs``.
+        every_n_epochs: probe at the end of every n-th epoch; 0 for none. Default: 1, unless ``epochs``, ``steps``
+            or ``every_n_steps`` is given.
+        steps: global steps (optimiser steps taken, >= 1) after which to probe, alone or with an epoch schedule.
+        every_n_steps: probe after every n-th optimiser step. A step is never probed twice.
+        probe_at_start: probe once when training starts, before the first optimiser step ("initialisation").
         kinds: stiffness kinds to measure, among ``"cosine"`` and ``"sign"``. Default: both.
         method: Gram engine, see :func:`lightning_stiffness.functional.gradient_gram`.
         chunk_size: examples per block of per-example gradients (bounds memory); default from a memory budget.
         seed: seed of the callback's own generator, which draws the probe examples.
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``, a callable or an import path
             ``"package.module.function"``. Default: cross-entropy with ``reduction="none"``.
-        batch_to_xy: turns a dataset item into ``(x, y)``, a callable or an import path. Default: the first two
-            entries of a tuple or list, or a dict's ``x``/``input``/``inputs``/``image``/``images``/``features``/
-            ``input_ids`` and ``y``/``label``/``labels``/``target``/``targets`` keys.
+        batch_to_xy: turns a dataset item into ``(x, y)``, a callable or an import path. Default: a tuple's first two
+            entries, or a dict's usual keys (``x``, ``image``, ``input_ids``, ..., ``y``, ``label``, ...).
         num_distance_bins: bins of the stiffness-against-distance curves.
         save_raw: write each probe's raw results to ``{log_dir}/stiffness/epoch=E-step=S.pt``.
-        log_images: log class-matrix and distance-curve images (TensorBoard loggers only).
-        images_every_n_probes: render images at every n-th probe only (rendering costs about 0.2 s an image).
+        log_images: log class-matrix and distance-curve images (TensorBoard, W&B, MLflow; PNG files otherwise).
+        images_every_n_probes: images of every n-th probe, and always of the last.
         class_names: names for the class axes; default: the training dataset's ``classes`` attribute, or the labels.
         per_layer: also measure each layer's own gradients (``stiffness/{pair}/{kind}/by_layer/{layer}/...``).
-        layers: module names (as in ``pl_module.named_modules()``) whose outputs give representation-space
-            distances: a distance curve and a critical distance ``stiffness/{pair}/critical_distance/{layer}`` each.
+        layers: module names (``pl_module.named_modules()``) whose outputs give distances: a curve and a ξ each.
         layer_distance: metric of the representation distances: ``"cosine"`` (1 - cos) or ``"euclidean"``.
-        prefix: first part of every tag and folder of the raw results under ``log_dir``. Several callbacks in one
-            Trainer need one each (for example ``"stiffness"`` and ``"stiffness-sign"``): it is also their
-            :attr:`state_key`, so each resumes its own probe examples.
-        strict: raise a probe's unexpected failures (a bug in this package or in the model) instead of skipping
-            the probe with a warning; expected ones (a non-finite loss, out of memory, a failure on another process
-            that was expected there, a full disk when writing) are always skipped. Default: off, or on when the
-            environment variable ``LIGHTNING_STIFFNESS_STRICT`` is ``1`` (as in this package's tests).
+        prefix: first part of every tag and raw folder, and the :attr:`state_key`: one each for several callbacks.
+        strict: raise a probe's unexpected failures (bugs) instead of skipping the probe with a warning; expected
+            ones (non-finite loss, out of memory, full disk) are always skipped. Default: the environment variable
+            ``LIGHTNING_STIFFNESS_STRICT``.
 
     Raises:
-        MisconfigurationException:
-            In ``__init__`` for an argument out of range (``samples_per_class < 2``, an empty ``epochs``, a negative
-            ``every_n_epochs``, an unknown kind or method, ...). At setup when there is no logger, the strategy
-            shards the model (FSDP, DeepSpeed) or ``layers`` names an unknown module; when training starts if the
+        MisconfigurationException: In ``__init__`` for an argument out of range. At setup without a logger, with a
+            sharded strategy (FSDP, DeepSpeed) or an unknown module in ``layers``; when training starts if the
             training data has no integer class labels.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> from lightning_stiffness import StiffnessCallback
-        >>> stiffness = StiffnessCallback(samples_per_class=20, epochs=[0, 1, 4, 9])
-        >>> sign = StiffnessCallback(samples_per_class=50, kinds=["sign"], prefix="stiffness-sign")
-        >>> trainer = Trainer(callbacks=[stiffness, sign], max_epochs=10)
+        >>> stiffness = StiffnessCallback(samples_per_class=20, epochs=[0, 1, 4, 9], steps=[10, 30, 100])
+        >>> trainer = Trainer(callbacks=[stiffness], max_epochs=10)
     """
 
     def __init__(
@@ -108,6 +99,8 @@ class StiffnessCallback(Callback):
         samples_per_class: int = 10,
         epochs: list[int] | None = None,
         every_n_epochs: int | None = None,
+        steps: list[int] | None = None,
+        every_n_steps: int | None = None,
         probe_at_start: bool = True,
         kinds: list[Literal["cosine", "sign"]] | None = None,
         method: Literal["auto", "factored", "torch.func", "loop"] = "auto",
@@ -129,7 +122,7 @@ class StiffnessCallback(Callback):
         with _misconfiguration():
             for name, value, minimum in (("samples_per_class", samples_per_class, 2), ("seed", seed, 0)):
                 check_int(value, name, minimum)
-            _check_schedule(epochs, every_n_epochs)
+            self._schedule = ProbeSchedule(epochs, every_n_epochs, steps, every_n_steps, probe_at_start)
             chosen_kinds = _check_kinds(kinds)
             _check_engine(method, chunk_size, num_distance_bins, images_every_n_probes)
             self._loss_fn = resolve_callable(loss_fn, "loss_fn") or default_loss_fn
@@ -137,12 +130,11 @@ class StiffnessCallback(Callback):
             _check_names(class_names, layers, layer_distance, prefix)
 
         self.samples_per_class = samples_per_class
-        self.epochs = sorted(set(epochs)) if epochs is not None else None
-        self.every_n_epochs = every_n_epochs if (every_n_epochs is not None or epochs is not None) else 1
+        self.epochs = epochs if epochs is None else list(self._schedule.epochs)
+        self.every_n_epochs, self.steps, self.every_n_steps = self._schedule.every_n_epochs, steps, every_n_steps
         self.probe_at_start = probe_at_start
         self.kinds = chosen_kinds
-        self.method = method
-        self.chunk_size = chunk_size
+        self.method, self.chunk_size = method, chunk_size
         self.seed = seed
         self.num_distance_bins = num_distance_bins
         self.save_raw = save_raw
@@ -150,8 +142,7 @@ class StiffnessCallback(Callback):
         self.images_every_n_probes = images_every_n_probes
         self.class_names = class_names
         self.per_layer = per_layer
-        self.layers = layers
-        self.layer_distance = layer_distance
+        self.layers, self.layer_distance = layers, layer_distance
         self.prefix = prefix
         self.strict = strict_default() if strict is None else strict
 
@@ -162,7 +153,7 @@ class StiffnessCallback(Callback):
         self._warned: set[str] = set()
         self._options = _probe_options(self, layers or [])
         self._scalars = ScalarWriter(prefix)
-        self._images = ImageWriter(prefix, images_every_n_probes, self._warn_once)
+        self._images = ImageWriter(prefix, images_every_n_probes, rank_zero_warn)
         self._raw = RawWriter(Path(prefix))
         #: The most recent probe's result on this process (``None`` before the first probe).
         self.last_result: StiffnessResult | None = None
@@ -195,14 +186,32 @@ class StiffnessCallback(Callback):
         self._raw = RawWriter(Path(trainer.log_dir or trainer.default_root_dir) / self.prefix)
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
-        if self.probe_at_start and trainer.global_step == 0:
-            self._probe(trainer, pl_module, at_start=True)
+        if self._schedule.due_at_start(trainer.global_step):
+            self._probe(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if self._probes is not None and self._schedule.due_at_step(trainer.global_step):
+            self._probe(trainer, pl_module)
+        self._images.deliver(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._idle or self._probes is None or not self._scheduled(trainer.current_epoch):
-            return
-        self._probe(trainer, pl_module, at_start=False)
+        if self._probes is not None and self._schedule.due_at_epoch_end(trainer.current_epoch, trainer.global_step):
+            self._probe(trainer, pl_module)
+        self._scalars.publish(trainer, pl_module)  # the latest values, at every check until the next probe
+        self._images.deliver(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._scalars.publish(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule, *exception: BaseException) -> None:
+        self._images.finish(trainer)  # every probe's images, the last one's included; the worker stops
+
+    on_exception = on_train_end
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -216,11 +225,6 @@ class StiffnessCallback(Callback):
         self._probes_done = int(state_dict.get("probes_done", 0))
         if self._restored_indices:
             _warn_if_drawn_differently(state_dict, {"seed": self.seed, "samples_per_class": self.samples_per_class})
-
-    def _scheduled(self, epoch: int) -> bool:
-        if self.epochs is not None:
-            return epoch in self.epochs
-        return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
 
     def _build_probe_sets(self, trainer: Trainer) -> None:
         broadcast = Communicator.from_trainer(trainer).broadcast
@@ -244,43 +248,34 @@ class StiffnessCallback(Callback):
 
     # --------------------------------------------------------------------------------------------- probes and writing
 
-    def _probe(self, trainer: Trainer, pl_module: LightningModule, at_start: bool) -> None:
+    def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch, step = trainer.current_epoch, trainer.global_step
+        self._schedule.done(step)
         started = time.perf_counter()
         try:
             result = self._measure(trainer, pl_module, epoch, step)
         except Exception as err:  # an expected failure must never stop training: it is reported and skipped
-            self._skip(err, is_expected(err), f"the probe at epoch {epoch} (step {step}) was skipped")
+            self._skip(err, is_expected(err), f"the probe at {probe_label(epoch, step)} was skipped")
             return
         seconds = time.perf_counter() - started
         self.last_result = result
         self._probes_done += 1
-        self._scalars.write(trainer, pl_module, result, seconds, monitor=not at_start)
+        self._scalars.write(trainer, result, seconds)
         written = time.perf_counter()
         if trainer.is_global_zero:
-            self._write_files(trainer, result)
+            _write_files(self, trainer, result)
         rank_zero_info(
-            f"StiffnessCallback: probe at epoch {epoch} (step {step}) took {seconds:.2f} s "
-            f"(+ {time.perf_counter() - written:.2f} s writing images and raw results)."
+            f"StiffnessCallback: the probe at {probe_label(epoch, step)} took {seconds:.2f} s "
+            f"(+ {time.perf_counter() - written:.2f} s sending images and writing raw results)."
         )
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> StiffnessResult:
         probes, comm = self._probes, Communicator.from_trainer(trainer)
         show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
         with preserved_rng(pl_module.device), eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
-            with progress_bar(show_progress, f"Stiffness probe (epoch {epoch})") as progress:
+            with progress_bar(show_progress, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
                 options = {"epoch": epoch, "step": step, "progress": progress}
                 return measure_probe(pl_module, probes.sets, probes.num_classes, self._options, comm, **options)
-
-    def _write_files(self, trainer: Trainer, result: StiffnessResult) -> None:
-        try:
-            if self.log_images:
-                self._images.write(trainer, result, self._probes.class_names, probe_number=self._probes_done)
-            if self.save_raw:
-                self._raw.write(result)
-        except Exception as err:  # a full disk or a broken logger must not stop training either
-            what = f"writing the images or raw results of the probe at epoch {result.epoch} (step {result.step}) failed"
-            self._skip(err, isinstance(err, OSError), what)
 
     def _skip(self, error: Exception, expected: bool, what: str) -> None:
         """Warn that ``what`` happened because of ``error``; in strict mode, raise an unexpected ``error`` instead."""
@@ -292,6 +287,19 @@ class StiffnessCallback(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _write_files(callback: StiffnessCallback, trainer: Trainer, result: StiffnessResult) -> None:
+    """Send the probe's images to be drawn and write its raw results, as the callback's arguments say."""
+    try:
+        if callback.log_images:
+            names = callback._probes.class_names
+            callback._images.write(trainer, result, names, probe_number=callback._probes_done)
+        if callback.save_raw:
+            callback._raw.write(result)
+    except Exception as err:  # a full disk or a broken logger must not stop training either
+        what = f"writing the images or raw results of the probe at {probe_label(result.epoch, result.step)} failed"
+        callback._skip(err, isinstance(err, OSError), what)
 
 
 def _probe_options(callback: StiffnessCallback, layers: list[str]) -> ProbeOptions:
@@ -328,7 +336,8 @@ def _misconfiguration() -> Iterator[None]:
     try:
         yield
     except ValueError as err:
-        raise MisconfigurationException(f"StiffnessCallback: {err}") from err
+        # The callback's own message, first and once (LightningCLI shows the first exception of a chain first).
+        raise MisconfigurationException(f"StiffnessCallback: {err}") from None
 
 
 def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[str, Any]:
@@ -343,18 +352,6 @@ def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[s
             what = SET_WORDS[name]
             warn_once(what, f"StiffnessCallback: several {what} dataloaders; probing the first one's dataset.")
     return {name: datasets[0] for name, datasets in found.items() if datasets}
-
-
-def _check_schedule(epochs: list[int] | None, every_n_epochs: int | None) -> None:
-    if epochs is not None:
-        if not isinstance(epochs, (list, tuple)) or len(epochs) == 0:
-            raise ValueError(f"`epochs` must be a non-empty list of epoch numbers, got {epochs!r}.")
-        for epoch in epochs:
-            check_int(epoch, "epochs", minimum=0)
-        if every_n_epochs is not None:
-            raise ValueError("Give either `epochs` or `every_n_epochs`, not both.")
-    if every_n_epochs is not None:
-        check_int(every_n_epochs, "every_n_epochs", minimum=0)
 
 
 def _check_kinds(kinds: list[str] | None) -> tuple[str, ...]:

@@ -49,8 +49,9 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(enabled: bool, description: str) -> Iterator[Progress | None]:
-    """A transient tqdm bar updated with ``(done, total)`` blocks; ``None`` when not ``enabled``."""
-    if not enabled:
+    """A transient tqdm bar updated with ``(done, total)`` blocks; ``None`` when not ``enabled`` or when stderr is
+    not a terminal (a log file or CI output would collect its escape codes)."""
+    if not enabled or not sys.stderr.isatty():
         yield None
         return
     bar = tqdm(desc=description, leave=False, dynamic_ncols=True, file=sys.stderr, unit="block")

@@ -12,10 +12,12 @@ from torch import Tensor
 
 from lightning_stiffness.functional import (
     DistanceCurve,
+    LineFitSums,
     distance_bin_edges,
     pairwise_distances,
     within_between,
 )
+from lightning_stiffness.lines import line_fits
 from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance, block_stiffness
 from lightning_stiffness.names import (
     KINDS,
@@ -56,6 +58,9 @@ class StiffnessResult:
         layer_distances: ``"{pair}/{layer}"`` -> [N, M] distances between the examples' outputs of that layer.
         layer_critical_distance: ``"{pair}/{layer}"`` -> xi in that layer's representation (same-class pairs).
         layer_curves: ``"{pair}/{layer}"`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve`.
+        line_fits: ``pair`` or ``"{pair}/{layer}"`` -> fit (``"pairs"``: the paper's, whose zero crossing is the
+            critical distance; ``"bins"``: through the bin means) -> ``intercept``, ``slope``, ``xi``, ``low``,
+            ``high`` (see :mod:`~lightning_stiffness.lines`).
     """
 
     epoch: int
@@ -80,6 +85,7 @@ class StiffnessResult:
     layer_distances: dict[str, Tensor] = field(default_factory=dict)
     layer_critical_distance: dict[str, float] = field(default_factory=dict)
     layer_curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
+    line_fits: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[str]:
@@ -332,7 +338,8 @@ def _distance_measures(
         spaces[layer] = pairwise_distances(a, b, metric=settings.distance_metric).to(settings.device)
         result.layer_distances[layer_key(pair, layer)] = spaces[layer].to(dtype).cpu()
     for layer, space in spaces.items():
-        curves, xi = _curves(block, gram, space, result.xi_kind, settings)
+        curves, xi, sums = _curves(block, gram, space, result.xi_kind, settings)
+        result.line_fits[pair if layer is None else layer_key(pair, layer)] = line_fits(sums, curves["within"])
         if layer is None:
             result.critical_distance[pair], result.curves[pair] = xi, curves
         else:
@@ -342,19 +349,22 @@ def _distance_measures(
 
 def _curves(
     block: _PairBlock, gram: GramRows, space: Tensor, kind: str, settings: _Settings
-) -> tuple[dict[str, DistanceCurve], float]:
-    """Within- and between-class curves against the distances ``space`` (shared bins), and xi (within class)."""
+) -> tuple[dict[str, DistanceCurve], float, LineFitSums]:
+    """Within- and between-class curves against the distances ``space`` (shared bins), xi and its line's sums
+    (within class)."""
     values, norms_r, norms_c = block.of(gram)
     not_self = _not_self(space.shape, block.same_set, settings.device)
     edges = distance_bin_edges(space, not_self, settings.num_distance_bins)
     same_class = block.labels_r[:, None] == block.labels_c[None, :]
-    curves, xi = {}, float("nan")
+    curves, xi, sums = {}, float("nan"), LineFitSums(0.0, 0.0, 0.0, 0.0, 0.0)
     for side, mask in zip(SIDES, (same_class, ~same_class), strict=True):
         metric = settings.metric(StiffnessByDistance, edges, kind)
         metric.update(values, space[block.local], norms_r, norms_c, *block.self_pairs, mask=mask)
         curves[side], side_xi = metric.compute()
-        xi = side_xi if side == "within" else xi
-    return curves, xi
+        if side == "within":
+            with metric.sync_context(should_sync=settings.sync):  # the line of all processes' pairs
+                xi, sums = side_xi, LineFitSums(*metric.line_sums.tolist())
+    return curves, xi, sums
 
 
 def _not_self(shape: torch.Size, same_set: bool, device: torch.device) -> Tensor:

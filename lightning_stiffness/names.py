@@ -26,6 +26,12 @@ SIDES = ("within", "between")
 DISTANCE_METRICS = ("cosine", "euclidean")
 #: The first part of every logged tag and the folder of raw results under the logger's ``log_dir``, by default.
 PREFIX = "stiffness"
+#: The two lines fitted through same-class (distance, stiffness) pairs: ``pairs``, least squares over all pairs (the
+#: paper's, whose zero crossing is the logged critical distance), and ``bins``, through the bin means, each non-empty
+#: bin weighted equally.
+FITS = ("pairs", "bins")
+#: What the probe before the first optimiser step (step 0) is called in titles, the report and messages.
+INITIALISATION = "initialisation"
 #: Raw result files of one run, ``epoch=E-step=S.pt``.
 RAW_FILE_PATTERN = "epoch=*-step=*.pt"
 
@@ -54,8 +60,20 @@ def layer_kind_key(pair: str, kind: str, layer: str) -> str:
 
 
 def raw_file_name(epoch: int, step: int) -> str:
-    """File name of one probe's raw results."""
+    """File name of one probe's raw results, as ``ModelCheckpoint`` names a checkpoint saved at that moment
+    (``epoch``: Lightning's 0-based ``current_epoch``; the probe at initialisation is ``epoch=0-step=0``)."""
     return f"epoch={epoch}-step={step}.pt"
+
+
+def probe_label(epoch: int, step: int) -> str:
+    """How titles, the report and messages name a probe: ``initialisation`` before the first optimiser step, else
+    Lightning's 0-based epoch and the global step (``epoch 2, step 120``)."""
+    return INITIALISATION if step == 0 else f"epoch {epoch}, step {step}"
+
+
+def image_file(tag: str, epoch: int, step: int) -> str:
+    """Path, relative to the logger's ``log_dir``, of an image written as a PNG file: ``{tag}/epoch=E-step=S.png``."""
+    return f"{tag}/{raw_file_name(epoch, step)[: -len('.pt')]}.png"
 
 
 # ----------------------------------------------------------------------------------------------------- logged tags

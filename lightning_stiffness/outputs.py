@@ -1,23 +1,32 @@
-"""Writers of a probe's result: scalars (every logger, and Lightning's monitors), images, raw files. One job each.
+"""Writers of a probe's result: scalars (every logger, and Lightning's monitors), images (every logger, in its own
+API), raw files. One job each.
 
 Each probe is its own point at its own step: scalars go to the loggers directly (as ``LearningRateMonitor`` does),
-because ``pl_module.log`` would merge the probe at initialisation with the one at the end of epoch 0.
+because ``pl_module.log`` would merge the probe at initialisation with the one at the end of epoch 0. Monitors get
+the latest probe's values at every check (:meth:`ScalarWriter.publish`), so they find them until the next probe.
 """
 
+import io
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_stiffness.compat import lightning_classes
 from lightning_stiffness.measure import StiffnessResult
-from lightning_stiffness.names import PREFIX, probe_seconds_tag, raw_file_name
-from lightning_stiffness.plots import probe_images
+from lightning_stiffness.names import PREFIX, image_file, probe_label, probe_seconds_tag, raw_file_name
+from lightning_stiffness.plots import probe_specs
+from lightning_stiffness.rendering import Renderer
+
+#: How long the end of training waits for images still being drawn.
+FLUSH_TIMEOUT_S = 300.0
 
 
 class ScalarWriter:
-    """Scalars to every logger at the probe's step; epoch-end values also to ``pl_module.log`` for monitors.
+    """Scalars to every logger at the probe's step; the latest probe's values to ``pl_module.log`` for monitors.
 
     Args:
         prefix: the tags' first part.
@@ -25,53 +34,139 @@ class ScalarWriter:
 
     def __init__(self, prefix: str = PREFIX) -> None:
         self.prefix = prefix
+        self.latest: dict[str, float] = {}
 
-    def write(
-        self, trainer: Trainer, pl_module: LightningModule, result: StiffnessResult, seconds: float, monitor: bool
-    ) -> None:
-        """Log ``result``'s scalars and the probe's duration; with ``monitor``, hand the scalars to Lightning too."""
+    def write(self, trainer: Trainer, result: StiffnessResult, seconds: float) -> None:
+        """Log ``result``'s scalars and the probe's duration, and keep them for :meth:`publish`."""
         scalars = result.scalars(self.prefix)
         for logger in trainer.loggers:
             logger.log_metrics({**scalars, probe_seconds_tag(self.prefix): seconds}, step=result.step)
-        if monitor:
-            # Handed to Lightning (not to the loggers again) so that EarlyStopping and ModelCheckpoint can use them.
-            # Every process holds the same values; syncing them keeps Lightning's DDP bookkeeping quiet and exact.
-            for name, value in scalars.items():
-                pl_module.log(name, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
+        self.latest = scalars
+
+    def publish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Hand the latest probe's scalars to Lightning (not to the loggers again), so that ``EarlyStopping`` and
+        ``ModelCheckpoint`` find them at every check until the next probe. Called from the hooks before checks."""
+        # Every process holds the same values; syncing them keeps Lightning's DDP bookkeeping quiet and exact.
+        for name, value in self.latest.items():
+            pl_module.log(name, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(height, width) from a PNG's header."""
+    width, height = struct.unpack(">II", png[16:24])
+    return height, width
+
+
+def _to_tensorboard(logger: Any, tag: str, png: bytes, step: int) -> None:
+    """The PNG as it is into the event file (no decoding or re-encoding), as ``add_image`` would write it."""
+    writer = logger.experiment
+    if not hasattr(writer, "_get_file_writer"):  # another writer class: decode and let it encode again
+        writer.add_image(tag, _pixels(png), global_step=step, dataformats="HWC")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width = _png_size(png)
+    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def _pixels(png: bytes) -> Any:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB").copy()
+
+
+def _to_wandb(logger: Any, tag: str, png: bytes, step: int) -> None:
+    logger.log_image(key=tag, images=[_pixels(png)], step=step)
+
+
+def _to_mlflow(logger: Any, tag: str, png: bytes, step: int) -> None:
+    # A step series per tag in MLflow's image view (mlflow >= 2.12); "/" is kept in the key, as in the scalars.
+    logger.experiment.log_image(logger.run_id, _pixels(png), key=tag, step=step)
+
+
+def _image_routes() -> list[tuple[tuple[type, ...], Callable[[Any, str, bytes, int], None]]]:
+    """Logger classes (of ``lightning.pytorch`` and ``pytorch_lightning``) that take images, and how."""
+    return [
+        (lightning_classes("loggers", "TensorBoardLogger"), _to_tensorboard),
+        (lightning_classes("loggers", "WandbLogger"), _to_wandb),
+        (lightning_classes("loggers", "MLFlowLogger"), _to_mlflow),
+    ]
 
 
 class ImageWriter:
-    """Images of a probe to the TensorBoard loggers (``lightning.pytorch``'s or ``pytorch_lightning``'s).
+    """A probe's images, drawn off the training process and handed to every logger at a later hook.
+
+    TensorBoard (either package) gets each PNG in its event file, W&B through ``WandbLogger.log_image``, MLflow
+    through ``log_image`` on the run; when some logger takes no images (CSV, ...), PNG files are written to
+    ``{log_dir}/{tag}/epoch=E-step=S.png``, beside the raw results.
 
     Args:
         prefix: the tags' first part.
-        every_n_probes: images of the first probe, and then of every n-th.
-        warn_once: ``warn_once(key, message)``, used when no logger takes images.
+        every_n_probes: images of the first probe, of every n-th, and always of the last (at :meth:`finish`).
+        warn: ``warn(message)`` for images that could not be drawn or written.
+        background: draw in a worker process (see :mod:`~lightning_stiffness.rendering`).
     """
 
-    def __init__(self, prefix: str, every_n_probes: int, warn_once: Callable[[str, str], None]) -> None:
+    def __init__(self, prefix: str, every_n_probes: int, warn: Callable[[str], None], background: bool = True) -> None:
         self.prefix = prefix
         self.every_n_probes = every_n_probes
-        self._warn_once = warn_once
+        self._warn = warn
+        self._renderer = Renderer(background, warn=lambda message: warn(f"StiffnessCallback: {message}"))
+        self._held: tuple[dict[str, Any], tuple[int, int]] | None = None
+        self._directory: Path | None = None
 
     def write(
         self, trainer: Trainer, result: StiffnessResult, class_names: Sequence[str], probe_number: int = 1
     ) -> None:
-        """Render every image of ``result`` (once) and add it to each TensorBoard logger at the probe's step, when
-        the probe (counted from 1) is due for images."""
+        """Send ``result``'s figures to be drawn when the probe (counted from 1) is due for images; otherwise keep
+        them, in case this probe turns out to be the last."""
+        self._directory = Path(trainer.log_dir or trainer.default_root_dir)
+        specs = probe_specs(result, class_names, self.prefix)
         if (probe_number - 1) % self.every_n_probes:
+            self._held = (specs, (result.epoch, result.step))
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, lightning_classes("loggers", "TensorBoardLogger"))]
-        if not loggers:
-            self._warn_once(
-                "images",
-                "StiffnessCallback: no TensorBoard logger, so images are not logged (scalars and raw results are).",
-            )
-            return
-        images = probe_images(result, class_names, self.prefix)
-        for logger in loggers:
-            for tag, image in images.items():
-                logger.experiment.add_image(tag, image, global_step=result.step, dataformats="HWC")
+        self._held = None
+        self._renderer.submit(specs, (result.epoch, result.step))
+
+    def deliver(self, trainer: Trainer) -> None:
+        """Hand the images finished so far to the loggers (cheap when there are none)."""
+        for (epoch, step), answer in self._renderer.finished():
+            if isinstance(answer, str):
+                self._warn(f"StiffnessCallback: the images of the probe at {probe_label(epoch, step)} failed: {answer}")
+                continue
+            try:
+                self._hand_out(trainer, answer, epoch, step)
+            except Exception as err:  # a broken logger or a full disk must not stop training
+                what = f"the images of the probe at {probe_label(epoch, step)}"
+                self._warn(f"StiffnessCallback: writing {what} failed: {type(err).__name__}: {err}")
+
+    def finish(self, trainer: Trainer) -> None:
+        """Draw the last probe if it was not drawn, wait for every image, hand them all out, stop the worker."""
+        if self._held is not None:
+            self._renderer.submit(*self._held)
+            self._held = None
+        if not self._renderer.wait(FLUSH_TIMEOUT_S):
+            self._warn(f"StiffnessCallback: images still being drawn after {FLUSH_TIMEOUT_S:.0f} s are left out.")
+        self.deliver(trainer)
+        self._renderer.close()
+
+    def _hand_out(self, trainer: Trainer, pngs: dict[str, bytes], epoch: int, step: int) -> None:
+        routes = _image_routes()
+        without_images = False
+        for logger in trainer.loggers:
+            send = next((route for classes, route in routes if isinstance(logger, classes)), None)
+            if send is None:
+                without_images = True
+                continue
+            for tag, png in pngs.items():
+                send(logger, tag, png, step)
+        if without_images and self._directory is not None:
+            for tag, png in pngs.items():
+                path = self._directory / image_file(tag, epoch, step)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(png)
 
 
 class RawWriter:

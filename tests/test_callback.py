@@ -176,14 +176,18 @@ def test_monitors_can_use_stiffness(tmp_path):
     assert checkpoint.best_model_score is not None
 
 
-def test_csv_logger_gets_scalars_and_images_warn_once(tmp_path):
+def test_csv_logger_gets_scalars_and_png_images(tmp_path):
     fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], logger=CSVLogger(tmp_path), max_epochs=2)
-    with pytest.warns(UserWarning, match="no TensorBoard logger") as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fit.fit(TinyNet(), datamodule=DigitsData())
-    assert sum("no TensorBoard logger" in str(w.message) for w in caught) == 1
+    assert not [w for w in caught if "Stiffness" in str(w.message)]
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     assert "stiffness/train-val/cosine/within_class" in metrics
     assert len(raw_results(fit.log_dir)) == 3
+    for tag in IMAGE_TAGS:  # beside the raw results: {log_dir}/{tag}/epoch=E-step=S.png
+        files = sorted(p.name for p in (Path(fit.log_dir) / tag).glob("*.png"))
+        assert files == ["epoch=0-step=0.png", "epoch=0-step=4.png", "epoch=1-step=8.png"], tag
 
 
 def test_dict_items_and_batch_to_xy_import_path(tmp_path):
@@ -201,9 +205,7 @@ def swap_xy(item):
 def test_probe_failure_warns_and_training_goes_on(tmp_path):
     model = TinyNet(nan_after_epoch=1)
     fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False)], max_epochs=3)
-    with pytest.warns(
-        UserWarning, match=r"probe at epoch 1 \(step 8\) was skipped: ProbeSkipped: the loss is not finite"
-    ):
+    with pytest.warns(UserWarning, match=r"probe at epoch 1, step 8 was skipped: ProbeSkipped: the loss is not finite"):
         fit.fit(model, datamodule=DigitsData())
     assert fit.current_epoch == 3  # training finished
     assert sorted(raw_results(fit.log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt"]
@@ -314,7 +316,7 @@ def test_unexpected_failure_raises_in_strict_mode(tmp_path):
 def test_unexpected_failure_is_skipped_when_not_strict(tmp_path):
     callback = StiffnessCallback(samples_per_class=2, log_images=False, strict=False)
     fit = trainer(tmp_path, [callback], max_epochs=1)
-    with pytest.warns(UserWarning, match=r"probe at epoch 0 \(step 0\) was skipped: TypeError: unsupported operand"):
+    with pytest.warns(UserWarning, match=r"probe at initialisation was skipped: TypeError: unsupported operand"):
         fit.fit(_BuggyProbe(), datamodule=DigitsData())
     assert fit.current_epoch == 1 and callback.last_result is None
 
@@ -406,7 +408,7 @@ def test_failed_write_warns_and_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken_save)
     callback = StiffnessCallback(samples_per_class=2, log_images=False)
     fit = trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False)
-    with pytest.warns(UserWarning, match="raw results of the probe at epoch 0 .* failed: OSError: No space left"):
+    with pytest.warns(UserWarning, match="raw results of the probe at initialisation failed: OSError: No space left"):
         fit.fit(TinyNet(), datamodule=DigitsData())
     assert fit.current_epoch == 2 and callback.last_result is not None
 

@@ -1,0 +1,152 @@
+"""Images: drawn off the training process, every probe's (the last one's always) in TensorBoard event files of either
+Lightning package and as PNG files, figures that show the fitted line, ξ and the probe sets as they are."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from PIL import Image
+
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.figures import STIFFNESS_RANGE, CurveSpec, Line, Painter
+from lightning_stiffness.functional import critical_distance
+from lightning_stiffness.lines import observed_range
+from lightning_stiffness.measure import StiffnessResult, measure_stiffness
+from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
+from lightning_stiffness.plots import probe_specs
+from lightning_stiffness.rendering import Renderer
+from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
+
+TAG = class_matrix_tag("train-val", "cosine")
+
+
+def _image_steps(log_dir, tag=TAG):
+    return [e.step for e in events(log_dir).Images(tag)]
+
+
+def test_last_probe_has_images_whatever_the_cadence(tmp_path):
+    callback = StiffnessCallback(samples_per_class=2, images_every_n_probes=3)
+    fit = trainer(tmp_path, [callback], max_epochs=2)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert sorted(raw_results(fit.log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt", "epoch=1-step=8.pt"]
+    assert _image_steps(fit.log_dir) == [0, 8]  # the first, and the last although it is not a third
+
+
+class _FailsAtEpoch(TinyNet):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("training broke")
+        return super().training_step(batch, batch_idx)
+
+
+def test_images_of_every_probe_arrive_when_training_fails(tmp_path):
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=3)
+    with pytest.raises(RuntimeError, match="training broke"):
+        fit.fit(_FailsAtEpoch(), datamodule=DigitsData())
+    assert _image_steps(fit.log_dir) == [0, 4]
+
+
+def test_standalone_pytorch_lightning_tensorboard_logger(tmp_path):
+    loggers = pytest.importorskip("pytorch_lightning.loggers")
+    logger = loggers.TensorBoardLogger(str(tmp_path), name="pl")
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, kinds=["cosine"])], max_epochs=1, logger=logger)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert _image_steps(logger.log_dir) == [0, 4]
+    assert not list((tmp_path / "pl").rglob("*.png"))  # TensorBoard takes the images: no PNG files
+
+
+def test_images_decode_with_the_probe_sets_on_the_axes(tmp_path):
+    seed_everything(0)
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    entry = events(fit.log_dir).Images(distance_curve_tag("train-val"))[-1]
+    with Image.open(io.BytesIO(entry.encoded_image_string)) as picture:
+        assert picture.mode == "RGB" and min(picture.size) >= 400
+    result = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
+    spec = probe_specs(result, [str(d) for d in range(10)])[TAG]
+    assert "train" in spec.row_label and "rows" in spec.row_label
+    assert "val" in spec.col_label and "columns" in spec.col_label
+    assert "epoch 0, step 4" in spec.title
+    start = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=0.pt"])
+    assert "(initialisation)" in probe_specs(start, [str(d) for d in range(10)])[TAG].title
+
+
+def _measured(seed: int = 0) -> StiffnessResult:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(60, 8, generator=generator)
+    y = torch.arange(6).repeat_interleave(10)
+    x = x + 2.0 * torch.nn.functional.one_hot(y, 8).float()  # same-class examples close together
+    g = torch.randn(60, 12, generator=generator) + 1.5 * torch.nn.functional.one_hot(y, 12).float()
+    return measure_stiffness(
+        g @ g.T, {"train": x}, {"train": y}, {"train": torch.arange(60)}, kinds=("cosine",), num_classes=6
+    )
+
+
+def test_fitted_line_is_critical_distances_line():
+    result = _measured()
+    stiffness, distances = result.stiffness["train-train/cosine"].double(), result.distances["train-train"].double()
+    labels = result.labels["train"]
+    mask = (labels[:, None] == labels[None, :]) & ~torch.eye(60, dtype=torch.bool)
+    slope, intercept = np.polyfit(distances[mask].numpy(), stiffness[mask].numpy(), 1)  # float64 reference
+    xi = critical_distance(stiffness, distances, mask)
+    assert slope < 0 and math.isfinite(xi)
+
+    spec = probe_specs(result, [str(c) for c in range(6)])[distance_curve_tag("train-train")]
+    axes = Painter().figure(spec).axes[0]
+    (line,) = [artist for artist in axes.get_lines() if artist.get_gid() == "fit-pairs"]
+    xs, ys = line.get_xdata(), line.get_ydata()
+    low, high = observed_range(result.curves["train-train"]["within"])
+    assert list(xs) == [low, high]
+    assert low <= float(distances[mask].min()) and float(distances[mask].max()) <= high
+    np.testing.assert_allclose(ys, intercept + slope * np.asarray(xs), rtol=1e-6, atol=1e-9)
+    assert xs[0] - ys[0] * (xs[1] - xs[0]) / (ys[1] - ys[0]) == pytest.approx(xi, rel=1e-6)  # where it crosses 0
+    assert axes.get_ylim() == STIFFNESS_RANGE
+    assert result.line_fits["train-train"]["pairs"]["xi"] == pytest.approx(xi, rel=1e-9)
+    bins = result.line_fits["train-train"]["bins"]  # through the bin means, each bin once
+    curve = result.curves["train-train"]["within"]
+    seen = curve.count > 0
+    centres = ((curve.edges[1:] + curve.edges[:-1]) / 2)[seen].numpy()
+    bin_slope, bin_intercept = np.polyfit(centres, curve.mean[seen].numpy(), 1)
+    assert (bins["slope"], bins["intercept"]) == (pytest.approx(bin_slope), pytest.approx(bin_intercept))
+
+
+def _curve(xi: float) -> CurveSpec:
+    edges = np.linspace(0.1, 0.9, 5)
+    mean, count = np.array([0.6, 0.4, 0.3, 0.2]), np.array([500, 200, 20, 2])
+    line = Line(intercept=0.7, slope=-0.7 / xi if math.isfinite(xi) else 0.1, xi=xi, low=0.1, high=0.9)
+    return CurveSpec(edges, mean, count, mean - 0.5, count, line, None, "t", "distance", "stiffness")
+
+
+def test_xi_beyond_the_data_is_said_not_drawn():
+    painter = Painter()
+    axes = painter.figure(_curve(0.5)).axes[0]
+    (marker,) = [line for line in axes.get_lines() if line.get_gid() == "xi"]
+    assert marker.get_visible() and list(marker.get_xdata()) == [0.5, 0.5]
+    axes = painter.figure(_curve(1.6)).axes[0]  # the same template, redrawn
+    assert not marker.get_visible()
+    assert axes.get_xlim()[1] < 1.0  # the axis is not stretched to ξ
+    (label,) = [text for text in axes.texts if text.get_gid() == "xi-label"]
+    assert "extrapolated, beyond the largest distance" in label.get_text() and "1.600" in label.get_text()
+    sizes = next(c for c in axes.collections if c.get_label() == "within class").get_sizes()
+    assert sizes[0] > 10 * sizes[-1]  # a bin of 500 pairs is drawn larger than one of 2
+    texts = painter.figure(_curve(math.nan)).axes[0].texts
+    assert "no ξ" in next(text for text in texts if text.get_gid() == "xi-label").get_text()
+
+
+def test_worker_draws_the_same_pictures_as_this_process():
+    specs = probe_specs(_measured(), [str(c) for c in range(6)])
+    renderer = Renderer()
+    try:
+        renderer.submit(specs, "job")
+        assert renderer.wait(120)
+        ((context, pngs),) = renderer.finished()
+    finally:
+        renderer.close()
+    assert context == "job" and sorted(pngs) == sorted(specs)
+    painter = Painter()
+    for tag, png in pngs.items():
+        with Image.open(io.BytesIO(png)) as picture:
+            np.testing.assert_array_equal(np.asarray(picture.convert("RGB")), painter.rgb(specs[tag]))
