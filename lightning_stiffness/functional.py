@@ -11,7 +11,10 @@ Networks" (arXiv 1901.09491). With :math:`g_i = \nabla_\theta \ell(f(x_i), y_i)`
   off-diagonal mean (between-class) (:func:`within_between`);
 - stiffness against the distance between examples (:func:`pairwise_distances`, :func:`stiffness_by_distance`) and the
   stiff-domain size :math:`\xi`, where a least-squares line through (distance, stiffness) crosses zero
-  (:func:`critical_distance`).
+  (:func:`critical_distance`);
+- the gradient coherence and diversity of a set (:func:`gradient_coherence`, :func:`gradient_diversity`);
+- class stiffness over every pair of a whole dataset, in memory independent of its size
+  (:func:`dataset_class_stiffness`).
 
 Positive stiffness between :math:`i` and :math:`j`: a small gradient step on :math:`i` also lowers the loss on
 :math:`j`. Entries that are not finite (NaN from an example with a zero gradient) are left out of every mean and fit.
@@ -23,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_stiffness.checks import check_choice, check_int
+from lightning_stiffness.dataset import dataset_class_stiffness
 from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.names import DISTANCE_METRICS
 from lightning_stiffness.representations import layer_outputs
@@ -35,7 +39,10 @@ __all__ = [
     "class_stiffness",
     "cosine_stiffness",
     "critical_distance",
+    "dataset_class_stiffness",
     "distance_bin_edges",
+    "gradient_coherence",
+    "gradient_diversity",
     "gradient_gram",
     "layer_outputs",
     "pairwise_distances",
@@ -403,3 +410,76 @@ def critical_distance(stiffness: Tensor, distances: Tensor, mask: Tensor | None 
         ValueError: on shapes that do not match or a bad ``mask``.
     """
     return critical_distance_from_sums(line_fit_sums(stiffness, distances, mask))
+
+
+def gradient_coherence(gram: Tensor) -> float:
+    r"""Gradient coherence of a set of examples: the mean dot product of two different examples' gradients over the
+    mean squared gradient norm.
+
+    .. math::
+        \alpha = \frac{\frac{1}{N(N-1)} \sum_{i \neq j} g_i \cdot g_j}{\frac{1}{N} \sum_i |g_i|^2}
+               = \frac{\mathbf{1}^\top G \mathbf{1} - \operatorname{tr} G}{(N - 1) \operatorname{tr} G}
+
+    Coherence after Chatterjee and Zielinski ("Coherent gradients", arXiv 2002.10657; Zielinski and Chatterjee et al.,
+    arXiv 2008.01217): :math:`\alpha = E[g \cdot g'] / E[|g|^2]` for two independent examples, here estimated without
+    the self-pairs :math:`i = j`. It is 1 when all gradients are equal, about 0 for unrelated (orthogonal) ones, and at
+    least :math:`-1/(N-1)`. The papers' estimate over all :math:`N^2` ordered pairs, self-pairs included, is
+    :math:`1/N + (N-1)\alpha/N`.
+
+    Args:
+        gram: [N, N] Gram matrix of the set's per-example gradients (N >= 2).
+
+    Returns:
+        :math:`\alpha` as a float; NaN when every gradient is zero.
+
+    Raises:
+        ValueError: if ``gram`` is not square or has fewer than 2 rows.
+    """
+    total, trace, n = _square_sums(gram)
+    return coherence_from_sums(total, trace, n)
+
+
+def gradient_diversity(gram: Tensor) -> float:
+    r"""Gradient diversity of a set of examples (Yin et al., "Gradient Diversity: a Key Ingredient for Scalable
+    Distributed Learning", AISTATS 2018, arXiv 1706.05699, Definition 1).
+
+    .. math::
+        \Delta = \frac{\sum_i |g_i|^2}{|\sum_i g_i|^2} = \frac{\operatorname{tr} G}{\mathbf{1}^\top G \mathbf{1}}
+
+    At least 1/N (all gradients equal); large when the gradients cancel. Yin et al. show that mini-batch SGD keeps its
+    per-example progress up to batch sizes of about :math:`N \Delta`. Related to :func:`gradient_coherence` by
+    :math:`1/\Delta = 1 + (N - 1)\alpha`.
+
+    Args:
+        gram: [N, N] Gram matrix of the set's per-example gradients.
+
+    Returns:
+        :math:`\Delta` as a float; inf when the gradients sum to zero, NaN when they are all zero.
+
+    Raises:
+        ValueError: if ``gram`` is not square or has fewer than 2 rows.
+    """
+    total, trace, _ = _square_sums(gram)
+    return diversity_from_sums(total, trace)
+
+
+def _square_sums(gram: Tensor) -> tuple[float, float, int]:
+    _check_matrix(gram, "gram")
+    if gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
+        raise ValueError(f"`gram` must be a square Gram matrix of at least 2 examples, got {tuple(gram.shape)}.")
+    values = gram.double()
+    return float(values.sum()), float(values.diagonal().sum()), gram.shape[0]
+
+
+def coherence_from_sums(total: float, trace: float, n: int) -> float:
+    """:func:`gradient_coherence` from the sum of all Gram entries, the trace and N."""
+    if not trace > 0 or n < 2:
+        return float("nan")
+    return (total - trace) / ((n - 1) * trace)
+
+
+def diversity_from_sums(total: float, trace: float) -> float:
+    """:func:`gradient_diversity` from the sum of all Gram entries and the trace."""
+    if not trace > 0:
+        return float("nan")
+    return trace / total if total > 0 else float("inf")

@@ -18,14 +18,18 @@ from lightning_stiffness.functional import (
     within_between,
 )
 from lightning_stiffness.lines import line_fits
-from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance, block_stiffness
+from lightning_stiffness.metrics import ClassStiffness, GradientAlignment, StiffnessByDistance, block_stiffness
 from lightning_stiffness.names import (
+    GROUP_SIDES,
     KINDS,
     PAIRS,
     PREFIX,
     SIDES,
     class_tag,
     critical_distance_tag,
+    gradient_coherence_tag,
+    gradient_diversity_tag,
+    group_tag,
     kind_key,
     layer_class_tag,
     layer_key,
@@ -61,6 +65,12 @@ class StiffnessResult:
         line_fits: ``pair`` or ``"{pair}/{layer}"`` -> fit (``"pairs"``: the paper's, whose zero crossing is the
             critical distance; ``"bins"``: through the bin means) -> ``intercept``, ``slope``, ``xi``, ``low``,
             ``high`` (see :mod:`~lightning_stiffness.lines`).
+        gradient_coherence, gradient_diversity: probe set -> float (:mod:`lightning_stiffness.functional`).
+        intervals: scalar tag (as logged) -> ``(low, high)``, 95% bootstrap intervals
+            (:mod:`lightning_stiffness.intervals`); empty when not measured.
+        group_names: the class groups (with ``class_groups``), in order.
+        group_matrices: ``"{pair}/{kind}"`` -> [G, G] stiffness between groups (:mod:`lightning_stiffness.groups`).
+        between_class_within_group, between_groups: ``"{pair}/{kind}"`` -> float.
     """
 
     epoch: int
@@ -86,6 +96,13 @@ class StiffnessResult:
     layer_critical_distance: dict[str, float] = field(default_factory=dict)
     layer_curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
     line_fits: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    gradient_coherence: dict[str, float] = field(default_factory=dict)
+    gradient_diversity: dict[str, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    group_names: list[str] = field(default_factory=list)
+    group_matrices: dict[str, Tensor] = field(default_factory=dict)
+    between_class_within_group: dict[str, float] = field(default_factory=dict)
+    between_groups: dict[str, float] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[str]:
@@ -106,6 +123,18 @@ class StiffnessResult:
                     key = layer_kind_key(pair, kind, layer)
                     out[layer_class_tag(pair, kind, layer, "within", prefix)] = self.layer_within_class[key]
                     out[layer_class_tag(pair, kind, layer, "between", prefix)] = self.layer_between_class[key]
+        return {**out, **self._extra_scalars(prefix)}
+
+    def _extra_scalars(self, prefix: str) -> dict[str, float]:
+        """Coherence and diversity of each probe set, and the class-group measures."""
+        out = {}
+        for name in self.gradient_coherence:
+            out[gradient_coherence_tag(name, prefix)] = self.gradient_coherence[name]
+            out[gradient_diversity_tag(name, prefix)] = self.gradient_diversity[name]
+        for key in self.between_groups:
+            pair, kind = key.split("/")
+            values = (self.between_class_within_group[key], self.between_groups[key])
+            out.update({group_tag(pair, kind, side, prefix): v for side, v in zip(GROUP_SIDES, values, strict=True)})
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -283,6 +312,11 @@ def measure_stiffness(
             )
             _class_measures(result, block, rows_of, layer_rows, full, settings)
             _distance_measures(result, block, rows_of, inputs, representations or {}, settings)
+    for name, span in offsets.items():
+        mine = (rows_of.rows >= span.start) & (rows_of.rows < span.stop)
+        alignment = settings.metric(GradientAlignment)
+        alignment.update(rows_of.values[mine][:, span], rows_of.sq_norms[rows_of.rows[mine]])
+        result.gradient_coherence[name], result.gradient_diversity[name] = alignment.compute()
     return result
 
 

@@ -20,8 +20,10 @@ from lightning_stiffness.functional import (
     LineFitSums,
     binned_sums,
     class_pair_sums,
+    coherence_from_sums,
     cosine_stiffness,
     critical_distance_from_sums,
+    diversity_from_sums,
     line_sum_vector,
     mean_or_nan,
     sign_stiffness,
@@ -217,3 +219,45 @@ class StiffnessByDistance(_ShapedMetric):
     def _shaped(self, value: tuple[DistanceCurve, float]) -> tuple[DistanceCurve, float]:
         curve, xi = value
         return DistanceCurve(curve.edges.reshape(-1), curve.mean.reshape(-1), curve.count.reshape(-1)), float(xi)
+
+
+class GradientAlignment(_ShapedMetric):
+    r"""Gradient coherence and diversity of one set of examples, accumulated over blocks of rows of its Gram matrix.
+
+    Keeps the sum of all Gram entries :math:`\mathbf{1}^\top G \mathbf{1}`, the trace and the count; ``compute()``
+    gives ``(coherence, diversity)`` as :func:`~lightning_stiffness.functional.gradient_coherence` and
+    :func:`~lightning_stiffness.functional.gradient_diversity` do on the whole matrix.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_stiffness.metrics import GradientAlignment
+        >>> g = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+        >>> gram, metric = g @ g.T, GradientAlignment()
+        >>> for rows in (slice(0, 1), slice(1, 3)):
+        ...     metric.update(gram[rows], gram.diagonal()[rows])
+        >>> [round(v, 4) for v in metric.compute()]
+        [0.5, 0.5]
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("total", "trace", "count"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, rows: Tensor, sq_norms: Tensor) -> None:
+        """Add rows [n, N] of the set's Gram matrix (against all N examples of the set) and their diagonal [n]."""
+        self.total += rows.double().sum().to(self.total.device)
+        self.trace += sq_norms.double().sum().to(self.trace.device)
+        self.count += float(sq_norms.numel())
+
+    def compute(self) -> tuple[float, float]:
+        total, trace, count = float(self.total), float(self.trace), round(float(self.count))
+        return coherence_from_sums(total, trace, count), diversity_from_sums(total, trace)
+
+    def _shaped(self, value: tuple[float, float]) -> tuple[float, float]:
+        return float(value[0]), float(value[1])

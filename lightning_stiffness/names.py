@@ -117,3 +117,46 @@ def by_layer_tag(pair: str, prefix: str = PREFIX) -> str:
 def critical_distance_by_layer_tag(pair: str, prefix: str = PREFIX) -> str:
     """Image: critical distance in input space and in each recorded layer."""
     return f"{prefix}/{pair}/critical_distance_by_layer"
+
+
+# ------------------------------------------------------- coherence, class groups, the whole training set (issue 13)
+
+#: The two scalars of class groups: between classes of one group, and between groups.
+GROUP_SIDES = ("between_class_within_group", "between_groups")
+#: The "pair" of the measures over the whole training set.
+DATASET = "dataset"
+
+
+def gradient_coherence_tag(probe_set: str, prefix: str = PREFIX) -> str:
+    """Scalar: gradient coherence of a probe set (``train`` or ``val``)."""
+    return f"{prefix}/{probe_set}/gradient_coherence"
+
+
+def gradient_diversity_tag(probe_set: str, prefix: str = PREFIX) -> str:
+    """Scalar: gradient diversity of a probe set (``train`` or ``val``)."""
+    return f"{prefix}/{probe_set}/gradient_diversity"
+
+
+def group_tag(pair: str, kind: str, side: str, prefix: str = PREFIX) -> str:
+    """Scalar: stiffness between classes of one group (``side="between_class_within_group"``) or between groups."""
+    return f"{prefix}/{pair}/{kind}/{side}"
+
+
+def group_matrix_tag(pair: str, kind: str, prefix: str = PREFIX) -> str:
+    """Image: group x group stiffness."""
+    return f"{prefix}/{pair}/{kind}/group_matrix"
+
+
+def dataset_class_tag(side: str, prefix: str = PREFIX) -> str:
+    """Scalar: within/between-class cosine stiffness over every pair of the whole training set."""
+    return class_tag(DATASET, "cosine", side, prefix)
+
+
+def dataset_class_matrix_tag(prefix: str = PREFIX) -> str:
+    """Image: the class stiffness matrix of the whole training set (cosine)."""
+    return class_matrix_tag(DATASET, "cosine", prefix)
+
+
+def dataset_raw_file_name(epoch: int, step: int) -> str:
+    """File name of the whole training set's class matrix measured at the end of an epoch."""
+    return f"dataset-epoch={epoch}-step={step}.pt"
