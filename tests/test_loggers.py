@@ -1,0 +1,40 @@
+"""Images reach W&B (offline) and MLflow (a local file store) through their own APIs; the files are checked on disk."""
+
+import pytest
+
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.names import KINDS, PAIRS
+from tests.helpers import DigitsData, TinyNet, trainer
+
+IMAGES_PER_PROBE = len(PAIRS) * len(KINDS) + len(PAIRS)  # class matrices and distance curves
+
+
+def test_wandb_offline_gets_every_probes_images(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    logger = WandbLogger(project="stiffness-test", save_dir=str(tmp_path), offline=True)
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1, logger=logger)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    logger.experiment.finish()
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = sorted((run / "files" / "media" / "images").rglob("*.png"))
+    assert len(media) == 2 * IMAGES_PER_PROBE  # the probes at initialisation and after epoch 0
+    assert any("train-val/cosine/class_matrix" in str(path) for path in media)
+
+
+def test_mlflow_file_store_gets_every_probes_images(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 needs it for a local ./mlruns store
+    logger = MLFlowLogger(experiment_name="stiffness", tracking_uri=(tmp_path / "mlruns").as_uri())
+    fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2)], max_epochs=1, logger=logger)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    artifacts = tmp_path / "mlruns" / logger.experiment_id / logger.run_id / "artifacts"
+    pictures = [p for p in artifacts.rglob("*.png") if "compressed" not in p.name]
+    assert len(pictures) == 2 * IMAGES_PER_PROBE
+    client = logger.experiment
+    assert client.get_metric_history(logger.run_id, "stiffness/train-val/cosine/within_class")
