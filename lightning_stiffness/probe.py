@@ -1,9 +1,12 @@
 """Probe sets: the fixed examples whose gradients a probe compares, drawn once, stratified by class.
 
-Items of a map-style dataset are turned into ``(x, y)`` by :func:`default_batch_to_xy` (tuples, lists, dicts) or a
-user's ``batch_to_xy``. Sampling uses only the generator it is given, never the global random state. Pure PyTorch:
-the callback finds the datasets (:func:`find_datasets`), draws each probe set (:func:`draw_probe_set`) or restores it
-from a checkpoint's indices (:func:`restore_probe_set`).
+The probe examples of all sets are batched together with the training dataloader's own ``collate_fn`` (so padding
+collates pad them to one length), then turned into ``(x, y)`` by :func:`default_batch_to_xy` (tuples, lists, dicts)
+or a user's ``batch_to_xy``, exactly as a training batch would be. ``x`` may be a tensor, a tuple or a dict of tensors
+with the examples along dim 0 (:mod:`lightning_stiffness.gram.inputs`). Sampling uses only the generator it is given,
+never the global random state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and their
+``collate_fn`` (:func:`find_collate_fn`), and :func:`build_probe_sets` draws each probe set or restores it from a
+checkpoint's indices.
 """
 
 import importlib
@@ -13,12 +16,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+
+from lightning_stiffness.gram.inputs import Inputs, num_examples, take
 
 BatchToXY = Callable[[Any], tuple[Any, Any]]
+Collate = Callable[[list[Any]], Any]
+#: Items collated at a time when labels must be read from the items themselves.
+LABEL_CHUNK = 256
 
-#: Keys looked for, in this order, when a dataset item is a dict.
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
+#: Label keys looked for, in this order, when a batch is a dict.
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
 
 
@@ -26,26 +33,30 @@ class ProbeDataError(ValueError):
     """The data cannot be probed: no labels, non-integer labels, an unreadable item layout."""
 
 
-def default_batch_to_xy(item: Any) -> tuple[Any, Any]:
-    """``(x, y)`` from a dataset item: the first two entries of a tuple or list, or a dict's input and target keys.
+def default_batch_to_xy(batch: Any) -> tuple[Any, Any]:
+    """``(x, y)`` from a collated batch (or a dataset item): a tuple's or list's first two entries, or a dict's label
+    and everything else.
 
-    Dict keys looked for: inputs under one of ``INPUT_KEYS`` (``x``, ``input``, ``inputs``, ``image``, ``images``,
-    ``features``, ``input_ids``), targets under one of ``TARGET_KEYS`` (``y``, ``label``, ``labels``, ``target``,
-    ``targets``).
+    For a dict, ``y`` is the entry under the first of ``TARGET_KEYS`` found (``y``, ``label``, ``labels``, ``target``,
+    ``targets``) and ``x`` every other entry: the tensor itself when there is one (the model's positional argument),
+    a dict when there are several (its keyword arguments, for example ``input_ids`` and ``attention_mask``).
+
+    Raises:
+        ProbeDataError: for a dict without a label key, or a batch that is neither a tuple, a list nor a dict.
     """
-    if isinstance(item, Mapping):
-        x_key = next((k for k in INPUT_KEYS if k in item), None)
-        y_key = next((k for k in TARGET_KEYS if k in item), None)
-        if x_key is None or y_key is None:
+    if isinstance(batch, Mapping):
+        y_key = next((k for k in TARGET_KEYS if k in batch), None)
+        if y_key is None:
             raise ProbeDataError(
-                f"a dataset item is a dict with keys {sorted(map(str, item))}; expected an input key among {INPUT_KEYS}"
-                f" and a label key among {TARGET_KEYS}. Pass `batch_to_xy` to StiffnessCallback for other layouts."
+                f"a batch is a dict with keys {sorted(map(str, batch))}; expected a label key among {TARGET_KEYS}. "
+                "Pass `batch_to_xy` to StiffnessCallback for other layouts."
             )
-        return item[x_key], item[y_key]
-    if isinstance(item, Sequence) and not isinstance(item, str) and len(item) >= 2:
-        return item[0], item[1]
+        inputs = {key: value for key, value in batch.items() if key != y_key}
+        return (next(iter(inputs.values())) if len(inputs) == 1 else inputs), batch[y_key]
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
+        return batch[0], batch[1]
     raise ProbeDataError(
-        f"a dataset item of type {type(item).__name__} has no label: expected an (x, y) tuple or list, or a dict. "
+        f"a batch of type {type(batch).__name__} has no label: expected an (x, y) tuple or list, or a dict. "
         "Pass `batch_to_xy` to StiffnessCallback for other layouts."
     )
 
@@ -93,11 +104,17 @@ def _checked_labels(labels: Tensor, where: str) -> Tensor:
     return labels.long()
 
 
-def dataset_labels(dataset: Dataset, batch_to_xy: BatchToXY | None = None, where: str = "dataset") -> Tensor:
+def dataset_labels(
+    dataset: Dataset,
+    batch_to_xy: BatchToXY | None = None,
+    where: str = "dataset",
+    collate_fn: Collate | None = None,
+) -> Tensor:
     """The class label of every item, as a long tensor.
 
     Uses ``TensorDataset`` tensors or a ``targets`` attribute (torchvision's datasets) when items are read with the
-    default layout; otherwise reads every item once.
+    default layout; otherwise reads every item once, :data:`LABEL_CHUNK` at a time through ``collate_fn`` and
+    ``batch_to_xy``, as training batches are read.
     """
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise ProbeDataError(f"{where}: StiffnessCallback needs a map-style dataset (with __len__ and __getitem__).")
@@ -107,14 +124,36 @@ def dataset_labels(dataset: Dataset, batch_to_xy: BatchToXY | None = None, where
             if labels.dim() == 1:
                 return _checked_labels(labels, where)
         if isinstance(dataset, Subset):
-            return dataset_labels(dataset.dataset, None, where)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+            inner = dataset_labels(dataset.dataset, None, where, collate_fn)
+            return inner[torch.as_tensor(dataset.indices, dtype=torch.long)]
         targets = getattr(dataset, "targets", None)
         if isinstance(targets, (Tensor, list)) and len(targets) == len(dataset):
             labels = torch.as_tensor(targets)
             if labels.dim() == 1:
                 return _checked_labels(labels, where)
-    to_xy = batch_to_xy or default_batch_to_xy
-    return torch.tensor([_label_value(to_xy(dataset[i])[1], where) for i in range(len(dataset))], dtype=torch.long)
+    chunks = [
+        _batch_labels(dataset, range(start, min(len(dataset), start + LABEL_CHUNK)), collate_fn, batch_to_xy, where)
+        for start in range(0, len(dataset), LABEL_CHUNK)
+    ]
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long)
+
+
+def _batch_labels(dataset: Dataset, indices, collate_fn: Collate | None, batch_to_xy, where: str) -> Tensor:
+    return _labels_of(_collated_xy([dataset[i] for i in indices], collate_fn, batch_to_xy)[1], len(indices), where)
+
+
+def _collated_xy(items: list[Any], collate_fn: Collate | None, batch_to_xy: BatchToXY | None) -> tuple[Any, Any]:
+    return (batch_to_xy or default_batch_to_xy)((collate_fn or default_collate)(items))
+
+
+def _labels_of(y: Any, count: int, where: str) -> Tensor:
+    """``y`` of a collated batch as ``count`` integer class labels."""
+    labels = torch.as_tensor(y) if not isinstance(y, Tensor) else y
+    if labels.dim() != 1 or labels.shape[0] != count:
+        raise ProbeDataError(
+            f"{where}: expected one class label per example ({count}), got labels of shape {tuple(labels.shape)}."
+        )
+    return _checked_labels(labels, where)
 
 
 def stratified_indices(
@@ -137,25 +176,46 @@ def stratified_indices(
 
 @dataclass
 class ProbeSet:
-    """Fixed probe examples: dataset indices, stacked inputs and labels."""
+    """Fixed probe examples: dataset indices, the batched inputs (a tensor, tuple or dict of tensors along dim 0)
+    and labels."""
 
     indices: Tensor
-    inputs: Tensor
+    inputs: Inputs
     labels: Tensor
 
     def __len__(self) -> int:
         return int(self.indices.numel())
 
 
-def gather(dataset: Dataset, indices: Tensor, batch_to_xy: BatchToXY | None = None, where: str = "dataset") -> ProbeSet:
-    """Read the items at ``indices`` and stack them into a :class:`ProbeSet`."""
-    to_xy = batch_to_xy or default_batch_to_xy
-    xs, ys = [], []
-    for i in indices.tolist():
-        x, y = to_xy(dataset[i])
-        xs.append(torch.as_tensor(x))
-        ys.append(_label_value(y, where))
-    return ProbeSet(indices=indices.clone(), inputs=torch.stack(xs), labels=torch.tensor(ys, dtype=torch.long))
+def collate_probe_sets(
+    datasets: dict[str, Dataset],
+    indices: dict[str, Tensor],
+    collate_fn: Collate | None = None,
+    batch_to_xy: BatchToXY | None = None,
+) -> dict[str, ProbeSet]:
+    """The items at ``indices`` of each dataset, batched together by ``collate_fn`` and split back into probe sets.
+
+    One batch for all sets, so that a padding ``collate_fn`` pads every probe example to the same length.
+
+    Raises:
+        ProbeDataError: when the batch's ``x`` is not a tensor, tuple or dict of tensors holding every example along
+            dim 0 (the message names the entry), or its ``y`` is not one integer label per example.
+    """
+    items = [datasets[name][i] for name in indices for i in indices[name].tolist()]
+    x, y = _collated_xy(items, collate_fn, batch_to_xy)
+    try:
+        count = num_examples(x, "x")
+    except ValueError as err:
+        raise ProbeDataError(f"the probe examples' batch (from `collate_fn` and `batch_to_xy`): {err}") from err
+    if count != len(items):
+        raise ProbeDataError(f"the probe examples' batch holds {count} examples along dim 0 for {len(items)} items.")
+    labels = _labels_of(y, len(items), "the probe examples' batch")
+    sets, start = {}, 0
+    for name, chosen in indices.items():
+        span = slice(start, start + len(chosen))
+        sets[name] = ProbeSet(indices=chosen.clone(), inputs=take(x, span), labels=labels[span])
+        start = span.stop
+    return sets
 
 
 def find_datasets(loaders: Any) -> list[Any]:
@@ -169,48 +229,43 @@ def find_datasets(loaders: Any) -> list[Any]:
     return []
 
 
-def draw_probe_set(
+def find_collate_fn(loaders: Any) -> Collate | None:
+    """The ``collate_fn`` of the first dataloader in ``loaders`` (a loader, or a dict, list or tuple of them)."""
+    if hasattr(loaders, "dataset"):
+        return getattr(loaders, "collate_fn", None)
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return next((fn for loader in loaders if (fn := find_collate_fn(loader)) is not None), None)
+    return None
+
+
+def draw_indices(
     dataset: Dataset,
     samples_per_class: int,
     generator: torch.Generator,
-    batch_to_xy: BatchToXY | None = None,
+    labels_of: Callable[[Dataset, str], Tensor],
     where: str = "dataset",
-    broadcast: Callable[[Tensor], Tensor] = lambda indices: indices,
-) -> tuple[ProbeSet, dict[int, int]]:
-    """A stratified probe set of ``dataset``, and the classes that had fewer than ``samples_per_class`` examples.
-
-    Args:
-        dataset: a map-style dataset with integer class labels.
-        samples_per_class: examples drawn per class (all of a class that has fewer).
-        generator: the only source of randomness.
-        batch_to_xy: item -> ``(x, y)``; default :func:`default_batch_to_xy`.
-        where: names the dataset in error messages.
-        broadcast: makes every process use rank 0's draw (under DDP).
+) -> tuple[Tensor, dict[int, int]]:
+    """Stratified probe indices of ``dataset``, and the classes that had fewer than ``samples_per_class`` examples.
 
     Raises:
         ProbeDataError: for an empty dataset, negative or non-integer labels, or items without labels.
     """
-    labels = dataset_labels(dataset, batch_to_xy, where)
+    labels = labels_of(dataset, where)
     if labels.numel() == 0:
         raise ProbeDataError(f"{where} is empty.")
     if int(labels.min()) < 0:
         raise ProbeDataError(f"{where} has negative labels; class labels must be 0, 1, 2, ...")
-    indices, short = stratified_indices(labels, samples_per_class, generator)
-    return gather(dataset, broadcast(indices), batch_to_xy, where), short
+    return stratified_indices(labels, samples_per_class, generator)
 
 
-def restore_probe_set(
-    dataset: Dataset, indices: Tensor, batch_to_xy: BatchToXY | None = None, where: str = "dataset"
-) -> ProbeSet:
-    """The probe set at ``indices`` saved in a checkpoint.
-
-    Raises:
-        ProbeDataError: when the dataset is too small for the indices.
-    """
+def _checked_restore(dataset: Dataset, indices: Tensor, where: str) -> Tensor:
+    """The probe indices saved in a checkpoint, checked against the dataset's size."""
     indices = torch.as_tensor(indices, dtype=torch.long)
     if len(indices) and int(indices.max()) >= len(dataset):
         raise ProbeDataError(f"{where} has {len(dataset)} items, fewer than the checkpoint's probe indices need.")
-    return gather(dataset, indices, batch_to_xy, where)
+    return indices
 
 
 #: How probe sets are named in messages.
@@ -232,6 +287,7 @@ def build_probe_sets(
     seed: int,
     *,
     batch_to_xy: BatchToXY | None = None,
+    collate_fn: Collate | None = None,
     restored: dict[str, Tensor] | None = None,
     broadcast: Callable[[Tensor], Tensor] = lambda indices: indices,
     class_names: Sequence[str] | None = None,
@@ -242,7 +298,8 @@ def build_probe_sets(
         datasets: probe set name -> dataset.
         samples_per_class: examples per class.
         seed: seed of the generator that draws them.
-        batch_to_xy: item -> ``(x, y)``.
+        batch_to_xy: collated batch -> ``(x, y)``; default :func:`default_batch_to_xy`.
+        collate_fn: batches items, as the training dataloader does; default ``torch.utils.data.default_collate``.
         restored: probe set name -> indices saved in a checkpoint, used instead of a draw.
         broadcast: makes every process use rank 0's draw (under DDP).
         class_names: names given by the user; default: the first dataset's ``classes`` attribute, or the labels.
@@ -254,15 +311,21 @@ def build_probe_sets(
         ProbeDataError: for data that cannot be probed, or fewer ``class_names`` than classes.
     """
     generator = torch.Generator().manual_seed(seed)
-    sets, short = {}, {}
+    indices, short = {}, {}
     for name, dataset in datasets.items():
         where = f"the {SET_WORDS[name]} dataset"
         if restored and name in restored:
-            sets[name] = restore_probe_set(dataset, restored[name], batch_to_xy, where)
+            indices[name] = _checked_restore(dataset, restored[name], where)
         else:
-            sets[name], short[name] = draw_probe_set(
-                dataset, samples_per_class, generator, batch_to_xy, where, broadcast
+            drawn, short[name] = draw_indices(
+                dataset,
+                samples_per_class,
+                generator,
+                lambda data, at: dataset_labels(data, batch_to_xy, at, collate_fn),
+                where,
             )
+            indices[name] = broadcast(drawn)
+    sets = collate_probe_sets(datasets, indices, collate_fn, batch_to_xy)
     num_classes = max(int(p.labels.max()) + 1 for p in sets.values())
     names = _class_names(class_names, next(iter(datasets.values())), num_classes)
     return ProbeSets(sets, num_classes, names), {name: s for name, s in short.items() if s}

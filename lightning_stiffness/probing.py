@@ -15,6 +15,7 @@ from lightning_stiffness.context import Progress
 from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.failures import ProbeSkipped
 from lightning_stiffness.gram import gradient_gram
+from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take
 from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness
 from lightning_stiffness.probe import ProbeSet
 from lightning_stiffness.representations import forward_with_outputs
@@ -36,6 +37,7 @@ class ProbeOptions:
         layer_distance: metric of those distances.
         num_distance_bins: bins of the distance curves.
         keep_matrices: gather the whole Gram matrix, for the stiffness matrices of the raw results.
+        forward_fn: ``forward_fn(model, x) -> outputs``; None: ``model(x)``, ``model(*x)`` or ``model(**x)``.
     """
 
     kinds: tuple[str, ...]
@@ -47,6 +49,7 @@ class ProbeOptions:
     layer_distance: str = "cosine"
     num_distance_bins: int = 20
     keep_matrices: bool = True
+    forward_fn: ForwardFn | None = None
 
 
 def measure_probe(
@@ -59,11 +62,13 @@ def measure_probe(
     epoch: int = 0,
     step: int = 0,
     progress: Progress | None = None,
+    convert_input: Callable[[Inputs], Inputs] | None = None,
 ) -> StiffnessResult:
     """Measure stiffness between all probe examples of ``model`` (evaluated as given, with gradients enabled).
 
     Under DDP every process calls this with the same probe sets; each computes its share of the Gram rows and the
-    metrics reduce them, so every process returns the same result.
+    metrics reduce them, so every process returns the same result. ``convert_input`` converts the probe inputs as
+    the trainer's precision plugin converts a batch (``bf16-true``, ``64-true``).
 
     Raises:
         ProbeSkipped: when the loss of a probe example is not finite.
@@ -71,9 +76,10 @@ def measure_probe(
     """
     comm = comm or Communicator()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    inputs = {name: p.inputs.to(device) for name, p in probe_sets.items()}
+    convert = convert_input or (lambda x: x)
+    inputs = {name: convert(apply(p.inputs, lambda t: t.to(device))) for name, p in probe_sets.items()}
     labels = {name: p.labels.to(device) for name, p in probe_sets.items()}
-    all_x, all_y = torch.cat(list(inputs.values())), torch.cat(list(labels.values()))
+    all_x, all_y = concat(list(inputs.values())), torch.cat(list(labels.values()))
     total = len(all_y)
     span = comm.span(total)
     # Every failure is agreed on by all processes before the next collective call, so that none is left waiting.
@@ -82,9 +88,10 @@ def measure_probe(
     rows = torch.arange(span.start, span.stop, device=device)
     parts = {key: GramRows(g, rows, comm.all_norms(g, span, total)) for key, g in grams.items()}
     whole = parts.pop("")
+    features = {name: input_features(x) for name, x in inputs.items()}
     return measure_stiffness(
         whole,
-        inputs,
+        features,
         labels,
         {name: p.indices for name, p in probe_sets.items()},
         kinds=options.kinds,
@@ -93,16 +100,29 @@ def measure_probe(
         epoch=epoch,
         step=step,
         layer_grams=parts or None,
-        representations=_split_by_set(representations, inputs) if options.layers else None,
+        representations=_split_by_set(representations, features) if options.layers else None,
         distance_metric=options.layer_distance,
         full_gram=comm.gather_rows(whole.values, total) if options.keep_matrices else None,
         sync=comm.world_size > 1,
     )
 
 
+def input_features(x: Inputs) -> Tensor:
+    """[N, F] features of the inputs for input-space distances: the floating-point tensors of ``x`` flattened and
+    joined (images, features), or, when it has none (token ids and masks), all its tensors as numbers; for such
+    inputs the distances in a layer's representation (``layers``) are the meaningful ones."""
+    leaves = [x] if isinstance(x, Tensor) else list(x.values() if isinstance(x, dict) else x)
+    chosen = [t for t in leaves if t.is_floating_point()] or leaves
+    return torch.cat(
+        [t.reshape(t.shape[0], -1).float() if not t.is_floating_point() else t.flatten(1) for t in chosen], 1
+    )
+
+
 def _checked_forward(model: nn.Module, x: Tensor, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
     """One forward without gradients: checks the losses, records the outputs of ``options.layers``."""
-    outputs, representations = forward_with_outputs(model, x, options.layers, options.chunk_size or 512)
+    outputs, representations = forward_with_outputs(
+        model, x, options.layers, options.chunk_size or 512, options.forward_fn
+    )
     with torch.no_grad():
         losses = options.loss_fn(outputs, y)
     bad = int((~torch.isfinite(losses)).sum())
@@ -127,6 +147,7 @@ def _gram_rows(
         "chunk_size": options.chunk_size,
         "per_layer": options.per_layer,
         "progress": progress,
+        "forward_fn": options.forward_fn,
     }
     if comm.world_size == 1:
         grams = gradient_gram(model, x, y, **engine)
@@ -136,7 +157,7 @@ def _gram_rows(
         # More processes than probe examples: an empty share still takes part in the gathers, with one row that is
         # dropped.
         rows = span if span.stop > span.start else slice(0, 1)
-        grams = gradient_gram(model, x[rows], y[rows], x, y, **engine)
+        grams = gradient_gram(model, take(x, rows), y[rows], x, y, **engine)
         if span.stop == span.start:
             grams = {k: g[:0] for k, g in grams.items()} if options.per_layer else grams[:0]
     if not options.per_layer:

@@ -64,6 +64,16 @@ def take(x: Inputs, index: slice) -> Inputs:
     return x[index]
 
 
+def concat(parts: list[Inputs]) -> Inputs:
+    """The examples of ``parts`` (inputs of the same structure and shapes but dim 0) one after the other."""
+    first = parts[0]
+    if isinstance(first, dict):
+        return {key: torch.cat([part[key] for part in parts]) for key in first}
+    if isinstance(first, tuple | list):
+        return type(first)(torch.cat([part[i] for part in parts]) for i in range(len(first)))
+    return torch.cat(parts)
+
+
 def apply(x: Inputs, fn: Callable[[Tensor], Tensor]) -> Inputs:
     """``fn`` applied to every tensor of ``x``, in the same structure."""
     if isinstance(x, dict):
