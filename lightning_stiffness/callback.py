@@ -30,13 +30,21 @@ from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.compat import lightning_classes
 from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
 from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
 from lightning_stiffness.failures import is_expected, strict_default
 from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
 from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter
-from lightning_stiffness.probe import SET_WORDS, ProbeSets, build_probe_sets, find_datasets, resolve_callable
+from lightning_stiffness.probe import (
+    SET_WORDS,
+    ProbeSets,
+    build_probe_sets,
+    find_collate_fn,
+    find_datasets,
+    resolve_callable,
+)
 from lightning_stiffness.probing import ProbeOptions, measure_probe
 from lightning_stiffness.representations import check_layer_names
 from lightning_stiffness.schedule import ProbeSchedule
@@ -66,8 +74,11 @@ class StiffnessCallback(Callback):
         seed: seed of the callback's own generator, which draws the probe examples.
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``, a callable or an import path
             ``"package.module.function"``. Default: cross-entropy with ``reduction="none"``.
-        batch_to_xy: turns a dataset item into ``(x, y)``, a callable or an import path. Default: a tuple's first two
-            entries, or a dict's usual keys (``x``, ``image``, ``input_ids``, ..., ``y``, ``label``, ...).
+        batch_to_xy: turns a batch of probe examples (collated by the training dataloader's ``collate_fn``) into
+            ``(x, y)``, a callable or an import path. Default: a tuple's first two entries, or a dict's label
+            (``y``, ``label``, ``labels``, ...) and every other entry (one: positional; several: keyword arguments).
+        forward_fn: ``forward_fn(pl_module, x) -> outputs``, a callable or an import path, for a module called
+            otherwise than ``pl_module(x)`` / ``(*x)`` / ``(**x)`` (required when it has no ``forward``).
         num_distance_bins: bins of the stiffness-against-distance curves.
         save_raw: write each probe's raw results to ``{log_dir}/stiffness/epoch=E-step=S.pt``.
         log_images: log class-matrix and distance-curve images (TensorBoard, W&B, MLflow; PNG files otherwise).
@@ -80,6 +91,9 @@ class StiffnessCallback(Callback):
         strict: raise a probe's unexpected failures (bugs) instead of skipping the probe with a warning; expected
             ones (non-finite loss, out of memory, full disk) are always skipped. Default: the environment variable
             ``LIGHTNING_STIFFNESS_STRICT``.
+        num_bootstrap: bootstrap draws of each probe's 95% intervals (the raw results' ``intervals``); 0 for none.
+        class_groups: each class's group (a list) or group name -> classes (a dict), for stiffness between groups.
+        dataset_every_n_epochs: at every n-th epoch's end, exact class stiffness over the whole training set; 0: off.
 
     Raises:
         MisconfigurationException: In ``__init__`` for an argument out of range. At setup without a logger, with a
@@ -108,6 +122,7 @@ class StiffnessCallback(Callback):
         seed: int = 0,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
         batch_to_xy: Callable[[Any], tuple[Any, Any]] | str | None = None,
+        forward_fn: Callable[[Any, Any], Any] | str | None = None,
         num_distance_bins: int = 20,
         save_raw: bool = True,
         log_images: bool = True,
@@ -118,6 +133,9 @@ class StiffnessCallback(Callback):
         layer_distance: Literal["cosine", "euclidean"] = "cosine",
         prefix: str = PREFIX,
         strict: bool | None = None,
+        num_bootstrap: int = DEFAULT_NUM_BOOTSTRAP,
+        class_groups: ClassGroups | None = None,
+        dataset_every_n_epochs: int = 0,
     ) -> None:
         with _misconfiguration():
             for name, value, minimum in (("samples_per_class", samples_per_class, 2), ("seed", seed, 0)):
@@ -127,7 +145,9 @@ class StiffnessCallback(Callback):
             _check_engine(method, chunk_size, num_distance_bins, images_every_n_probes)
             self._loss_fn = resolve_callable(loss_fn, "loss_fn") or default_loss_fn
             self._batch_to_xy = resolve_callable(batch_to_xy, "batch_to_xy")
+            self._forward_fn = resolve_callable(forward_fn, "forward_fn")
             _check_names(class_names, layers, layer_distance, prefix)
+            self._extras = ExtraMeasures(num_bootstrap, class_groups, dataset_every_n_epochs, seed, prefix)
 
         self.samples_per_class = samples_per_class
         self.epochs = epochs if epochs is None else list(self._schedule.epochs)
@@ -135,13 +155,9 @@ class StiffnessCallback(Callback):
         self.probe_at_start = probe_at_start
         self.kinds = chosen_kinds
         self.method, self.chunk_size = method, chunk_size
-        self.seed = seed
-        self.num_distance_bins = num_distance_bins
-        self.save_raw = save_raw
-        self.log_images = log_images
-        self.images_every_n_probes = images_every_n_probes
-        self.class_names = class_names
-        self.per_layer = per_layer
+        self.seed, self.num_distance_bins = seed, num_distance_bins
+        self.save_raw, self.log_images, self.images_every_n_probes = save_raw, log_images, images_every_n_probes
+        self.class_names, self.per_layer = class_names, per_layer
         self.layers, self.layer_distance = layers, layer_distance
         self.prefix = prefix
         self.strict = strict_default() if strict is None else strict
@@ -170,6 +186,7 @@ class StiffnessCallback(Callback):
         if stage != "fit":
             return
         _check_trainer(trainer)
+        _check_forward(pl_module, self._forward_fn)
         self._idle = bool(trainer.fast_dev_run)
         if self._idle:
             rank_zero_info("StiffnessCallback: idle under `fast_dev_run` (no probes, nothing logged).")
@@ -199,6 +216,7 @@ class StiffnessCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._probes is not None and self._schedule.due_at_epoch_end(trainer.current_epoch, trainer.global_step):
             self._probe(trainer, pl_module)
+        self._extras.measure_dataset(self, trainer, pl_module)
         self._scalars.publish(trainer, pl_module)  # the latest values, at every check until the next probe
         self._images.deliver(trainer)
 
@@ -234,6 +252,7 @@ class StiffnessCallback(Callback):
                 self.samples_per_class,
                 self.seed,
                 batch_to_xy=self._batch_to_xy,
+                collate_fn=find_collate_fn(trainer.train_dataloader),
                 restored=self._restored_indices,
                 broadcast=broadcast,
                 class_names=self.class_names,
@@ -253,7 +272,7 @@ class StiffnessCallback(Callback):
         self._schedule.done(step)
         started = time.perf_counter()
         try:
-            result = self._measure(trainer, pl_module, epoch, step)
+            result = _measure(self, trainer, pl_module, epoch, step)
         except Exception as err:  # an expected failure must never stop training: it is reported and skipped
             self._skip(err, is_expected(err), f"the probe at {probe_label(epoch, step)} was skipped")
             return
@@ -269,14 +288,6 @@ class StiffnessCallback(Callback):
             f"(+ {time.perf_counter() - written:.2f} s sending images and writing raw results)."
         )
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> StiffnessResult:
-        probes, comm = self._probes, Communicator.from_trainer(trainer)
-        show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
-        with preserved_rng(pl_module.device), eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
-            with progress_bar(show_progress, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
-                options = {"epoch": epoch, "step": step, "progress": progress}
-                return measure_probe(pl_module, probes.sets, probes.num_classes, self._options, comm, **options)
-
     def _skip(self, error: Exception, expected: bool, what: str) -> None:
         """Warn that ``what`` happened because of ``error``; in strict mode, raise an unexpected ``error`` instead."""
         if self.strict and not expected:
@@ -287,6 +298,22 @@ class StiffnessCallback(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _measure(
+    callback: StiffnessCallback, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int
+) -> StiffnessResult:
+    """One probe's result: eval mode, random states kept, gradients on, a progress bar on rank 0."""
+    probes, comm = callback._probes, Communicator.from_trainer(trainer)
+    show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
+    with preserved_rng(pl_module.device), eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
+        with progress_bar(show_progress, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
+            # Inputs converted as the precision plugin converts a batch (bf16-true, 64-true); the hooks run outside
+            # the training step's autocast, so under mixed precision the probe runs in full precision.
+            options = {"epoch": epoch, "step": step, "progress": progress}
+            options["convert_input"] = trainer.precision_plugin.convert_input
+            result = measure_probe(pl_module, probes.sets, probes.num_classes, callback._options, comm, **options)
+            return callback._extras.add(result)  # bootstrap intervals and class groups, from the matrices
 
 
 def _write_files(callback: StiffnessCallback, trainer: Trainer, result: StiffnessResult) -> None:
@@ -313,8 +340,19 @@ def _probe_options(callback: StiffnessCallback, layers: list[str]) -> ProbeOptio
         layers=tuple(layers),
         layer_distance=callback.layer_distance,
         num_distance_bins=callback.num_distance_bins,
-        keep_matrices=callback.save_raw,
+        keep_matrices=callback.save_raw or callback._extras.needs_matrices,
+        forward_fn=callback._forward_fn,
     )
+
+
+def _check_forward(pl_module: LightningModule, forward_fn: Callable[[Any, Any], Any] | None) -> None:
+    """A module without its own ``forward`` needs ``forward_fn`` (the probe cannot guess how to call it)."""
+    defaults = {cls.forward for cls in lightning_classes("core", "LightningModule")} | {torch.nn.Module.forward}
+    if forward_fn is None and type(pl_module).forward in defaults:
+        raise MisconfigurationException(
+            f"StiffnessCallback: {type(pl_module).__name__} has no `forward`, so the probe cannot call it. Pass "
+            "`forward_fn=lambda module, x: module.model(x)` (or an import path) to say how to get outputs from x."
+        )
 
 
 def _warn_if_drawn_differently(state_dict: dict[str, Any], settings: dict[str, Any]) -> None:
