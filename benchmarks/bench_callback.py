@@ -3,12 +3,21 @@
 The setting of the target in the issue tracker: the paper's fully connected net (784-500-300-100-10), a probe of
 500 training and 500 validation examples (50 per class), both kinds, every measure; against one epoch over 60,000
 examples of 784 features at batch size 32 (Lightning Trainer, Adam). Rendering the probe's nine images is timed
-separately, since the callback can render them at a lower cadence (``images_every_n_probes``) or not at all.
+separately (in this process, as a worker draws them).
 
-    python benchmarks/bench_callback.py
+Then whole runs side by side, as a user would try it: the paper's FC net on bundled digits (examples/digits.py), 6
+epochs, a probe at initialisation and after every epoch, 20 examples a class, with the nine default images at every
+probe (drawn in the callback's worker process) against the same run with ``log_images=False``. It prints the ratio
+of wall times (target: at most 1.5) and the time the training thread spends on images per probe (target: under
+50 ms): sending figures to the worker, handing finished images to TensorBoard, and waiting at the end of training.
+
+    python benchmarks/bench_callback.py            # both parts
+    python benchmarks/bench_callback.py --runs     # only the whole runs
 """
 
+import importlib.util
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gram import paper_fc
 
+from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import gradient_gram
 from lightning_stiffness.measure import measure_stiffness
+from lightning_stiffness.outputs import ImageWriter
 from lightning_stiffness.plots import probe_images
 
 
@@ -63,7 +74,82 @@ def render(result) -> int:
     return len(probe_images(result, [str(c) for c in range(10)]))
 
 
+class _TrainingThreadClock:
+    """Seconds the training thread spends in the image writer's methods (sending, handing out, the final wait)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._originals = {name: getattr(ImageWriter, name) for name in ("write", "deliver", "finish")}
+
+    def __enter__(self) -> "_TrainingThreadClock":
+        for name, original in self._originals.items():
+            setattr(ImageWriter, name, self._timed(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._originals.items():
+            setattr(ImageWriter, name, original)
+
+    def _timed(self, original):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed
+
+
+def _digits_run(root: Path, log_images: bool, epochs: int = 6) -> tuple[float, float, int]:
+    """Wall seconds of one fit, seconds the training thread spent on images, and the probes made."""
+    spec = importlib.util.spec_from_file_location(
+        "digits_example", Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+    )
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)
+    data = digits.DigitsDataModule(batch_size=32)
+    model = digits.PaperNet(arch="fc", hidden=[500, 300, 100])
+    callback = StiffnessCallback(samples_per_class=20, log_images=log_images)
+    trainer = Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        default_root_dir=root,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    with _TrainingThreadClock() as clock:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        seconds = time.perf_counter() - start
+    return seconds, clock.seconds, callback._probes_done
+
+
+def runs() -> None:
+    with tempfile.TemporaryDirectory() as root:
+        _digits_run(Path(root) / "warm-up", log_images=True, epochs=1)
+        plain, _, probes = _digits_run(Path(root) / "plain", log_images=False)
+        drawn, on_images, drawn_probes = _digits_run(Path(root) / "images", log_images=True)
+        plain_again, _, _ = _digits_run(Path(root) / "plain-again", log_images=False)
+    plain = min(plain, plain_again)
+    print(f"digits, FC net, 6 epochs, {probes} probes, 20 examples a class; torch {torch.get_num_threads()} threads")
+    print(f"run without images (best of 2):                {plain:8.2f} s")
+    print(f"run with the 9 default images at every probe:  {drawn:8.2f} s")
+    print(f"with images / without:                         {drawn / plain:8.2f} x   (target: at most 1.5)")
+    print(
+        f"training thread on images, per probe:          {1000 * on_images / drawn_probes:8.1f} ms (target: under 50)"
+    )
+
+
 def main() -> None:
+    if "--runs" in sys.argv:
+        runs()
+        return
     torch.manual_seed(0)
     model = PaperFC()
     train = TensorDataset(torch.randn(60_000, 784), torch.randint(0, 10, (60_000,)))
@@ -103,7 +189,8 @@ def main() -> None:
     print(f"rendering the probe's {images} images:                           {render_seconds:8.3f} s")
     print(f"one training epoch (60,000 examples, batch 32):               {epoch_seconds:8.3f} s")
     print(f"probe / epoch:               {probe_seconds / epoch_seconds:8.2%}   (target: at most 10%)")
-    print(f"probe + images / epoch:      {(probe_seconds + render_seconds) / epoch_seconds:8.2%}")
+    print(f"probe + images / epoch:      {(probe_seconds + render_seconds) / epoch_seconds:8.2%}   (images drawn here)")
+    runs()
 
 
 if __name__ == "__main__":

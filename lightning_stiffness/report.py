@@ -4,13 +4,16 @@ A run directory is a logger's directory (``lightning_logs/version_0``) holding `
 (``StiffnessCallback(save_raw=True)``, the default), or any folder above such directories: every run found under the
 given paths is reported. The report is a directory with ``report.md`` (or ``report.html``) and PNG figures:
 
-- class stiffness matrices at chosen epochs, side by side;
-- within/between-class stiffness against epochs trained, with the run's train/validation loss (from its TensorBoard
-  event files or ``metrics.csv``), the stretch where validation loss rises above its minimum shaded;
-- the critical distance xi against epochs trained, in input space and in each recorded layer;
+- class stiffness matrices of chosen probes, side by side;
+- within/between-class stiffness against the global step, with the run's train/validation loss (from its
+  TensorBoard event files or ``metrics.csv``), the stretch where validation loss rises above its minimum shaded;
+- the critical distance xi against the global step, in input space and in each recorded layer;
 - with several runs, xi at the last probe against each run's learning rate (from ``hparams.yaml``).
 
-"Epochs trained" puts the probe at initialisation at 0 and the probe at the end of epoch E (0-based) at E + 1.
+Probes are named as everywhere in this package (:func:`~lightning_stiffness.names.probe_label`): "initialisation"
+for the probe before the first optimiser step, otherwise Lightning's 0-based epoch and the global step
+("epoch 2, step 120"); ``--epochs 0 2`` picks the probes at the end of epochs 0 and 2, ``--epochs initialisation``
+the first one. When a run has no probe in an epoch asked for, the report draws the nearest one and says so.
 """
 
 import argparse
@@ -28,7 +31,18 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_stiffness.measure import StiffnessResult
-from lightning_stiffness.names import KINDS, PAIRS, PREFIX, RAW_FILE_PATTERN, SIDES, kind_key, layer_key
+from lightning_stiffness.names import (
+    FITS,
+    INITIALISATION,
+    KINDS,
+    PAIRS,
+    PREFIX,
+    RAW_FILE_PATTERN,
+    SIDES,
+    kind_key,
+    layer_key,
+    probe_label,
+)
 from lightning_stiffness.plots import STIFFNESS_CMAP, new_figure
 
 
@@ -50,13 +64,9 @@ class Run:
         return "-".join(self.path.parts[-2:])
 
     @property
-    def steps_per_epoch(self) -> float | None:
-        ends = [r for r in self.results if r.step > 0]
-        return ends[-1].step / (ends[-1].epoch + 1) if ends else None
-
-    def epochs_trained(self, step: int) -> float:
-        spe = self.steps_per_epoch
-        return step / spe if spe else float(step)
+    def steps(self) -> list[int]:
+        """The global step of each probe."""
+        return [r.step for r in self.results]
 
 
 def find_runs(paths: Sequence[str | Path], prefix: str = PREFIX) -> list[Path]:
@@ -142,10 +152,11 @@ def _class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, k
             ticks = range(result.num_classes)
             axes.set_xticks(ticks)
             axes.set_yticks(ticks)
-            axes.set_title(f"{run.epochs_trained(result.step):g} epochs (step {result.step})", fontsize=10)
-            axes.set_xlabel("class of j")
+            axes.set_title(probe_label(result.epoch, result.step), fontsize=10)
+            rows, cols = PAIRS[pair]
+            axes.set_xlabel(f"class of the {cols} example")
             if i == 0:
-                axes.set_ylabel("class of i")
+                axes.set_ylabel(f"class of the {rows} example")
         figure.colorbar(image, ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
         figure.suptitle(f"class stiffness matrices, {pair}")
 
@@ -153,7 +164,7 @@ def _class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, k
 def _losses_axes(run: Run, axes) -> None:
     twin = axes.twinx()
     for tag, points in sorted(run.losses.items()):
-        xs = [run.epochs_trained(s) for s, _ in points]
+        xs = [s for s, _ in points]
         twin.plot(xs, [v for _, v in points], linestyle=":", marker=".", label=tag)
         if "val" in tag and len(points) > 1:
             values = [v for _, v in points]
@@ -168,7 +179,7 @@ def _losses_axes(run: Run, axes) -> None:
 def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
     with _saved_figure(path, 8, 4.8) as figure:
         axes = figure.add_subplot()
-        xs = [run.epochs_trained(r.step) for r in run.results]
+        xs = run.steps
         for kind, style in zip(KINDS, ("-", "--"), strict=True):
             if kind not in run.results[-1].kinds:
                 continue
@@ -177,7 +188,7 @@ def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
                 axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
         _losses_axes(run, axes)
         axes.axhline(0, color="grey", linewidth=0.8)
-        axes.set_xlabel("epochs trained")
+        axes.set_xlabel("global step (0: initialisation)")
         axes.set_ylabel("stiffness")
         axes.set_title(f"within/between-class stiffness, {pair}")
         axes.legend(loc="upper left", fontsize=8)
@@ -194,10 +205,10 @@ def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
 def _xi_figure(run: Run, pair: str, path: Path) -> None:
     with _saved_figure(path, 8, 4.8) as figure:
         axes = figure.add_subplot()
-        xs = [run.epochs_trained(r.step) for r in run.results]
         for name, values in _xi_series(run, pair).items():
-            axes.plot(xs, values, marker="o", markersize=3, label=name)
-        _label_xi_axes(axes, "epochs trained", f"stiff-domain size against training, {pair} (same-class pairs)")
+            axes.plot(run.steps, values, marker="o", markersize=3, label=name)
+        title = f"stiff-domain size against training, {pair} (same-class pairs)"
+        _label_xi_axes(axes, "global step (0: initialisation)", title)
 
 
 def _lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None:
@@ -222,17 +233,28 @@ def _label_xi_axes(axes, xlabel: str, title: str, ylabel_note: str = "") -> None
     axes.grid(alpha=0.3)
 
 
-def _pick(run: Run, epochs: Sequence[float] | None) -> list[StiffnessResult]:
+def _pick(run: Run, epochs: Sequence[int | str] | None) -> tuple[list[StiffnessResult], list[str]]:
+    """The probes to draw: for each epoch asked for, the last probe in it (``"initialisation"``: the first probe);
+    the nearest one when there is none, with a note saying which was drawn."""
     results = run.results
     if epochs is None:
-        picks = sorted({0, len(results) // 2, len(results) - 1})
-        return [results[i] for i in picks]
-    chosen = []
+        return [results[i] for i in sorted({0, len(results) // 2, len(results) - 1})], []
+    chosen, notes = [], []
     for wanted in epochs:
-        best = min(results, key=lambda r: abs(run.epochs_trained(r.step) - wanted))
+        if wanted == INITIALISATION:
+            best = min(results, key=lambda r: r.step)
+            exact = best.step == 0
+        else:
+            in_epoch = [r for r in results if r.epoch == wanted and r.step > 0]
+            exact = bool(in_epoch)
+            best = in_epoch[-1] if in_epoch else min(results, key=lambda r: (abs(r.epoch - wanted), -r.step))
+        if not exact:
+            asked = INITIALISATION if wanted == INITIALISATION else f"epoch {wanted}"
+            drawn = probe_label(best.epoch, best.step)
+            notes.append(f"{run.path}: no probe at {asked}; the nearest one, at {drawn}, is drawn instead.")
         if best not in chosen:
             chosen.append(best)
-    return chosen
+    return chosen, notes
 
 
 def _fmt(value: float) -> str:
@@ -243,7 +265,7 @@ def write_report(
     paths: Sequence[str | Path],
     out_dir: str | Path,
     *,
-    epochs: Sequence[float] | None = None,
+    epochs: Sequence[int | str] | None = None,
     pair: str = "train-train",
     kind: str = "cosine",
     fmt: str = "md",
@@ -265,8 +287,10 @@ def write_report(
             raise ReportError(f"{run.path} has no {kind!r} stiffness; it has {list(run.results[-1].kinds)}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sections = [_run_section(run, f"run{index}", out, epochs, pair, kind, lr_key) for index, run in enumerate(runs)]
-    notes = []
+    notes = [_FIT_NOTE]
+    sections = [
+        _run_section(run, f"run{index}", out, epochs, pair, kind, lr_key, notes) for index, run in enumerate(runs)
+    ]
     lrs = [run.hparams.get(lr_key) for run in runs]
     if len(runs) > 1:
         if all(isinstance(v, (int, float)) for v in lrs):
@@ -283,11 +307,27 @@ def write_report(
     return report
 
 
+_FIT_NOTE = (
+    "ξ: where the least-squares line through all same-class (distance, stiffness) pairs crosses zero (the paper's, "
+    "logged as critical_distance); ξ bins: the same through the within-class bin means, each bin weighted equally."
+)
+
+
 def _run_section(
-    run: Run, name: str, out: Path, epochs: Sequence[float] | None, pair: str, kind: str, lr_key: str
+    run: Run,
+    name: str,
+    out: Path,
+    epochs: Sequence[int | str] | None,
+    pair: str,
+    kind: str,
+    lr_key: str,
+    notes: list[str],
 ) -> tuple[str, list[tuple[str, str]], list[list[str]]]:
-    """One run's figures (written to ``out``) and table: its section of the report."""
-    _class_matrices_figure(run, _pick(run, epochs), pair, kind, out / f"{name}_class_matrices.png")
+    """One run's figures (written to ``out``) and table: its section of the report; notes about it go to
+    ``notes``."""
+    chosen, picked_notes = _pick(run, epochs)
+    notes += picked_notes
+    _class_matrices_figure(run, chosen, pair, kind, out / f"{name}_class_matrices.png")
     _stiffness_figure(run, pair, out / f"{name}_stiffness.png")
     _xi_figure(run, pair, out / f"{name}_critical_distance.png")
     figures = [
@@ -296,15 +336,17 @@ def _run_section(
         ("critical distance", f"{name}_critical_distance.png"),
     ]
     layers = run.results[-1].representation_layers
-    rows = [["epochs trained", "step", f"{kind} within", f"{kind} between", "ξ input", *[f"ξ {x}" for x in layers]]]
+    header = ["probe", "step", f"{kind} within", f"{kind} between", "ξ input", "ξ bins input"]
+    rows = [[*header, *[f"ξ {x}" for x in layers]]]
     for r in run.results:
         rows.append(
             [
-                f"{run.epochs_trained(r.step):g}",
+                probe_label(r.epoch, r.step),
                 str(r.step),
                 _fmt(r.within_class[kind_key(pair, kind)]),
                 _fmt(r.between_class[kind_key(pair, kind)]),
                 _fmt(r.critical_distance[pair]),
+                _fmt(r.line_fits.get(pair, {}).get(FITS[1], {}).get("xi", math.nan)),
                 *[_fmt(r.layer_critical_distance.get(layer_key(pair, layer), math.nan)) for layer in layers],
             ]
         )
@@ -343,13 +385,28 @@ def _render_html(sections, pair: str, kind: str, notes: list[str]) -> str:
     return "\n".join(parts)
 
 
+def _epoch_choice(text: str) -> int | str:
+    if text in (INITIALISATION, "init"):
+        return INITIALISATION
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an epoch number or '{INITIALISATION}', got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightning-stiffness", description="Reports from saved stiffness results.")
     commands = parser.add_subparsers(dest="command", required=True)
     report = commands.add_parser("report", help="write a report (Markdown or HTML with PNG figures) for runs")
     report.add_argument("runs", nargs="+", help="run directories (a logger's log_dir) or folders above them")
     report.add_argument("-o", "--out", default="stiffness-report", help="output directory (default: %(default)s)")
-    report.add_argument("--epochs", nargs="+", type=float, help="epochs trained at which to show class matrices")
+    report.add_argument(
+        "--epochs",
+        nargs="+",
+        type=_epoch_choice,
+        help="probes whose class matrices to show: Lightning's 0-based epochs (the probe at each one's end), or "
+        f"'{INITIALISATION}'",
+    )
     report.add_argument("--pair", default="train-train", choices=list(PAIRS), help="probe pair (default: %(default)s)")
     report.add_argument("--kind", default="cosine", choices=list(KINDS), help="stiffness kind for matrices")
     report.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")

@@ -27,7 +27,7 @@ def _decodes(path):
 @pytest.mark.parametrize("fmt", ["md", "html"])
 def test_report_for_several_runs(runs, tmp_path, fmt):
     assert len(find_runs([runs])) == 2
-    report = write_report([runs], tmp_path / "report", epochs=[0, 3], fmt=fmt)
+    report = write_report([runs], tmp_path / "report", epochs=["initialisation", 2, 10], fmt=fmt)
     assert report.name == f"report.{fmt}"
     text = report.read_text()
     pictures = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
@@ -37,7 +37,11 @@ def test_report_for_several_runs(runs, tmp_path, fmt):
         assert name in text
         assert _decodes(tmp_path / "report" / name)
     assert "lr = 0.02" in text and "lr = 0.2" in text
-    assert "ξ net.1" in text
+    assert "ξ net.1" in text and "ξ bins input" in text and "least-squares line through all same-class" in text
+    assert "| initialisation | 0 |" in text or "<td>initialisation</td>" in text
+    # Epoch 10 was never probed (3 epochs): the report says which probe it drew instead.
+    assert "no probe at epoch 10; the nearest one, at epoch 2, step 12, is drawn instead." in text
+    assert "no probe at epoch 2" not in text
 
 
 def test_console_command(runs, tmp_path, capsys):
@@ -54,7 +58,7 @@ def test_csv_logger_runs_are_read(tmp_path):
     (run,) = find_runs([tmp_path])
     loaded = load_run(run)
     assert {"train_loss"} <= set(loaded.losses) and len(loaded.losses["train_loss"]) == 2
-    assert loaded.steps_per_epoch == 4 and [loaded.epochs_trained(r.step) for r in loaded.results] == [0, 1, 2]
+    assert loaded.steps == [0, 4, 8]
     assert write_report([tmp_path], tmp_path / "report", kind="sign").exists()
     with pytest.raises(ReportError, match="has no 'cosine' stiffness; it has \\['sign'\\]"):
         write_report([tmp_path], tmp_path / "report", kind="cosine")
@@ -62,6 +66,15 @@ def test_csv_logger_runs_are_read(tmp_path):
         write_report([tmp_path], tmp_path / "report", kind="sign", pair="val-val")
     with pytest.raises(ReportError, match="`fmt` must be 'md' or 'html'"):
         write_report([tmp_path], tmp_path / "report", kind="sign", fmt="pdf")
+
+
+def test_epochs_argument(runs, tmp_path, capsys):
+    out = tmp_path / "init"
+    assert main(["report", str(runs / "lr=0.02"), "-o", str(out), "--epochs", "init", "1"]) == 0
+    assert "no probe at" not in (out / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["report", str(runs), "--epochs", "1.5"])
+    assert "expected an epoch number or 'initialisation'" in capsys.readouterr().err
 
 
 def test_directory_without_results_is_an_error(tmp_path, capsys):
