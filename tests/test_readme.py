@@ -23,6 +23,9 @@ SHORTER = {
         "--trainer.callbacks.init_args.epochs=[0] --trainer.callbacks.init_args.samples_per_class=2"
     ),
     "python examples/reproduce_paper.py": "--epochs 2 --lrs 1e-3 1e-2 --max-examples 300 --samples-per-class 2",
+    "python examples/text.py fit --config examples/configs/text.yaml": (
+        "--trainer.max_epochs=1 --trainer.limit_train_batches=3 --data.train_size=120 --data.val_size=40"
+    ),
 }
 
 
