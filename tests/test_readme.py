@@ -82,6 +82,10 @@ def test_every_logged_tag_is_documented():
         names.distance_curve_tag(pair, layer),
         names.critical_distance_by_layer_tag(pair),
         names.probe_seconds_tag(),
+        names.gradient_coherence_tag("{set}"),
+        names.gradient_diversity_tag("{set}"),
+        *(names.group_tag(pair, kind, side) for side in names.GROUP_SIDES),
+        names.dataset_class_tag("within"),
     ):
         assert f"`{tag}`" in README, tag
 
