@@ -77,6 +77,8 @@ def render(result) -> int:
 class _TrainingThreadClock:
     """Seconds the training thread spends in the image writer's methods (sending, handing out, the final wait)."""
 
+    final_wait = 0.0
+
     def __init__(self) -> None:
         self.seconds = 0.0
         self._originals = {name: getattr(ImageWriter, name) for name in ("write", "deliver", "finish")}
@@ -97,6 +99,8 @@ class _TrainingThreadClock:
                 return original(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+                if original.__name__ == "finish":
+                    _TrainingThreadClock.final_wait = time.perf_counter() - start
 
         return timed
 
@@ -144,6 +148,8 @@ def runs() -> None:
     print(
         f"training thread on images, per probe:          {1000 * on_images / drawn_probes:8.1f} ms (target: under 50)"
     )
+    wait = 1000 * _TrainingThreadClock.final_wait / drawn_probes
+    print(f"  of which waiting at the end for the worker:  {wait:8.1f} ms")
 
 
 def main() -> None:

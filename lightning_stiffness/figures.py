@@ -193,14 +193,7 @@ class _CurveTemplate:
         self.xi_line = axes.axvline(0.0, color="black", linestyle="--", linewidth=1.0, gid="xi")
         self.xi_text = axes.text(0.0, 0.0, "", fontsize=9, va="bottom", gid="xi-label")
         self.note = axes.text(
-            0.99,
-            0.02,
-            "marker area: pairs in the bin",
-            transform=axes.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="dimgrey",
+            0.01, 0.98, "marker area: pairs in the bin", transform=axes.transAxes, va="top", fontsize=8, color="dimgrey"
         )
         axes.legend(loc="upper right", fontsize=8)
         self.title = axes.set_title("", fontsize=11)

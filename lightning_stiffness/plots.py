@@ -80,10 +80,11 @@ def _curve_spec(
 
 def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[str, ...], when: str) -> MatrixSpec:
     rows, cols = PAIRS[pair]
+    within, between = result.within_class[kind_key(pair, kind)], result.between_class[kind_key(pair, kind)]
     return MatrixSpec(
         matrix=result.class_matrices[kind_key(pair, kind)].double().numpy(),
         class_names=names,
-        title=f"{kind} stiffness, {pair} ({when})",
+        title=f"{kind} stiffness, {pair} ({when}): within {within:.2f}, between {between:.2f}",
         row_label=f"class of the {rows} example (rows: {rows} set)",
         col_label=f"class of the {cols} example (columns: {cols} set)",
         colour_label=f"{kind} stiffness",
