@@ -19,6 +19,8 @@ counts as :math:`+\infty` (the stiff domain did not end), so an upper end of ``i
 draws found no crossing.
 """
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -183,7 +185,20 @@ __all__ = [
     "LEVEL",
     "bootstrap_intervals",
     "bootstrap_weights",
+    "interval_series",
     "percentile_interval",
     "weighted_class_sums",
     "xi_draws",
 ]
+
+
+def interval_series(results: list, tag_suffix: str) -> tuple[list[float], list[float]]:
+    """Lower and upper ends of one scalar's interval across probes (``results``: their ``intervals`` dicts' owners),
+    found by the tag without its prefix (``class_tag(pair, kind, side, prefix="")``); NaN where a probe has none,
+    and where an end is infinite (so that a band drawn through them leaves a gap there)."""
+    lows, highs = [], []
+    for result in results:
+        found = next((v for k, v in result.intervals.items() if k.endswith(tag_suffix)), (math.nan, math.nan))
+        lows.append(found[0] if math.isfinite(found[0]) else math.nan)
+        highs.append(found[1] if math.isfinite(found[1]) else math.nan)
+    return lows, highs

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from lightning_stiffness.intervals import interval_series
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import (
     FITS,
@@ -39,6 +40,8 @@ from lightning_stiffness.names import (
     PREFIX,
     RAW_FILE_PATTERN,
     SIDES,
+    class_tag,
+    critical_distance_tag,
     kind_key,
     layer_key,
     probe_label,
@@ -186,6 +189,8 @@ def _stiffness_figure(run: Run, pair: str, path: Path) -> None:
             for side, colour in zip(SIDES, ("tab:blue", "tab:red"), strict=True):
                 values = [getattr(r, f"{side}_class")[kind_key(pair, kind)] for r in run.results]
                 axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
+                low, high = interval_series(run.results, class_tag(pair, kind, side, prefix=""))  # 95% bootstrap
+                axes.fill_between(xs, low, high, color=colour, alpha=0.12, linewidth=0)
         _losses_axes(run, axes)
         axes.axhline(0, color="grey", linewidth=0.8)
         axes.set_xlabel("global step (0: initialisation)")
@@ -206,7 +211,9 @@ def _xi_figure(run: Run, pair: str, path: Path) -> None:
     with _saved_figure(path, 8, 4.8) as figure:
         axes = figure.add_subplot()
         for name, values in _xi_series(run, pair).items():
-            axes.plot(run.steps, values, marker="o", markersize=3, label=name)
+            (line,) = axes.plot(run.steps, values, marker="o", markersize=3, label=name)
+            low, high = interval_series(run.results, critical_distance_tag(pair, None if name == "input" else name, ""))
+            axes.fill_between(run.steps, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
         title = f"stiff-domain size against training, {pair} (same-class pairs)"
         _label_xi_axes(axes, "global step (0: initialisation)", title)
 
