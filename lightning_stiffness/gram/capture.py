@@ -73,6 +73,7 @@ class Recording:
     uses: list[Use] = field(default_factory=list)
     unsupported: dict[str, str] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # every differentiated parameter, in the model's order
+    shapes: dict[str, torch.Size] = field(default_factory=dict)  # and its shape
     plain: list[Use] = field(default_factory=list)  # the uses whose own output the backward differentiates
 
 
@@ -186,7 +187,7 @@ def record_uses(
     leaves = {name: p.detach().requires_grad_(True) for name, p in objective.params.items()}
     by_module = {full for _, _, params in module_rules.values() for full in params.values()}
     tracked = {id(leaf): name for name, leaf in leaves.items() if name not in by_module}
-    recording = Recording(order=list(objective.params))
+    recording = Recording(order=list(objective.params), shapes={n: p.shape for n, p in objective.params.items()})
 
     def hook_for(module_name: str):
         _, rule, params = module_rules[module_name]

@@ -23,6 +23,7 @@ in the plan, when:
 
 import itertools
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,10 +193,13 @@ def _terms(
                 slices[at.name][at.rows].append(part)
     # In the model's order (never a set's): under DDP every process gathers the terms in this order.
     ordered = [name for name in recording.order if name in wanted]
-    return {name: term for name in ordered if (term := _param_term(name, slices.get(name), plan, n, m)) is not None}
+    terms = {name: _param_term(name, slices.get(name), recording.shapes[name], plan, n, m) for name in ordered}
+    return {name: term for name, term in terms.items() if term is not None}
 
 
-def _param_term(name: str, parts: dict | None, plan: GramPlan, n: int, m: int) -> Term | None:
+def _param_term(name: str, parts: dict | None, shape: torch.Size, plan: GramPlan, n: int, m: int) -> Term | None:
+    """The term of a parameter of ``shape`` from its uses' factors by slice of dim 0; None (and the reason in
+    ``plan``) when there is none."""
     if name in plan.fallback:
         return None
     if not parts:
@@ -212,7 +216,8 @@ def _param_term(name: str, parts: dict | None, plan: GramPlan, n: int, m: int) -
     if overlapping:
         plan.fallback[name] = "used through overlapping slices"
         return None
-    return spans, terms
+    row = math.prod(shape[1:])
+    return SlicedTerm([(rows, terms[rows]) for rows in spans], row, math.prod(shape))
 
 
 def _check(
@@ -233,7 +238,7 @@ def _check(
         if not any(why.startswith("more than one") for why in trial.fallback.values()):
             break
     plan.fallback.update(trial.fallback)
-    _compare(_terms(recording, wheres, count, set(objective.params), plan, n, m), objective, reference, plan, "")
+    _compare(_terms(recording, wheres, count, set(objective.params), plan, n, m), reference, plan, "")
     if count > 1:
         order = torch.arange(count - 1, -1, -1, device=cy.device)
         reversed_run = record_uses(objective, modules, take(cx, order), cy[order])
@@ -243,7 +248,7 @@ def _check(
         else:
             wanted = {name for name in objective.params if name not in plan.fallback}
             terms = _terms(reversed_run, wheres, count, wanted, plan, n, m)
-            _compare(terms, objective, reference.reordered(order), plan, " (the examples in reverse order)")
+            _compare(terms, reference.reordered(order), plan, " (the examples in reverse order)")
     recorded = sum(use.output.numel() * use.output.element_size() * 2 for use in recording.uses)  # outputs, inputs
     return _Layout([use.signature for use in recording.uses], wheres, recorded // count), reference
 
@@ -277,9 +282,9 @@ def _locate(
     return wheres
 
 
-def _compare(terms: dict, objective: Objective, reference: ReferenceGradients, plan: GramPlan, how: str) -> None:
+def _compare(terms: dict[str, Term], reference: ReferenceGradients, plan: GramPlan, how: str) -> None:
     """Send every parameter whose term disagrees with the reference per example to the fallback."""
-    for name, term in _finish(terms, objective).items():
+    for name, term in terms.items():
         why = reference.disagreement(name, term.per_example())
         if why is not None:
             plan.fallback[name] = f"per-example check{how}: {why}"
@@ -296,19 +301,6 @@ def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n
         )
     except Exception:  # this candidate does not fit the call's shapes
         return False
-
-
-def _finish(terms: dict, objective: Objective) -> dict[str, Term]:
-    """Sliced parameters' parts as one :class:`SlicedTerm` each."""
-    out = {}
-    for name, term in terms.items():
-        if isinstance(term, tuple):
-            spans, parts = term
-            p = objective.params[name]
-            row = p[0].numel() if p.dim() else 1
-            term = SlicedTerm([(rows, parts[rows]) for rows in spans], row, p.numel())
-        out[name] = term
-    return out
 
 
 def _capture(
@@ -333,7 +325,7 @@ def _capture(
             wheres = [None] * len(recording.uses)
         else:
             wheres = layout.wheres
-        for name, term in _finish(_terms(recording, wheres, y.shape[0], wanted, plan, n, m), objective).items():
+        for name, term in _terms(recording, wheres, y.shape[0], wanted, plan, n, m).items():
             chunks[name].append(term)
         del recording  # frees this chunk's activations before the next forward
     return {name: join_chunks(parts) for name, parts in chunks.items() if name not in plan.fallback}
