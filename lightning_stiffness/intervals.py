@@ -64,13 +64,24 @@ def weighted_class_sums(
         [K, B, C, C] sums (float32: the weights are small integers and the values bounded).
     """
     k, b = forms.shape[0], w_rows.shape[0]
-    out = torch.zeros(k, b, num_classes, num_classes)
-    rows_onehot = torch.nn.functional.one_hot(labels_r.long(), num_classes).float()  # [N, C]
-    for label in torch.unique(labels_c).tolist():
-        cols = torch.nonzero(labels_c == label).flatten()
+    out = torch.zeros(k, num_classes, b, num_classes)
+    rows_onehot_t = torch.nn.functional.one_hot(labels_r.long(), num_classes).float().T  # [C, N]
+    weights_t = w_rows.T.contiguous()  # [N, B]
+    for label, cols in _class_spans(labels_c):
         per_row = forms[:, :, cols] @ w_cols[:, cols].T  # [K, N, B]: sum over j in class `label`
-        out[:, :, :, label] = torch.einsum("knb,nb,nc->kbc", per_row, w_rows.T, rows_onehot)
-    return out
+        out[:, :, :, label] = rows_onehot_t @ (per_row * weights_t)  # [K, C, B]: sum over i by class
+    return out.transpose(1, 2)
+
+
+def _class_spans(labels: Tensor) -> list[tuple[int, Tensor | slice]]:
+    """Each class and its examples: a slice when they are contiguous (sorted labels: views, no copies)."""
+    spans = []
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        first, last = int(members[0]), int(members[-1])
+        contiguous = last - first + 1 == members.numel()
+        spans.append((label, slice(first, last + 1) if contiguous else members))
+    return spans
 
 
 def percentile_interval(draws: Tensor) -> tuple[float, float]:
@@ -112,10 +123,13 @@ def _same_class_line_sums(
     y = torch.where(valid, stiffness, torch.zeros_like(stiffness)).float()
     forms = torch.stack([valid.float(), x, y, x * x, x * y])
     out = torch.zeros(5, w_rows.shape[0], dtype=torch.float64)
-    for label in torch.unique(labels_r).tolist():
-        rows, cols = torch.nonzero(labels_r == label).flatten(), torch.nonzero(labels_c == label).flatten()
-        block = forms[:, rows][:, :, cols]  # [5, n_a, m_a]
-        out += torch.einsum("bi,kij,bj->kb", w_rows[:, rows], block, w_cols[:, cols]).double()
+    cols_of = dict(_class_spans(labels_c))
+    for label, rows in _class_spans(labels_r):
+        if label not in cols_of:
+            continue
+        cols = cols_of[label]
+        per_row = forms[:, rows][:, :, cols] @ w_cols[:, cols].T  # [5, n_a, B]
+        out += (per_row * w_rows[:, rows].T).sum(dim=1).double()
     return out
 
 
@@ -147,15 +161,19 @@ def bootstrap_intervals(
         Scalar tag (as logged) -> ``(low, high)``.
     """
     weights = {name: bootstrap_weights(y, num_draws, generator) for name, y in labels.items()}
+    # Examples ordered by class (the same draws, permuted), so that each class's block is a slice.
+    order = {name: torch.argsort(y.cpu(), stable=True) for name, y in labels.items()}
     out: dict[str, tuple[float, float]] = {}
     for pair, (rows, cols) in PAIRS.items():
         if rows not in labels or cols not in labels:
             continue
-        labels_r, labels_c, w_r, w_c = labels[rows].cpu(), labels[cols].cpu(), weights[rows], weights[cols]
+        o_r, o_c = order[rows], order[cols]
+        labels_r, labels_c = labels[rows].cpu()[o_r], labels[cols].cpu()[o_c]
+        w_r, w_c = weights[rows][:, o_r], weights[cols][:, o_c]
         not_self = _not_self(labels_r.numel(), labels_c.numel(), rows == cols)
         forms = []
         for kind in kinds:
-            values = stiffness[kind_key(pair, kind)].cpu()
+            values = stiffness[kind_key(pair, kind)].cpu()[o_r][:, o_c]
             valid = torch.isfinite(values) & not_self
             forms += [torch.where(valid, values, torch.zeros_like(values)).float(), valid.float()]
         sums = weighted_class_sums(torch.stack(forms), w_r, w_c, labels_r, labels_c, num_classes)
@@ -163,12 +181,12 @@ def bootstrap_intervals(
             draws = _within_between_draws(sums[2 * index], sums[2 * index + 1])
             for side, side_draws in zip(SIDES, draws, strict=True):
                 out[class_tag(pair, kind, side, prefix)] = percentile_interval(side_draws)
-        values = stiffness[kind_key(pair, xi_kind)].cpu()
+        values = stiffness[kind_key(pair, xi_kind)].cpu()[o_r][:, o_c]
         for key, space in distances.items():
             owner, _, layer = key.partition("/")
             if owner != pair:
                 continue
-            space = space.cpu()
+            space = space.cpu()[o_r][:, o_c]
             valid = torch.isfinite(values) & torch.isfinite(space) & not_self
             line = _same_class_line_sums(values, space, valid, w_r, w_c, labels_r, labels_c)
             out[critical_distance_tag(pair, layer or None, prefix)] = percentile_interval(xi_draws(line))
