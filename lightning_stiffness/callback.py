@@ -351,7 +351,8 @@ def _check_forward(pl_module: LightningModule, forward_fn: Callable[[Any, Any], 
     if forward_fn is None and type(pl_module).forward in defaults:
         raise MisconfigurationException(
             f"StiffnessCallback: {type(pl_module).__name__} has no `forward`, so the probe cannot call it. Pass "
-            "`forward_fn=lambda module, x: module.model(x)` (or an import path) to say how to get outputs from x."
+            "`forward_fn=lambda module, x: module.model(x)` (`module.model(**x)` for dict batches, `(*x)` for "
+            "tuples; or an import path) to say how to get outputs from x."
         )
 
 

@@ -571,3 +571,19 @@ def test_one_row_example_against_many_columns(batch_first):
     x, x2 = _float(1, 4, tm.WIDTH, seed=230), _float(3, 4, tm.WIDTH, seed=231)
     y, y2 = _labels(1, 232), _labels(3, 233)
     assert_gram_close(gradient_gram(model, x, y, x2, y2), ref_gram(model, x, y, x2, y2))
+
+
+def test_an_embedding_with_max_norm_leaves_its_table_as_it_was():
+    """F.embedding(max_norm=...) renormalises the rows it looks up in place: every engine must write them back."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0), nn.Flatten(), nn.Linear(40, 3)).double().eval()
+    with torch.no_grad():
+        model[0].weight.mul_(3)
+    x, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    before = [p.detach().clone() for p in model.parameters()]
+    for method in ("auto", "loop"):
+        gradient_gram(model, x, y, method=method)
+        assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)), method
+    with pytest.raises(RuntimeError, match="method='loop' can"):
+        gradient_gram(model, x, y, method="torch.func")
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))

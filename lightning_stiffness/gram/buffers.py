@@ -1,4 +1,4 @@
-"""Buffers left exactly as they were, whatever a forward does to them.
+"""Buffers (and parameters) left exactly as they were, whatever a forward does to them.
 
 Some forwards update buffers even in eval mode: a running mean updated in place (``self.mean.mul_(0.9).add_(...)``),
 a call counter (``self.calls += 1``), a statistic reassigned (``self.stat = 0.9 * self.stat + ...``). A measurement
@@ -6,6 +6,10 @@ that runs such a forward must not leave those changes behind (training with the 
 trajectory it follows without it), and each example must see the buffers as they were, or its gradient would depend
 on the examples measured before it. :class:`BufferGuard` snapshots every buffer and puts back, after each forward and
 backward, whatever changed: the same tensor object in each buffer slot, holding the same bits.
+
+A few forwards write to parameters too: ``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, in place.
+The guard keeps a copy of every parameter's values as well and writes back any that changed, so the model's
+parameters stay bitwise as they were (at the memory cost of one copy of the model's parameters).
 """
 
 from collections.abc import Iterator
@@ -16,11 +20,11 @@ from torch import Tensor, nn
 
 
 class BufferGuard:
-    """A snapshot of every buffer of ``model``, restored bitwise by :meth:`restore`.
+    """A snapshot of every buffer and parameter value of ``model``, restored bitwise by :meth:`restore`.
 
     Changes are found from each tensor's version counter (bumped by every in-place write) and the identity of the
     tensor in its module's buffer slot, so an untouched model costs one pass over its buffers, not a comparison.
-    The snapshot holds a copy of each buffer (their total size in memory).
+    The snapshot holds a copy of each buffer and parameter (their total size in memory).
 
     Args:
         model: the module whose buffers (its own and its submodules') are guarded.
@@ -28,15 +32,13 @@ class BufferGuard:
 
     def __init__(self, model: nn.Module) -> None:
         self._modules = [(module, dict(module._buffers)) for module in model.modules()]
-        self._copies = [
-            [buffer, _version(buffer), buffer.detach().clone()]
-            for _, slots in self._modules
-            for buffer in slots.values()
-            if buffer is not None
-        ]
+        buffers = [buffer for _, slots in self._modules for buffer in slots.values() if buffer is not None]
+        tensors = buffers + list(model.parameters())
+        self._copies = [[tensor, _version(tensor), tensor.detach().clone()] for tensor in tensors]
 
     def restore(self) -> None:
-        """Put back every buffer a forward replaced, wrote to or registered (a slot that was ``None`` included)."""
+        """Put back every buffer a forward replaced, wrote to or registered (a slot that was ``None`` included), and
+        every parameter value it wrote to."""
         for module, slots in self._modules:
             if module._buffers.keys() != slots.keys() or any(
                 module._buffers[name] is not buffer for name, buffer in slots.items()

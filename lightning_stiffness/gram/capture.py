@@ -126,7 +126,10 @@ class _Recorder(TorchFunctionMode):
             for value in list(args) + list(kwargs.values()):
                 where = self.slice_of(value)
                 if where is not None:
-                    self.recording.unsupported[where.name] = f"{_name(func)} with settings no rule covers"
+                    why = (
+                        f"{_name(func)} with settings no rule covers (a grouped convolution, a max_norm embedding, ...)"
+                    )
+                    self.recording.unsupported[where.name] = why
         elif params and isinstance(output, Tensor) and output.requires_grad:
             self.recording.uses.append(Use(rule, bound, params, output, output._version))
         return output
@@ -167,7 +170,7 @@ def _recording_call(recorder: _Recorder, fn: Callable[..., Any]) -> Callable[...
 
 
 def _name(func: Callable[..., Any]) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    return getattr(func, "__name__", None) or repr(func)
 
 
 def record_uses(

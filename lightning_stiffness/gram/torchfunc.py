@@ -35,6 +35,11 @@ def torchfunc_per_example(objective: Objective, names: list[str]) -> PerExampleF
                 # vmap's notice that an op runs without a batching rule (attention kernels on the CPU): slower only.
                 warnings.filterwarnings("ignore", message="There is a performance drop")
                 return gradients(weights, inputs, targets)
+        except RuntimeError as error:  # what vmap cannot batch: RNN kernels, packed sequences, in-place updates
+            raise RuntimeError(
+                f"torch.func (vmap) cannot run this model: {error}. method='loop' can (one backward pass per "
+                "example), and method='auto' uses it where needed."
+            ) from error
         finally:
             objective.guard.restore()
 
