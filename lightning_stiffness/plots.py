@@ -31,6 +31,7 @@ from lightning_stiffness.names import (
     class_matrix_tag,
     critical_distance_by_layer_tag,
     distance_curve_tag,
+    group_matrix_tag,
     kind_key,
     layer_key,
     layer_kind_key,
@@ -134,6 +135,7 @@ def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: s
                 between=tuple(result.layer_between_class[key] for key in keys),
                 title=f"cosine stiffness by layer, {pair} ({when})",
             )
+    specs.update(group_specs(result, when, prefix))
     return specs
 
 
@@ -141,3 +143,21 @@ def probe_images(result: "StiffnessResult", class_names: Sequence[str], prefix: 
     """Every image of one probe, by tag, as RGB arrays (H, W, 3, uint8), drawn in this process."""
     painter = Painter()
     return {tag: painter.rgb(spec) for tag, spec in probe_specs(result, class_names, prefix).items()}
+
+
+def group_specs(result: "StiffnessResult", when: str, prefix: str = PREFIX) -> dict[str, MatrixSpec]:
+    """With class groups: each pair and kind's group x group stiffness matrix (self-pairs excluded), by tag."""
+    specs = {}
+    for key, matrix in result.group_matrices.items():
+        pair, kind = key.split("/")
+        rows, cols = PAIRS[pair]
+        inside, between = result.between_class_within_group[key], result.between_groups[key]
+        specs[group_matrix_tag(pair, kind, prefix)] = MatrixSpec(
+            matrix=matrix.double().numpy(),
+            class_names=tuple(result.group_names),
+            title=f"{kind} stiffness by group, {pair} ({when}): classes in a group {inside:.2f}, groups {between:.2f}",
+            row_label=f"group of the {rows} example (rows: {rows} set)",
+            col_label=f"group of the {cols} example (columns: {cols} set)",
+            colour_label=f"{kind} stiffness",
+        )
+    return specs

@@ -131,3 +131,19 @@ def test_metric_over_blocks_and_the_result_tags():
     again = StiffnessResult.from_dict(whole.to_dict())
     assert torch.equal(again.group_matrices["train-train/cosine"], whole.group_matrices["train-train/cosine"])
     assert again.gradient_coherence == whole.gradient_coherence
+
+
+def test_group_matrix_image_is_drawn():
+    from lightning_stiffness.names import group_matrix_tag
+    from lightning_stiffness.plots import probe_images
+
+    grads, labels = _gradients()
+    gram = grads @ grads.T
+    x = torch.randn(24, 5, dtype=torch.float64)
+    sets, by_set = {"train": x[:12], "val": x[12:]}, {"train": labels[:12], "val": labels[12:]}
+    result = measure_stiffness(gram, sets, by_set, by_set, num_classes=4, kinds=("cosine",))
+    add_group_measures(result, ["a", "a", "b", "b"])
+    images = probe_images(result, ["0", "1", "2", "3"])
+    for pair in ("train-train", "train-val", "val-val"):
+        image = images[group_matrix_tag(pair, "cosine")]
+        assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
