@@ -184,7 +184,7 @@ class TestBadInput:
     def test_not_a_tensor(self):
         with pytest.raises(ValueError, match=r"`inputs\[0\]` must be a tensor .* got list"):
             gradient_gram(self.model, [[0.0] * 6], self.y)
-        with pytest.raises(ValueError, match="`inputs` must be a tensor .* got str"):
+        with pytest.raises(ValueError, match=r"`inputs` must be a tensor .* got str"):
             gradient_gram(self.model, "features", self.y)
 
     def test_dict_entry_with_other_rows(self):
