@@ -6,6 +6,7 @@ because ``pl_module.log`` would merge the probe at initialisation with the one a
 the latest probe's values at every check (:meth:`ScalarWriter.publish`), so they find them until the next probe.
 """
 
+import functools
 import io
 import struct
 from collections.abc import Callable, Sequence
@@ -113,7 +114,8 @@ class ImageWriter:
         self.prefix = prefix
         self.every_n_probes = every_n_probes
         self._warn = warn
-        self._renderer = Renderer(background, warn=lambda message: warn(f"StiffnessCallback: {message}"))
+        # A partial, not a lambda: the callback (and this writer) must pickle for `ddp_spawn`.
+        self._renderer = Renderer(background, warn=functools.partial(_prefixed, warn))
         self._held: tuple[dict[str, Any], tuple[int, int]] | None = None
         self._directory: Path | None = None
 
@@ -187,3 +189,7 @@ class RawWriter:
         torch.save(result.to_dict(), partial)
         partial.replace(target)
         return target
+
+
+def _prefixed(warn: Callable[[str], None], message: str) -> None:
+    warn(f"StiffnessCallback: {message}")

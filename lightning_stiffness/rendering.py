@@ -40,7 +40,7 @@ class Renderer:
 
     def __init__(self, background: bool = True, warn: Callable[[str], None] | None = None) -> None:
         self.background = background
-        self._warn = warn or (lambda message: None)
+        self._warn = warn or _ignore
         self._process: subprocess.Popen | None = None
         self._outbox: queue.Queue = queue.Queue()
         self._finished: queue.Queue = queue.Queue()
@@ -49,6 +49,13 @@ class Renderer:
         self._jobs = count()
         self._painter: Painter | None = None
         self._receiver: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Only the settings: a copy (``ddp_spawn`` pickles the callbacks into each process) starts its own worker."""
+        return {"background": self.background, "warn": self._warn}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["background"], state["warn"])
 
     @property
     def pending(self) -> int:
@@ -158,3 +165,7 @@ def _start_worker() -> subprocess.Popen:
         env=env,
         close_fds=True,
     )
+
+
+def _ignore(message: str) -> None:
+    """The default ``warn``: a module-level function, so that the renderer pickles (``ddp_spawn``)."""

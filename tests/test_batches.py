@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.gram.inputs import take
-from tests.helpers import trainer
+from tests.helpers import raw_results, trainer
 
 VOCAB, PAD, CLASSES = 12, 0, 3
 
@@ -158,3 +158,46 @@ def test_a_batch_the_engines_cannot_slice_names_the_entry(tmp_path):
 
     with pytest.raises(MisconfigurationException, match=r"x\['source'\].*must be a tensor"):
         _fit(tmp_path, SentenceModule(), batch_to_xy=with_names)
+
+
+class RecurrentEncoder(Encoder):
+    """The same, with a GRU after the attention layer: its weights need the loop engine (vmap cannot run it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(8, 8, batch_first=True)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
+        h = self.gru(self.layer(h, src_key_padding_mask=~attention_mask))[0]
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1))
+
+
+class RecurrentModule(SentenceModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = RecurrentEncoder()
+
+
+def _raw_run(tmp_path, module_class, **trainer_options):
+    from lightning.pytorch import seed_everything
+
+    seed_everything(0)
+    callback = StiffnessCallback(samples_per_class=2, seed=0, log_images=False, every_n_epochs=0)
+    trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2, **trainer_options).fit(
+        module_class(), datamodule=SentenceData()
+    )
+    (run_dir,) = sorted(tmp_path.glob("lightning_logs/version_*"))
+    (raw,) = raw_results(run_dir).values()
+    return raw
+
+
+@pytest.mark.parametrize("module_class", [SentenceModule, RecurrentModule])
+def test_ddp_probe_of_dict_batches_equals_one_process(tmp_path, module_class):
+    """Dict inputs under 2-process DDP: token terms gathered across processes, the GRU's loop engine on each."""
+    single = _raw_run(tmp_path / "single", module_class)
+    ddp = _raw_run(tmp_path / "ddp", module_class, strategy="ddp_spawn", accelerator="cpu", devices=2)
+    for key, matrix in single["stiffness"].items():
+        torch.testing.assert_close(ddp["stiffness"][key], matrix, rtol=1e-5, atol=1e-5)
