@@ -200,7 +200,8 @@ class StiffnessCallback(Callback):
         if self._idle:
             return
         # `trainer.log_dir` is a collective call under DDP: ask for it here, on every process, not on rank 0 alone.
-        self._raw = RawWriter(Path(trainer.log_dir or trainer.default_root_dir) / self.prefix)
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self._raw, self._images.directory = RawWriter(log_dir / self.prefix), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
         if self._schedule.due_at_start(trainer.global_step):

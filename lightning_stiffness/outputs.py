@@ -117,14 +117,15 @@ class ImageWriter:
         # A partial, not a lambda: the callback (and this writer) must pickle for `ddp_spawn`.
         self._renderer = Renderer(background, warn=functools.partial(_prefixed, warn))
         self._held: tuple[dict[str, Any], tuple[int, int]] | None = None
-        self._directory: Path | None = None
+        #: The logger's ``log_dir``, where PNG files go; set when training starts (asking the trainer for it is a
+        #: collective call under DDP, which rank 0 alone must not make).
+        self.directory: Path | None = None
 
     def write(
         self, trainer: Trainer, result: StiffnessResult, class_names: Sequence[str], probe_number: int = 1
     ) -> None:
         """Send ``result``'s figures to be drawn when the probe (counted from 1) is due for images; otherwise keep
         them, in case this probe turns out to be the last."""
-        self._directory = Path(trainer.log_dir or trainer.default_root_dir)
         specs = probe_specs(result, class_names, self.prefix)
         if (probe_number - 1) % self.every_n_probes:
             self._held = (specs, (result.epoch, result.step))
@@ -164,9 +165,9 @@ class ImageWriter:
                 continue
             for tag, png in pngs.items():
                 send(logger, tag, png, step)
-        if without_images and self._directory is not None:
+        if without_images and self.directory is not None:
             for tag, png in pngs.items():
-                path = self._directory / image_file(tag, epoch, step)
+                path = self.directory / image_file(tag, epoch, step)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(png)
 

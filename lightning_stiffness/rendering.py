@@ -95,20 +95,14 @@ class Renderer:
         return not self.pending
 
     def close(self) -> None:
-        """Stop the worker (after the jobs already sent); unfinished jobs are dropped."""
+        """Stop the worker after the jobs already sent, without waiting for it to exit; unfinished jobs are
+        dropped."""
         process, self._process = self._process, None
         if process is None:
             return
         self._outbox.put(None)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if self._receiver is not None:
-            self._receiver.join(timeout=10)
-        for pipe in (process.stdin, process.stdout):
-            pipe.close()
+        receiver = self._receiver
+        threading.Thread(target=_reap, args=(process, receiver), daemon=True, name="stiffness-reap").start()
 
     # --------------------------------------------------------------------------------------------------- the worker
 
@@ -151,6 +145,19 @@ class Renderer:
             lost, self._pending = list(self._pending.values()), {}
         for context in lost:
             self._finished.put((context, f"the render worker exited (code {process.wait()})"))
+
+
+def _reap(process: subprocess.Popen, receiver: threading.Thread | None) -> None:
+    """Wait for a closed worker to exit (killing it after 60 s) and close its pipes."""
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if receiver is not None:
+        receiver.join(timeout=10)
+    for pipe in (process.stdin, process.stdout):
+        pipe.close()
 
 
 def _start_worker() -> subprocess.Popen:
