@@ -47,7 +47,7 @@ class FailsInFallbackOnRankOne(TinyNet):
     def forward(self, x):
         if self.global_rank == 1 and not self.net[0].weight.requires_grad:
             raise RuntimeError("failure in the fallback engine on rank 1")
-        return super().forward(x) * self.scale
+        return super().forward(x) * self.scale.exp()  # through exp(): no factored rule covers it
 
 
 def _run(tmp_path, model_class=TinyNet, strict=None, **kwargs):
