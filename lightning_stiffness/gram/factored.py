@@ -39,7 +39,7 @@ from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, f
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.rules import GramRule, rule_for
-from lightning_stiffness.gram.terms import SlicedTerm, Term, cross_gram, join_chunks
+from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FACTORED_CHUNK = 512
 #: Bytes the recorded inputs and outputs of one chunk may take when ``chunk_size`` is not given (the autograd graph
 #: of the chunk's forward is a few times as much).
-CAPTURE_BYTES = 256 * 1024**2
+CAPTURE_BYTES = 128 * 1024**2
 
 
 @dataclass
@@ -316,8 +316,9 @@ def _capture(
     m: int,
 ) -> dict[str, Term]:
     """The terms of the parameters in ``wanted`` over all ``inputs``, built chunk by chunk with the check's layout."""
-    chunks: dict[str, list[Term]] = defaultdict(list)
-    for start in range(0, targets.shape[0], chunk):
+    total = targets.shape[0]
+    chunks: dict[str, ChunkFiller] = {}
+    for start in range(0, total, chunk):
         x, y = take(inputs, slice(start, start + chunk)), targets[start : start + chunk]
         recording = record_uses(objective, modules, x, y)
         if [use.signature for use in recording.uses] != layout.signatures:
@@ -326,9 +327,9 @@ def _capture(
         else:
             wheres = layout.wheres
         for name, term in _terms(recording, wheres, y.shape[0], wanted, plan, n, m).items():
-            chunks[name].append(term)
+            chunks.setdefault(name, ChunkFiller(total)).add(term)
         del recording  # frees this chunk's activations before the next forward
-    return {name: join_chunks(parts) for name, parts in chunks.items() if name not in plan.fallback}
+    return {name: filler.result() for name, filler in chunks.items() if name not in plan.fallback}
 
 
 def _calls_differ(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> None:

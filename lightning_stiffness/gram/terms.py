@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 #: Bytes one layer's working set may take while its Gram block is computed.
-WORKING_SET_BYTES = 512 * 1024**2
+WORKING_SET_BYTES = 256 * 1024**2
 #: Bytes of per-example gradients one layer may keep (both sets together) in the per-example form.
 PER_EXAMPLE_BYTES = 512 * 1024**2
 
@@ -90,6 +90,55 @@ def join_chunks(parts: list[Any]) -> Any:
     if all(type(part) is type(parts[0]) for part in parts):
         return type(parts[0]).concat(parts)
     return PerExampleTerm(torch.cat([part.per_example() for part in parts]))
+
+
+def _tensors(term: Any) -> list[Tensor]:
+    """The tensors of ``term`` indexed by example, in a fixed order."""
+    found: list[Tensor] = []
+    term.map_rows(lambda t: found.append(t) or t)
+    return found
+
+
+class ChunkFiller:
+    """A parameter's terms over all ``total`` examples, from the terms of consecutive chunks.
+
+    The first chunk's term gives the structure; its tensors are allocated for all examples at once and every chunk
+    is copied into its rows, so the factors are never held twice (as a list of chunks and joined). Chunks whose
+    structure differs (padded to other lengths, another form) are joined by :func:`join_chunks` instead.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total, self.filled = total, 0
+        self.full: Any = None
+        self.parts: list[Any] = []
+
+    def add(self, term: Any) -> None:
+        count = term.num_examples
+        if self.full is None and not self.parts:
+            self.full = term.map_rows(lambda t: t.new_empty((self.total, *t.shape[1:])))
+        if self.full is not None and self._fits(term):
+            for target, source in zip(_tensors(self.full), _tensors(term), strict=True):
+                target[self.filled : self.filled + count].copy_(source)
+            self.filled += count
+            return
+        if self.full is not None:  # the structure changed: what was filled becomes the first part
+            filled = self.filled
+            self.parts, self.full = [self.full.map_rows(lambda t: t[:filled])], None
+        self.parts.append(term)
+
+    def _fits(self, term: Any) -> bool:
+        mine, theirs = _tensors(self.full), _tensors(term)
+        return (
+            type(term) is type(self.full)
+            and len(mine) == len(theirs)
+            and all(a.shape[1:] == b.shape[1:] and a.dtype == b.dtype for a, b in zip(mine, theirs, strict=True))
+        )
+
+    def result(self) -> Any:
+        """The term over every example added."""
+        if self.full is not None:
+            return self.full if self.filled == self.total else self.full.map_rows(lambda t: t[: self.filled])
+        return join_chunks(self.parts)
 
 
 def per_example_gradients(
