@@ -65,9 +65,12 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
-        h = self.layer(h, src_key_padding_mask=~attention_mask)
+        h = self.contextualise(h, attention_mask)
         mask = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head((h * mask).sum(1) / mask.sum(1))
+
+    def contextualise(self, h, attention_mask):
+        return self.layer(h, src_key_padding_mask=~attention_mask)
 
 
 class SentenceModule(LightningModule):
@@ -167,11 +170,8 @@ class RecurrentEncoder(Encoder):
         super().__init__()
         self.gru = nn.GRU(8, 8, batch_first=True)
 
-    def forward(self, input_ids, attention_mask):
-        h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
-        h = self.gru(self.layer(h, src_key_padding_mask=~attention_mask))[0]
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * mask).sum(1) / mask.sum(1))
+    def contextualise(self, h, attention_mask):
+        return self.gru(super().contextualise(h, attention_mask))[0]
 
 
 class RecurrentModule(SentenceModule):
