@@ -67,6 +67,11 @@ def train_one(args: argparse.Namespace, lr: float) -> Path:
     return Path(logger.log_dir)
 
 
+def _epochs_trained(result: StiffnessResult) -> int:
+    """Epochs completed when the probe ran: 0 at initialisation (step 0), else its epoch + 1 (probes at epoch ends)."""
+    return 0 if result.step == 0 else result.epoch + 1
+
+
 def summarise(run_dir: Path, lr: float) -> dict:
     run = load_run(run_dir)
     first, last = run.results[0], run.results[-1]
@@ -76,7 +81,7 @@ def summarise(run_dir: Path, lr: float) -> dict:
 
     def at(result: StiffnessResult) -> dict:
         values = {
-            "epochs_trained": run.epochs_trained(result.step),
+            "epochs_trained": _epochs_trained(result),
             "within_train": result.within_class["train-train/cosine"],
             "between_train": result.between_class["train-train/cosine"],
             "within_val": result.within_class["val-val/cosine"],
@@ -94,7 +99,7 @@ def summarise(run_dir: Path, lr: float) -> dict:
         "run_dir": str(run_dir),
         "start": at(first),
         "peak_within_train": max(within),
-        "peak_at_epochs": run.epochs_trained(run.results[int(np.argmax(within))].step),
+        "peak_at_epochs": _epochs_trained(run.results[int(np.argmax(within))]),
         "end": at(last),
         "best_val_loss": val_losses[best] if val_losses else None,
         "best_val_loss_epochs": best + 1 if val_losses else None,
