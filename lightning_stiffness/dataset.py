@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lightning_stiffness.checks import check_int
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.buffers import untouched_buffers
-from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, default_forward, num_examples, take
+from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, default_forward, num_examples, take
 from lightning_stiffness.gram.validation import LossFn, default_loss_fn, select_parameters
 
 __all__ = ["class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
@@ -163,13 +163,7 @@ def _joined(block: list[tuple[Inputs, Tensor]]) -> tuple[Inputs, Tensor]:
     """Consecutive batches as one (a tensor, tuple or dict of tensors concatenated along dim 0)."""
     if len(block) == 1:
         return block[0]
-    first = block[0][0]
-    y = torch.cat([t for _, t in block])
-    if isinstance(first, dict):
-        return {key: torch.cat([x[key] for x, _ in block]) for key in first}, y
-    if isinstance(first, tuple | list):
-        return type(first)(torch.cat([x[i] for x, _ in block]) for i in range(len(first))), y
-    return torch.cat([x for x, _ in block]), y
+    return concat([x for x, _ in block]), torch.cat([y for _, y in block])
 
 
 def class_sums_to_matrix(sums: Tensor, counts: Tensor) -> Tensor:
