@@ -27,7 +27,16 @@ from torch import Tensor, nn
 from lightning_stiffness.checks import check_int
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.buffers import untouched_buffers
-from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, default_forward, num_examples, take
+from lightning_stiffness.gram.inputs import (
+    ForwardFn,
+    Inputs,
+    apply,
+    concat,
+    default_forward,
+    num_examples,
+    take,
+    tensors,
+)
 from lightning_stiffness.gram.validation import LossFn, default_loss_fn, select_parameters
 
 __all__ = ["class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
@@ -151,12 +160,8 @@ def dataset_class_sums(
 
 def _joinable(a: Inputs, b: Inputs) -> bool:
     """Whether two batches' inputs have the same structure and the same shapes past dim 0 (so they concatenate)."""
-    shapes_a = [t.shape[1:] for t in _tensors(a)]
-    return type(a) is type(b) and shapes_a == [t.shape[1:] for t in _tensors(b)]
-
-
-def _tensors(x: Inputs) -> list[Tensor]:
-    return list(x.values()) if isinstance(x, dict) else list(x) if isinstance(x, tuple | list) else [x]
+    shapes_a = [t.shape[1:] for t in tensors(a)]
+    return type(a) is type(b) and shapes_a == [t.shape[1:] for t in tensors(b)]
 
 
 def _joined(block: list[tuple[Inputs, Tensor]]) -> tuple[Inputs, Tensor]:

@@ -15,7 +15,7 @@ from lightning_stiffness.context import Progress
 from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.failures import ProbeSkipped
 from lightning_stiffness.gram import gradient_gram
-from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take
+from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take, tensors
 from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness
 from lightning_stiffness.probe import ProbeSet
 from lightning_stiffness.representations import forward_with_outputs
@@ -111,7 +111,7 @@ def input_features(x: Inputs) -> Tensor:
     """[N, F] features of the inputs for input-space distances: the floating-point tensors of ``x`` flattened and
     joined (images, features), or, when it has none (token ids and masks), all its tensors as numbers; for such
     inputs the distances in a layer's representation (``layers``) are the meaningful ones."""
-    leaves = [x] if isinstance(x, Tensor) else list(x.values() if isinstance(x, dict) else x)
+    leaves = tensors(x)
     chosen = [t for t in leaves if t.is_floating_point()] or leaves
     return torch.cat(
         [t.reshape(t.shape[0], -1).float() if not t.is_floating_point() else t.flatten(1) for t in chosen], 1

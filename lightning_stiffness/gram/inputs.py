@@ -26,6 +26,11 @@ def _leaves(x: Inputs, name: str) -> list[tuple[str, Any]]:
     return [(name, x)]
 
 
+def tensors(x: Inputs) -> list[Any]:
+    """The entries of ``x`` in order: the tensor itself, a tuple's or list's items, or a dict's values."""
+    return [value for _, value in _leaves(x, "")]
+
+
 def num_examples(x: Inputs, name: str = "inputs") -> int:
     """The number of examples in ``x``, checked to be the same along dim 0 of every tensor.
 
