@@ -194,6 +194,8 @@ class StiffnessCallback(Callback):
         if self.layers:
             with _misconfiguration():
                 self._options = _probe_options(self, check_layer_names(pl_module, self.layers))
+        if self.log_images and trainer.is_global_zero:
+            self._images.start()
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -1,14 +1,22 @@
 """Figures from plain data (NumPy arrays, floats, strings) to PNG bytes, with matplotlib's object API.
 
 This module imports neither torch nor Lightning: the render worker (``python -m lightning_stiffness.figures``, started
-by :mod:`~lightning_stiffness.rendering`) imports only it, NumPy and matplotlib. Figures are cheap to redraw:
+by :mod:`~lightning_stiffness.rendering`) imports only it, NumPy, matplotlib and Pillow. A probe draws nine images or
+more, so each must cost milliseconds, not the quarter second of a figure drawn from scratch:
 
-- no constrained layout: each figure's axes sit at positions computed once from its size and labels;
-- templates: a figure of the same shape (same classes, same pair) is built once and later only gets new data;
-- few artists: no text per cell of a class matrix (its within/between means are in the title), markers as one
-  collection per curve.
+- templates: a figure of the same shape (same classes, same pair) is built once and later only gets new data, at
+  positions computed once from its size and labels (no layout engine);
+- blitting: what does not change between probes (axes, ticks, labels, legend, colour bar) is drawn once per template
+  and kept as pixels; a probe draws only its own artists (curves, markers, lines) over a copy of them;
+- a class matrix's cells are painted straight into the pixels with its colour map (matplotlib would resample the
+  image), and the texts that change every probe (titles, the ξ label) are rasterised by Pillow from the same font
+  file at the same size: matplotlib's Agg text path costs about 8 ms a text, Pillow's under 1 ms.
+
+:meth:`Painter.figure` still returns the complete matplotlib figure of a spec (texts included), for the report and
+for tests that read the drawn data.
 """
 
+import functools
 import io
 import math
 import pickle
@@ -18,9 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from matplotlib import font_manager
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
-from PIL import Image
+from matplotlib.patches import Patch
+from matplotlib.text import Text
+from PIL import Image, ImageDraw, ImageFont
 
 DPI = 100
 #: Diverging colour map for stiffness, fixed to [-1, 1] so that colours mean the same thing in every image.
@@ -52,7 +65,6 @@ class MatrixSpec:
     title: str
     row_label: str
     col_label: str
-    colour_label: str = "stiffness"
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,10 @@ class CurveSpec:
     """Mean stiffness against distance within and between classes, with the fitted lines of same-class pairs.
 
     ``fit`` is the least-squares line through all same-class pairs (its zero crossing is the paper's ξ);
-    ``bin_fit``, when given, the line through the within-class bin means, each non-empty bin weighted equally.
+    ``bin_fit``, when given, the line through the within-class bin means, each non-empty bin weighted equally;
+    ``within_band``/``between_band``, when given, the (low, high) ends per bin of the bin means' 95% bootstrap
+    intervals, drawn as a band; ``xlim``, when given, the distance axis's range (otherwise the edges'), so that the
+    curves of one probe can share an axis.
     """
 
     edges: np.ndarray
@@ -73,6 +88,9 @@ class CurveSpec:
     title: str
     xlabel: str
     ylabel: str
+    within_band: tuple[np.ndarray, np.ndarray] | None = None
+    between_band: tuple[np.ndarray, np.ndarray] | None = None
+    xlim: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,53 +132,145 @@ def _label_margin(labels: Sequence[str], fontsize: float = 10.0) -> float:
     return 0.25 + 0.6 * fontsize / 72 * max((len(label) for label in labels), default=1)
 
 
+#: Pillow's anchors for matplotlib's alignments (horizontal, then vertical; https://pillow.readthedocs.io, "Text
+#: anchors").
+_HORIZONTAL = {"left": "l", "center": "m", "right": "r"}
+_VERTICAL = {"baseline": "s", "center_baseline": "s", "bottom": "d", "center": "m", "top": "a"}
+
+
+@functools.lru_cache(maxsize=32)
+def _font(properties: font_manager.FontProperties, size_px: float) -> ImageFont.FreeTypeFont:
+    """The font file matplotlib would use for ``properties``, opened by Pillow at ``size_px`` pixels."""
+    return ImageFont.truetype(font_manager.findfont(properties), size_px)
+
+
+def _draw_text(image: Image.Image, text: Text) -> None:
+    """Rasterise a matplotlib ``text`` with Pillow where matplotlib would draw it: horizontal texts at their
+    alignment; texts turned by 90 degrees (axis labels) are centred on their position, so use ``ha=va="center"``."""
+    if not text.get_visible() or not text.get_text():
+        return
+    x, y = text.get_transform().transform(text.get_unitless_position())
+    y = image.height - y  # Pillow counts rows from the top
+    font = _font(text.get_fontproperties().copy(), text.get_fontsize() * DPI / 72)
+    colour = tuple(round(255 * c) for c in to_rgba(text.get_color())[:3])
+    if text.get_rotation() == 0:
+        anchor = _HORIZONTAL[text.get_horizontalalignment()] + _VERTICAL[text.get_verticalalignment()]
+        ImageDraw.Draw(image).text((x, y), text.get_text(), font=font, fill=colour, anchor=anchor)
+        return
+    left, top, right, bottom = font.getbbox(text.get_text(), anchor="ls")
+    mask = Image.new("L", (right - left, bottom - top))
+    ImageDraw.Draw(mask).text((-left, -top), text.get_text(), font=font, fill=255, anchor="ls")
+    mask = mask.rotate(text.get_rotation(), expand=True)
+    image.paste(colour, (round(x - mask.width / 2), round(y - mask.height / 2)), mask)
+
+
+class _Blit:
+    """One template figure drawn fast: its static part once per ``key`` (kept as pixels), then per spec only
+    ``artists`` over those pixels and ``texts`` by Pillow.
+
+    Args:
+        figure: the template's figure.
+        artists: what changes per spec and matplotlib draws (lines, markers), in drawing order.
+        texts: the texts that change per spec (horizontal ones).
+    """
+
+    #: Backgrounds kept per template (one per x-range of a curve, say); the oldest goes first.
+    KEEP = 8
+
+    def __init__(self, figure: Figure, artists: Sequence[Artist], texts: Sequence[Text]) -> None:
+        self.figure, self.artists, self.texts = figure, tuple(artists), tuple(texts)
+        self._backgrounds: dict[Any, Any] = {}
+
+    def whole(self) -> Figure:
+        """The figure with every artist in its ordinary drawing (to save it, or to read what it shows)."""
+        self._animate(False)
+        return self.figure
+
+    def _animate(self, animated: bool) -> None:
+        for artist in (*self.artists, *self.texts):
+            artist.set_animated(animated)  # animated artists are left out of the static drawing
+
+    def image(self, key: Any, paint: Callable[[np.ndarray], None] | None = None) -> Image.Image:
+        """The figure as drawn now, as an RGB image; ``key`` names the static part (its limits and labels),
+        ``paint(rgba)`` may write into the canvas's [H, W, 4] pixels between the background and the artists."""
+        self._animate(True)
+        canvas = self.figure.canvas
+        if key not in self._backgrounds:
+            canvas.draw()
+            if len(self._backgrounds) >= self.KEEP:
+                self._backgrounds.pop(next(iter(self._backgrounds)))
+            self._backgrounds[key] = canvas.copy_from_bbox(self.figure.bbox)
+        canvas.restore_region(self._backgrounds[key])
+        if paint is not None:
+            paint(np.asarray(canvas.buffer_rgba()))
+        for artist in self.artists:
+            if artist.get_visible():
+                self.figure.draw_artist(artist)
+        width, height = canvas.get_width_height()
+        image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
+        for text in self.texts:
+            _draw_text(image, text)
+        return image
+
+
 class _MatrixTemplate:
-    def __init__(self, class_names: tuple[str, ...], row_label: str, col_label: str, colour_label: str) -> None:
+    """Class matrices of one set of class names; the axis labels (which probe set is on which axis) are texts of
+    the figure that change with the spec, so that every pair and kind shares one drawn background."""
+
+    def __init__(self, class_names: tuple[str, ...]) -> None:
         size = len(class_names)
-        side = max(5.0, 0.45 * size + 2.0)
+        side = max(4.0, 0.3 * size + 1.5)
         rotate = size > 6
-        left = _label_margin(class_names) + 0.35
+        left = _label_margin(class_names) + 0.45
         bottom = (_label_margin(class_names) * 0.75 if rotate else 0.3) + 0.45
-        self.figure = _fixed_figure(side + left + 1.3, side + bottom + 0.5)
-        self.axes = _axes_in_inches(self.figure, left, bottom, 1.3, 0.5)
-        colour_axes = self.figure.add_axes(
-            (
-                1 - 1.05 / self.figure.get_size_inches()[0],
-                self.axes.get_position().y0,
-                0.15 / self.figure.get_size_inches()[0],
-                self.axes.get_position().height,
-            )
-        )
+        self.figure = _fixed_figure(side + left + 1.2, side + bottom + 0.45)
+        self.axes = _axes_in_inches(self.figure, left, bottom, 1.2, 0.45)
+        width, height = self.figure.get_size_inches()
+        position = self.axes.get_position()
+        colour_axes = self.figure.add_axes((1 - 1.0 / width, position.y0, 0.15 / width, position.height))
         self.image = self.axes.imshow(np.zeros((size, size)), cmap=STIFFNESS_CMAP, vmin=-1.0, vmax=1.0, aspect="auto")
-        self.figure.colorbar(self.image, cax=colour_axes, label=colour_label)
+        self.figure.colorbar(self.image, cax=colour_axes, label="stiffness")
         self.axes.set_xticks(
             range(size), labels=list(class_names), rotation=45 if rotate else 0, ha="right" if rotate else "center"
         )
         self.axes.set_yticks(range(size), labels=list(class_names))
-        self.axes.set_xlabel(col_label)
-        self.axes.set_ylabel(row_label)
+        centre_x, centre_y = (position.x0 + position.x1) / 2, (position.y0 + position.y1) / 2
+        self.col_label = self.figure.text(centre_x, 0.18 / height, "", ha="center", va="center")
+        self.row_label = self.figure.text(0.2 / width, centre_y, "", ha="center", va="center", rotation=90)
         self.title = self.axes.set_title("", fontsize=11)
-        # Blitting: what never changes (axes, ticks, labels, colour bar) is drawn once and kept as a background;
-        # each matrix then draws only its image, the frame over it and its title.
-        self.image.set_animated(True)
-        self.title.set_animated(True)
-        self._background = None
+        # The cells are painted into the pixels (`_paint_cells`); the frame goes over them, as imshow's would.
+        self._blit = _Blit(
+            self.figure, [self.image, *self.axes.spines.values()], [self.title, self.col_label, self.row_label]
+        )
+        self._cells: np.ndarray | None = None
 
     def draw(self, spec: MatrixSpec) -> Figure:
+        self.image.set_visible(True)
         self.image.set_data(np.ma.masked_invalid(np.asarray(spec.matrix, dtype=np.float64)))
         self.title.set_text(spec.title)
-        return self.figure
+        self.col_label.set_text(spec.col_label)
+        self.row_label.set_text(spec.row_label)
+        return self._blit.whole()
 
-    def render(self, spec: MatrixSpec) -> np.ndarray:
+    def render(self, spec: MatrixSpec) -> Image.Image:
         self.draw(spec)
-        canvas = self.figure.canvas
-        if self._background is None:
-            canvas.draw()
-            self._background = canvas.copy_from_bbox(self.figure.bbox)
-        canvas.restore_region(self._background)
-        for artist in (self.image, *self.axes.spines.values(), self.title):
-            self.figure.draw_artist(artist)
-        return np.asarray(canvas.buffer_rgba())[..., :3]
+        self.image.set_visible(False)
+        # The image's own colour map and norm; a missing value (a class without pairs) shows the axes' white.
+        self._cells = self.image.to_rgba(self.image.get_array(), bytes=True)
+        return self._blit.image("matrix", self._paint_cells)
+
+    def _paint_cells(self, rgba: np.ndarray) -> None:
+        """Each pixel whose centre lies inside the axes gets its cell's colour (nearest, as imshow draws it)."""
+        rows, cols = self._cells.shape[:2]
+        x0, y0, x1, y1 = self.axes.bbox.extents
+        height = rgba.shape[0]
+        xs = np.arange(math.ceil(x0 - 0.5), math.floor(x1 - 0.5) + 1)
+        ys = np.arange(math.ceil(height - y1 - 0.5), math.floor(height - y0 - 0.5) + 1)  # rows, top down
+        col = np.clip(((xs + 0.5 - x0) / (x1 - x0) * cols).astype(int), 0, cols - 1)
+        row = np.clip(((ys + 0.5 - (height - y1)) / (y1 - y0) * rows).astype(int), 0, rows - 1)
+        colours = self._cells.copy()
+        colours[colours[..., 3] == 0] = 255  # masked (NaN) cells: the white behind the image
+        rgba[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1] = colours.take(row, axis=0).take(col, axis=1)
 
 
 _CURVE_STYLES = {"within": ("within class", "tab:blue", "o"), "between": ("between classes", "tab:red", "s")}
@@ -168,14 +278,15 @@ _CURVE_STYLES = {"within": ("within class", "tab:blue", "o"), "between": ("betwe
 
 class _CurveTemplate:
     def __init__(self) -> None:
-        self.figure = _fixed_figure(6.4, 4.8)
+        self.figure = _fixed_figure(6.0, 4.4)
         self.axes = _axes_in_inches(self.figure, 0.75, 0.6, 0.2, 0.4)
         axes = self.axes
         axes.axhline(0.0, color="grey", linewidth=0.8)
         axes.grid(alpha=0.3)
         axes.set_ylim(*STIFFNESS_RANGE)
-        self.lines, self.dots = {}, {}
+        self.lines, self.dots, self.bands = {}, {}, {}
         for side, (label, colour, marker) in _CURVE_STYLES.items():
+            self.bands[side] = axes.fill_between([], [], [], color=colour, alpha=0.15, linewidth=0, gid=f"band-{side}")
             (self.lines[side],) = axes.plot([], [], color=colour, linewidth=1.0, alpha=0.6)
             self.dots[side] = axes.scatter([], [], color=colour, marker=marker, label=label, zorder=3)
         (self.fit,) = axes.plot(
@@ -192,11 +303,16 @@ class _CurveTemplate:
         )
         self.xi_line = axes.axvline(0.0, color="black", linestyle="--", linewidth=1.0, gid="xi")
         self.xi_text = axes.text(0.0, 0.0, "", fontsize=9, va="bottom", gid="xi-label")
-        self.note = axes.text(
+        axes.text(
             0.01, 0.98, "marker area: pairs in the bin", transform=axes.transAxes, va="top", fontsize=8, color="dimgrey"
         )
-        axes.legend(loc="upper right", fontsize=8)
+        self._banded: bool | None = None
         self.title = axes.set_title("", fontsize=11)
+        self._blit = _Blit(
+            self.figure,
+            [*self.bands.values(), *self.lines.values(), *self.dots.values(), self.fit, self.bin_fit, self.xi_line],
+            [self.title, self.xi_text],
+        )
 
     def draw(self, spec: CurveSpec) -> Figure:
         edges = np.asarray(spec.edges, dtype=np.float64)
@@ -209,17 +325,34 @@ class _CurveTemplate:
             self.lines[side].set_data(centres[seen], mean[seen])
             self.dots[side].set_offsets(np.column_stack([centres[seen], mean[seen]]))
             self.dots[side].set_sizes(4 + 140 * count[seen] / largest)
-        low, high = float(edges[0]), float(edges[-1])
+            self.bands[side].set_verts(_band_polygons(centres, getattr(spec, f"{side}_band")))
+        low, high = spec.xlim or (float(edges[0]), float(edges[-1]))
         pad = 0.03 * (high - low or 1.0)
         self.axes.set_xlim(low - pad, high + pad)
         for artist, line in ((self.fit, spec.fit), (self.bin_fit, spec.bin_fit)):
             visible = line is not None and math.isfinite(line.slope)
             artist.set_data(([line.low, line.high], [line.at(line.low), line.at(line.high)]) if visible else ([], []))
         self._mark_xi(spec.fit, low - pad, high + pad)
+        self._legend(spec.within_band is not None or spec.between_band is not None)
         self.axes.set_xlabel(spec.xlabel)
         self.axes.set_ylabel(spec.ylabel)
         self.title.set_text(spec.title)
-        return self.figure
+        return self._blit.whole()
+
+    def render(self, spec: CurveSpec) -> Image.Image:
+        self.draw(spec)
+        return self._blit.image((self.axes.get_xlim(), spec.xlabel, spec.ylabel, self._banded))
+
+    def _legend(self, banded: bool) -> None:
+        """The legend (part of the drawn background: the probe's own artists go over it), with the bands' entry
+        when the curves have bands."""
+        if banded == self._banded:
+            return
+        self._banded = banded
+        handles = [*self.dots.values(), self.fit, self.bin_fit]
+        if banded:
+            handles.append(Patch(color="grey", alpha=0.3, label="95% bootstrap interval of each bin's mean"))
+        self.axes.legend(handles=handles, loc="upper right", fontsize=8)
 
     def _mark_xi(self, fit: Line | None, left: float, right: float) -> None:
         """ξ as a dashed line when it lies in the plotted range; otherwise said in words, without moving the axis."""
@@ -242,6 +375,26 @@ class _CurveTemplate:
             self.xi_text.set_text(f"ξ = {xi:.3f}: extrapolated, beyond the largest distance ({right:.3g}) →")
         else:
             self.xi_text.set_text(f"← ξ = {xi:.3f}: extrapolated, below the smallest distance ({left:.3g})")
+
+
+def _band_polygons(centres: np.ndarray, band: tuple[np.ndarray, np.ndarray] | None) -> list[np.ndarray]:
+    """The outline of a band (low, high per bin) over the bin centres, one polygon per run of bins where both ends
+    are finite (a bin with no pairs, or an interval that could not be formed, leaves a gap)."""
+    if band is None:
+        return []
+    low, high = (np.asarray(end, dtype=np.float64) for end in band)
+    finite = np.isfinite(low) & np.isfinite(high)
+    polygons, start = [], None
+    for index in range(len(centres) + 1):
+        inside = index < len(centres) and finite[index]
+        if inside and start is None:
+            start = index
+        elif not inside and start is not None:
+            run = slice(start, index)
+            xs = np.concatenate([centres[run], centres[run][::-1]])
+            polygons.append(np.column_stack([xs, np.concatenate([low[run], high[run][::-1]])]))
+            start = None
+    return polygons
 
 
 def _layers_figure(spec: LayersSpec) -> Figure:
@@ -300,8 +453,7 @@ class Painter:
         return builders[type(spec)](spec)
 
     def _matrix(self, spec: MatrixSpec) -> _MatrixTemplate:
-        key = ("matrix", spec.class_names, spec.row_label, spec.col_label, spec.colour_label)
-        return self._template(key, lambda: _MatrixTemplate(*key[1:]))
+        return self._template(("matrix", spec.class_names), lambda: _MatrixTemplate(spec.class_names))
 
     def _template(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key not in self._templates:
@@ -311,19 +463,21 @@ class Painter:
     def png(self, spec: Any) -> bytes:
         """``spec`` drawn and encoded as PNG."""
         buffer = io.BytesIO()
-        Image.fromarray(self._pixels(spec)).save(buffer, format="PNG", compress_level=1)
+        self._image(spec).save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
     def rgb(self, spec: Any) -> np.ndarray:
         """``spec`` drawn as an RGB array (H, W, 3, uint8)."""
-        return self._pixels(spec).copy()
+        return np.asarray(self._image(spec))
 
-    def _pixels(self, spec: Any) -> np.ndarray:
+    def _image(self, spec: Any) -> Image.Image:
         if isinstance(spec, MatrixSpec):
             return self._matrix(spec).render(spec)
+        if isinstance(spec, CurveSpec):
+            return self._template(("curve",), _CurveTemplate).render(spec)
         figure = self.figure(spec)
         figure.canvas.draw()
-        return np.asarray(figure.canvas.buffer_rgba())[..., :3]
+        return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
 
 
 def render_all(painter: Painter, specs: dict[str, Any]) -> dict[str, bytes]:

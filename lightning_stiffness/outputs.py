@@ -7,8 +7,6 @@ the latest probe's values at every check (:meth:`ScalarWriter.publish`), so they
 """
 
 import functools
-import io
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-from lightning_stiffness.compat import lightning_classes
+from lightning_stiffness.image_routes import ImageRoutes
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import PREFIX, image_file, probe_label, probe_seconds_tag, raw_file_name
 from lightning_stiffness.plots import probe_specs
@@ -52,56 +50,12 @@ class ScalarWriter:
             pl_module.log(name, value, logger=False, on_step=False, on_epoch=True, sync_dist=trainer.world_size > 1)
 
 
-def _png_size(png: bytes) -> tuple[int, int]:
-    """(height, width) from a PNG's header."""
-    width, height = struct.unpack(">II", png[16:24])
-    return height, width
-
-
-def _to_tensorboard(logger: Any, tag: str, png: bytes, step: int) -> None:
-    """The PNG as it is into the event file (no decoding or re-encoding), as ``add_image`` would write it."""
-    writer = logger.experiment
-    if not hasattr(writer, "_get_file_writer"):  # another writer class: decode and let it encode again
-        writer.add_image(tag, _pixels(png), global_step=step, dataformats="HWC")
-        return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    height, width = _png_size(png)
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-
-
-def _pixels(png: bytes) -> Any:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(png)) as image:
-        return image.convert("RGB").copy()
-
-
-def _to_wandb(logger: Any, tag: str, png: bytes, step: int) -> None:
-    logger.log_image(key=tag, images=[_pixels(png)], step=step)
-
-
-def _to_mlflow(logger: Any, tag: str, png: bytes, step: int) -> None:
-    # A step series per tag in MLflow's image view (mlflow >= 2.12); "/" is kept in the key, as in the scalars.
-    logger.experiment.log_image(logger.run_id, _pixels(png), key=tag, step=step)
-
-
-def _image_routes() -> list[tuple[tuple[type, ...], Callable[[Any, str, bytes, int], None]]]:
-    """Logger classes (of ``lightning.pytorch`` and ``pytorch_lightning``) that take images, and how."""
-    return [
-        (lightning_classes("loggers", "TensorBoardLogger"), _to_tensorboard),
-        (lightning_classes("loggers", "WandbLogger"), _to_wandb),
-        (lightning_classes("loggers", "MLFlowLogger"), _to_mlflow),
-    ]
-
-
 class ImageWriter:
     """A probe's images, drawn off the training process and handed to every logger at a later hook.
 
     TensorBoard (either package) gets each PNG in its event file, W&B through ``WandbLogger.log_image``, MLflow
-    through ``log_image`` on the run; when some logger takes no images (CSV, ...), PNG files are written to
-    ``{log_dir}/{tag}/epoch=E-step=S.png``, beside the raw results.
+    through ``log_image`` on the run (:mod:`~lightning_stiffness.image_routes`); when some logger takes no images
+    (CSV, ...), PNG files are written to ``{log_dir}/{tag}/epoch=E-step=S.png``, beside the raw results.
 
     Args:
         prefix: the tags' first part.
@@ -116,10 +70,15 @@ class ImageWriter:
         self._warn = warn
         # A partial, not a lambda: the callback (and this writer) must pickle for `ddp_spawn`.
         self._renderer = Renderer(background, warn=functools.partial(_prefixed, warn))
+        self._routes = ImageRoutes(warn=functools.partial(_prefixed, warn))
         self._held: tuple[dict[str, Any], tuple[int, int]] | None = None
         #: The logger's ``log_dir``, where PNG files go; set when training starts (asking the trainer for it is a
         #: collective call under DDP, which rank 0 alone must not make).
         self.directory: Path | None = None
+
+    def start(self) -> None:
+        """Start the render worker ahead of the first probe (while Lightning sets up, a core is often idle)."""
+        self._renderer.start()
 
     def write(
         self, trainer: Trainer, result: StiffnessResult, class_names: Sequence[str], probe_number: int = 1
@@ -139,11 +98,14 @@ class ImageWriter:
             if isinstance(answer, str):
                 self._warn(f"StiffnessCallback: the images of the probe at {probe_label(epoch, step)} failed: {answer}")
                 continue
-            try:
-                self._hand_out(trainer, answer, epoch, step)
-            except Exception as err:  # a broken logger or a full disk must not stop training
-                what = f"the images of the probe at {probe_label(epoch, step)}"
-                self._warn(f"StiffnessCallback: writing {what} failed: {type(err).__name__}: {err}")
+            self._guarded(functools.partial(self._hand_out, trainer, answer, epoch, step), probe_label(epoch, step))
+        self._guarded(self._routes.log_ready, "earlier probes")  # W&B images prepared in the background
+
+    def _guarded(self, write: Callable[[], None], probes: str) -> None:
+        try:
+            write()
+        except Exception as err:  # a broken logger or a full disk must not stop training
+            self._warn(f"StiffnessCallback: writing the images of {probes} failed: {type(err).__name__}: {err}")
 
     def finish(self, trainer: Trainer) -> None:
         """Draw the last probe if it was not drawn, wait for every image, hand them all out, stop the worker."""
@@ -154,17 +116,19 @@ class ImageWriter:
             self._warn(f"StiffnessCallback: images still being drawn after {FLUSH_TIMEOUT_S:.0f} s are left out.")
         self.deliver(trainer)
         self._renderer.close()
+        sent = self._routes.flush(FLUSH_TIMEOUT_S)
+        self._guarded(self._routes.log_ready, "the last probes")
+        if not sent:
+            self._warn(f"StiffnessCallback: images still being sent after {FLUSH_TIMEOUT_S:.0f} s are left out.")
+        self._routes.close()
 
     def _hand_out(self, trainer: Trainer, pngs: dict[str, bytes], epoch: int, step: int) -> None:
-        routes = _image_routes()
         without_images = False
         for logger in trainer.loggers:
-            send = next((route for classes, route in routes if isinstance(logger, classes)), None)
-            if send is None:
-                without_images = True
-                continue
             for tag, png in pngs.items():
-                send(logger, tag, png, step)
+                if not self._routes.send(logger, tag, png, step):
+                    without_images = True
+                    break
         if without_images and self.directory is not None:
             for tag, png in pngs.items():
                 path = self.directory / image_file(tag, epoch, step)

@@ -60,11 +60,29 @@ def _line(fit: dict[str, float] | None) -> Line | None:
     return Line(**fit) if fit else None
 
 
+def _shared_range(curves: list[dict[str, DistanceCurve]]) -> tuple[float, float]:
+    """The distances covered by any of ``curves`` (one distance space, every pair): one axis for all of them."""
+    edges = [curve["within"].edges for curve in curves]
+    return min(float(e[0]) for e in edges), max(float(e[-1]) for e in edges)
+
+
+def _band(bands: dict[str, tuple[Any, Any]] | None, side: str) -> tuple[np.ndarray, np.ndarray] | None:
+    if not bands or side not in bands:
+        return None
+    low, high = bands[side]
+    return low.double().numpy(), high.double().numpy()
+
+
 def _curve_spec(
-    curves: dict[str, DistanceCurve], fits: dict[str, dict[str, float]] | None, title: str, ylabel: str, xlabel: str
+    result: "StiffnessResult", key: str, layer: str | None, xlim: tuple[float, float], when: str
 ) -> CurveSpec:
+    """The distance curve of ``key`` (a pair, or ``"{pair}/{layer}"``) with its fitted lines and bootstrap band."""
+    curves = result.layer_curves[key] if layer else result.curves[key]
     within, between = curves["within"], curves["between"]
-    fits = fits or {}
+    fits = result.line_fits.get(key) or {}
+    bands = getattr(result, "curve_intervals", {}).get(key)  # TODO-band
+    pair = key.partition("/")[0]
+    stiffness = f"{result.xi_kind} stiffness"
     return CurveSpec(
         edges=within.edges.double().numpy(),
         within_mean=within.mean.double().numpy(),
@@ -73,9 +91,12 @@ def _curve_spec(
         between_count=between.count.numpy(),
         fit=_line(fits.get(FITS[0])),
         bin_fit=_line(fits.get(FITS[1])),
-        title=title,
-        xlabel=xlabel,
-        ylabel=ylabel,
+        title=f"{stiffness} against {f'distance in {layer}' if layer else 'input distance'}, {pair} ({when})",
+        xlabel=f"{result.distance_metric} distance between outputs of {layer}" if layer else "input distance (1 − cos)",
+        ylabel=f"mean {stiffness}",
+        within_band=_band(bands, "within"),
+        between_band=_band(bands, "between"),
+        xlim=xlim,
     )
 
 
@@ -88,35 +109,25 @@ def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[s
         title=f"{kind} stiffness, {pair} ({when}): within {within:.2f}, between {between:.2f}",
         row_label=f"class of the {rows} example (rows: {rows} set)",
         col_label=f"class of the {cols} example (columns: {cols} set)",
-        colour_label=f"{kind} stiffness",
     )
 
 
 def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: str = PREFIX) -> dict[str, Any]:
     """Every figure of one probe, by tag (see the README's table of logged names), as picklable specs."""
     when = probe_label(result.epoch, result.step)
-    stiffness = f"{result.xi_kind} stiffness"
     names = tuple(str(name) for name in class_names)
     specs: dict[str, Any] = {}
+    # The curves of one distance space share their axis: pairs compare at a glance, and the worker draws the axis once.
+    ranges = {None: _shared_range([result.curves[pair] for pair in result.pairs])} if result.pairs else {}
+    for layer in result.representation_layers:
+        ranges[layer] = _shared_range([result.layer_curves[layer_key(pair, layer)] for pair in result.pairs])
     for pair in result.pairs:
         for kind in result.kinds:
             specs[class_matrix_tag(pair, kind, prefix)] = _matrix_spec(result, pair, kind, names, when)
-        specs[distance_curve_tag(pair, prefix=prefix)] = _curve_spec(
-            result.curves[pair],
-            result.line_fits.get(pair),
-            f"{stiffness} against input distance, {pair} ({when})",
-            f"mean {stiffness}",
-            "input distance (1 − cos)",
-        )
+        specs[distance_curve_tag(pair, prefix=prefix)] = _curve_spec(result, pair, None, ranges[None], when)
         for layer in result.representation_layers:
             key = layer_key(pair, layer)
-            specs[distance_curve_tag(pair, layer, prefix)] = _curve_spec(
-                result.layer_curves[key],
-                result.line_fits.get(key),
-                f"{stiffness} against distance in {layer}, {pair} ({when})",
-                f"mean {stiffness}",
-                f"{result.distance_metric} distance between outputs of {layer}",
-            )
+            specs[distance_curve_tag(pair, layer, prefix)] = _curve_spec(result, key, layer, ranges[layer], when)
         if result.representation_layers:
             layers = result.representation_layers
             specs[critical_distance_by_layer_tag(pair, prefix)] = XiBarsSpec(
@@ -158,6 +169,5 @@ def group_specs(result: "StiffnessResult", when: str, prefix: str = PREFIX) -> d
             title=f"{kind} stiffness by group, {pair} ({when}): classes in a group {inside:.2f}, groups {between:.2f}",
             row_label=f"group of the {rows} example (rows: {rows} set)",
             col_label=f"group of the {cols} example (columns: {cols} set)",
-            colour_label=f"{kind} stiffness",
         )
     return specs

@@ -63,6 +63,12 @@ class Renderer:
         with self._lock:
             return len(self._pending)
 
+    def start(self) -> None:
+        """Start the worker now (it takes about half a second to import matplotlib), so that it is ready when the
+        first images come; without this, it starts at the first :meth:`submit`."""
+        if self.background:
+            self._ensure_worker()
+
     def submit(self, specs: dict[str, Any], context: Any) -> None:
         """Queue ``specs`` for rendering; ``context`` comes back with the images from :meth:`finished`."""
         if self.background and self._ensure_worker():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import seed_everything
+from matplotlib.legend import Legend
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
@@ -150,3 +151,81 @@ def test_worker_draws_the_same_pictures_as_this_process():
     for tag, png in pngs.items():
         with Image.open(io.BytesIO(png)) as picture:
             np.testing.assert_array_equal(np.asarray(picture.convert("RGB")), painter.rgb(specs[tag]))
+
+
+def _drawn_whole(painter: Painter, spec) -> np.ndarray:
+    """The spec drawn by matplotlib from scratch (every artist, texts by Agg): the reference of the fast path."""
+    figure = painter.figure(spec)
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _assert_same_but_text_antialiasing(painter: Painter, spec, fast: np.ndarray, slow: np.ndarray) -> None:
+    """Pixels may differ only inside the boxes of texts (Pillow's sub-pixel placement of glyphs) and of the legend
+    (part of the kept background, so the probe's artists go over it), and each text is there in the fast picture."""
+    figure = painter.figure(spec)
+    renderer = figure.canvas.get_renderer()
+    height = fast.shape[0]
+    inside = np.zeros(fast.shape[:2], dtype=bool)
+    for text in figure.findobj(lambda artist: hasattr(artist, "get_text") and artist.get_text()):
+        if not text.get_visible():
+            continue
+        box = text.get_window_extent(renderer)
+        rows = slice(max(0, int(height - box.y1) - 3), int(height - box.y0) + 4)
+        cols = slice(max(0, int(box.x0) - 3), int(box.x1) + 4)
+        inside[rows, cols] = True
+        drawn = (slow[rows, cols].min(axis=2) < 128).any()
+        assert drawn <= (fast[rows, cols].min(axis=2) < 128).any(), text.get_text()  # drawn where Agg draws it
+    for legend in figure.findobj(Legend):
+        box = legend.get_window_extent(renderer)
+        inside[int(height - box.y1) : int(height - box.y0) + 1, int(box.x0) : int(box.x1) + 1] = True
+    differs = np.abs(fast.astype(int) - slow.astype(int)).max(axis=2) > 32
+    assert not (differs & ~inside).any()
+
+
+def test_fast_matrix_has_the_colours_and_texts_matplotlib_draws():
+    specs = probe_specs(_measured(), [f"class {c}" for c in range(6)])
+    spec = specs[class_matrix_tag("train-train", "cosine")]
+    painter = Painter()
+    fast = painter.rgb(spec).copy()
+    slow = _drawn_whole(painter, spec)
+    assert fast.shape == slow.shape
+    axes = painter.figure(spec).axes[0]
+    x0, y0, x1, y1 = axes.bbox.extents
+    size = len(spec.class_names)
+    for row in range(size):  # each cell's centre: the colour imshow gives it, painted by NumPy
+        for col in range(size):
+            x = int(x0 + (col + 0.5) * (x1 - x0) / size)
+            y = int(fast.shape[0] - (y1 - (row + 0.5) * (y1 - y0) / size))
+            np.testing.assert_array_equal(fast[y, x], slow[y, x])
+    _assert_same_but_text_antialiasing(painter, spec, fast, slow)
+    painter.rgb(specs[class_matrix_tag("train-train", "cosine")])  # the template again, after the whole drawing
+    np.testing.assert_array_equal(painter.rgb(spec), fast)
+
+
+def test_fast_curve_matches_the_whole_drawing_and_shows_the_band():
+    spec = _curve(0.5)
+    band = (spec.within_mean - 0.1, spec.within_mean + 0.1)
+    band[0][2] = np.nan  # an interval that could not be formed: a gap in the band
+    banded = CurveSpec(**{**spec.__dict__, "within_band": band})
+    painter = Painter()
+    fast = painter.rgb(banded).copy()
+    slow = _drawn_whole(painter, banded)
+    _assert_same_but_text_antialiasing(painter, banded, fast, slow)
+    axes = painter.figure(banded).axes[0]
+    (collection,) = [c for c in axes.collections if c.get_gid() == "band-within"]
+    paths = collection.get_paths()
+    centres = (spec.edges[1:] + spec.edges[:-1]) / 2
+    assert len(paths) == 2  # bins 0-1, then bin 3 alone
+    np.testing.assert_allclose(paths[0].vertices[:4, 0], [centres[0], centres[1], centres[1], centres[0]])
+    np.testing.assert_allclose(paths[0].vertices[:4, 1], [band[0][0], band[0][1], band[1][1], band[1][0]])
+    assert not next(c for c in axes.collections if c.get_gid() == "band-between").get_paths()
+    assert "95% bootstrap interval" in [t.get_text() for t in axes.get_legend().get_texts()][-1]
+
+
+def test_curves_of_one_probe_share_their_distance_axis():
+    specs = probe_specs(_measured(), [str(c) for c in range(6)])
+    curves = [spec for spec in specs.values() if isinstance(spec, CurveSpec)]
+    assert curves and len({spec.xlim for spec in curves}) == 1
+    low, high = curves[0].xlim
+    assert all(low <= spec.edges[0] and spec.edges[-1] <= high for spec in curves)
