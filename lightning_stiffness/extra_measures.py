@@ -25,6 +25,7 @@ from lightning_stiffness.groups import ClassGroups, check_class_groups, group_ma
 from lightning_stiffness.intervals import bootstrap_intervals
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import PAIRS, PREFIX, dataset_class_tag, dataset_raw_file_name, kind_key
+from lightning_stiffness.plots import dataset_specs
 
 #: Bootstrap draws by default: with 100 examples a class (500 + 500 probe examples, the benchmark's setting) they
 #: add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5% and 97.5% of 200 draws
@@ -104,6 +105,9 @@ class ExtraMeasures:
             logger.log_metrics(result.scalars(self.prefix), step=step)
         if trainer.is_global_zero and callback.save_raw:
             result.save(callback._raw.directory)
+        if trainer.is_global_zero and callback.log_images:
+            names = callback._probes.class_names
+            callback._images.write_specs(dataset_specs(matrix, names, epoch, step, self.prefix), epoch, step)
         return result
 
 

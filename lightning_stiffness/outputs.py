@@ -92,6 +92,10 @@ class ImageWriter:
         self._held = None
         self._renderer.submit(specs, (result.epoch, result.step))
 
+    def write_specs(self, specs: dict[str, Any], epoch: int, step: int) -> None:
+        """Send figures that are not a probe's (the whole training set's class matrix) to be drawn now."""
+        self._renderer.submit(specs, (epoch, step))
+
     def deliver(self, trainer: Trainer) -> None:
         """Hand the images finished so far to the loggers (cheap when there are none)."""
         for (epoch, step), answer in self._renderer.finished():

@@ -22,7 +22,7 @@ from lightning_stiffness.figures import (
     Painter,
     XiBarsSpec,
 )
-from lightning_stiffness.functional import DistanceCurve
+from lightning_stiffness.functional import DistanceCurve, within_between
 from lightning_stiffness.names import (
     FITS,
     PAIRS,
@@ -30,6 +30,7 @@ from lightning_stiffness.names import (
     by_layer_tag,
     class_matrix_tag,
     critical_distance_by_layer_tag,
+    dataset_class_matrix_tag,
     distance_curve_tag,
     group_matrix_tag,
     kind_key,
@@ -39,6 +40,8 @@ from lightning_stiffness.names import (
 )
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from lightning_stiffness.measure import StiffnessResult
 
 __all__ = ["DPI", "STIFFNESS_CMAP", "new_figure", "probe_images", "probe_specs"]
@@ -154,6 +157,23 @@ def probe_images(result: "StiffnessResult", class_names: Sequence[str], prefix: 
     """Every image of one probe, by tag, as RGB arrays (H, W, 3, uint8), drawn in this process."""
     painter = Painter()
     return {tag: painter.rgb(spec) for tag, spec in probe_specs(result, class_names, prefix).items()}
+
+
+def dataset_specs(
+    matrix: "Tensor", class_names: Sequence[str], epoch: int, step: int, prefix: str = PREFIX
+) -> dict[str, MatrixSpec]:
+    """The whole training set's [C, C] cosine class matrix (every pair, self-pairs excluded) as an image spec."""
+    within, between = within_between(matrix)
+    return {
+        dataset_class_matrix_tag(prefix): MatrixSpec(
+            matrix=matrix.double().cpu().numpy(),
+            class_names=tuple(str(name) for name in class_names),
+            title=f"cosine stiffness, whole training set ({probe_label(epoch, step)}): "
+            f"within {within:.2f}, between {between:.2f}",
+            row_label="class of the training example (rows: every example)",
+            col_label="class of the training example (columns: every example)",
+        )
+    }
 
 
 def group_specs(result: "StiffnessResult", when: str, prefix: str = PREFIX) -> dict[str, MatrixSpec]:

@@ -2,11 +2,14 @@
 parameters are factored, convolutional, or left to the exact fallback (a GRU), and under 2-process DDP."""
 
 import contextlib
+import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import seed_everything
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,7 +21,8 @@ from lightning_stiffness.functional import (
     gradient_gram,
     within_between,
 )
-from lightning_stiffness.names import dataset_class_tag
+from lightning_stiffness.names import dataset_class_matrix_tag, dataset_class_tag
+from lightning_stiffness.plots import dataset_specs
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 from tests.reference import reference_gradients
 
@@ -110,7 +114,7 @@ def test_errors_name_the_problem():
 
 def _run(tmp_path, **kwargs):
     seed_everything(0)
-    callback = StiffnessCallback(samples_per_class=3, dataset_every_n_epochs=1, num_bootstrap=0, log_images=False)
+    callback = StiffnessCallback(samples_per_class=3, dataset_every_n_epochs=1, num_bootstrap=0, kinds=["cosine"])
     fit = trainer(tmp_path, [callback], max_epochs=1, **kwargs)
     fit.fit(TinyNet(lr=0.0), datamodule=DigitsData())  # lr 0: the weights at the epoch's end are the initial ones
     (run_dir,) = sorted(tmp_path.glob("lightning_logs/version_*"))
@@ -135,3 +139,11 @@ def test_callback_logs_the_whole_training_set(tmp_path, ddp):
     for tag, value in zip((dataset_class_tag("within"), dataset_class_tag("between")), (within, between), strict=True):
         (event,) = acc.Scalars(tag)
         assert event.step == 4 and event.value == pytest.approx(value, abs=1e-5)
+    # The class matrix as an image at the same step, drawn from the same numbers.
+    (image,) = acc.Images(dataset_class_matrix_tag())
+    assert image.step == 4
+    with Image.open(io.BytesIO(image.encoded_image_string)) as picture:
+        assert picture.mode == "RGB" and min(picture.size) >= 400
+    spec = dataset_specs(got["class_matrix"], [str(c) for c in range(10)], 0, 4)[dataset_class_matrix_tag()]
+    np.testing.assert_allclose(spec.matrix, got["class_matrix"].double().numpy())
+    assert f"within {within:.2f}, between {between:.2f}" in spec.title and "epoch 0, step 4" in spec.title
