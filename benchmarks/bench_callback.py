@@ -16,6 +16,7 @@ of wall times (target: at most 1.5) and the time the training thread spends on i
 """
 
 import importlib.util
+import statistics
 import sys
 import tempfile
 import time
@@ -134,23 +135,28 @@ def _digits_run(root: Path, log_images: bool, epochs: int = 6) -> tuple[float, f
     return seconds, clock.seconds, callback._probes_done, clock.final_wait
 
 
-def runs() -> None:
+def runs(pairs: int = 3) -> None:
+    """``pairs`` runs without and with images, alternating (a shared machine's load drifts); medians compared."""
+    plain, drawn, on_images, final_waits = [], [], [], []
     with tempfile.TemporaryDirectory() as root:
         _digits_run(Path(root) / "warm-up", log_images=True, epochs=1)
-        plain, _, probes, _ = _digits_run(Path(root) / "plain", log_images=False)
-        drawn, on_images, drawn_probes, final_wait = _digits_run(Path(root) / "images", log_images=True)
-        plain_again, _, _, _ = _digits_run(Path(root) / "plain-again", log_images=False)
-    plain = min(plain, plain_again)
+        for index in range(pairs):
+            plain.append(_digits_run(Path(root) / f"plain-{index}", log_images=False)[0])
+            seconds, thread, probes, final_wait = _digits_run(Path(root) / f"images-{index}", log_images=True)
+            drawn.append(seconds)
+            on_images.append(thread / probes)
+            final_waits.append(final_wait)
+    plain_s, drawn_s = statistics.median(plain), statistics.median(drawn)
+    thread_ms, wait_ms = 1000 * statistics.median(on_images), 1000 * statistics.median(final_waits)
     print(f"digits, FC net, 6 epochs, {probes} probes, 20 examples a class; torch {torch.get_num_threads()} threads")
-    print(f"run without images (best of 2):                {plain:8.2f} s")
-    print(f"run with the 9 default images at every probe:  {drawn:8.2f} s")
-    print(f"with images / without:                         {drawn / plain:8.2f} x   (target: at most 1.5)")
     print(
-        f"training thread on images, per probe:          {1000 * on_images / drawn_probes:8.1f} ms (target: under 50)"
+        f"runs without images: {' '.join(f'{s:.2f}' for s in plain)} s; with: {' '.join(f'{s:.2f}' for s in drawn)} s"
     )
-    working = 1000 * (on_images - final_wait) / drawn_probes
-    print(f"  sending figures and handing out images:      {working:8.1f} ms")
-    print(f"  waiting once at the end for the last images: {1000 * final_wait:8.1f} ms in all")
+    print(f"run without images (median of {pairs}):          {plain_s:8.2f} s")
+    print(f"run with the 9 default images at every probe:  {drawn_s:8.2f} s")
+    print(f"with images / without:                         {drawn_s / plain_s:8.2f} x   (target: at most 1.5)")
+    print(f"training thread on images, per probe:          {thread_ms:8.1f} ms (target: under 50)")
+    print(f"  of which waiting once at the end:            {wait_ms / probes:8.1f} ms ({wait_ms:.0f} ms in all)")
 
 
 def main() -> None:
