@@ -171,7 +171,7 @@ class _Blit:
     Args:
         figure: the template's figure.
         artists: what changes per spec and matplotlib draws (lines, markers), in drawing order.
-        texts: the texts that change per spec (horizontal ones).
+        texts: the texts that change per spec (horizontal, or turned and centred: see :func:`_draw_text`).
     """
 
     #: Backgrounds kept per template (one per x-range of a curve, say); the oldest goes first.
@@ -219,7 +219,8 @@ class _MatrixTemplate:
 
     def __init__(self, class_names: tuple[str, ...]) -> None:
         size = len(class_names)
-        side = max(4.0, 0.3 * size + 1.5)
+        side = min(max(4.0, 0.3 * size + 1.5), 12.0)  # 100 classes: 12 inches, not a 3,000-pixel image
+        ticks = range(0, size, math.ceil(size / 40))  # at most 40 class names an axis, so that they do not overlap
         rotate = size > 6
         left = _label_margin(class_names) + 0.45
         bottom = (_label_margin(class_names) * 0.75 if rotate else 0.3) + 0.45
@@ -230,10 +231,9 @@ class _MatrixTemplate:
         colour_axes = self.figure.add_axes((1 - 1.0 / width, position.y0, 0.15 / width, position.height))
         self.image = self.axes.imshow(np.zeros((size, size)), cmap=STIFFNESS_CMAP, vmin=-1.0, vmax=1.0, aspect="auto")
         self.figure.colorbar(self.image, cax=colour_axes, label="stiffness")
-        self.axes.set_xticks(
-            range(size), labels=list(class_names), rotation=45 if rotate else 0, ha="right" if rotate else "center"
-        )
-        self.axes.set_yticks(range(size), labels=list(class_names))
+        names = [class_names[index] for index in ticks]
+        self.axes.set_xticks(ticks, labels=names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+        self.axes.set_yticks(ticks, labels=names)
         centre_x, centre_y = (position.x0 + position.x1) / 2, (position.y0 + position.y1) / 2
         self.col_label = self.figure.text(centre_x, 0.18 / height, "", ha="center", va="center")
         self.row_label = self.figure.text(0.2 / width, centre_y, "", ha="center", va="center", rotation=90)
