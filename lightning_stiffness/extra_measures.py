@@ -22,14 +22,14 @@ from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.failures import is_expected
 from lightning_stiffness.functional import within_between
 from lightning_stiffness.groups import ClassGroups, check_class_groups, group_matrix, group_means, resolve_groups
-from lightning_stiffness.intervals import bootstrap_intervals
+from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw_weights
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import PAIRS, PREFIX, dataset_class_tag, dataset_raw_file_name, kind_key
 from lightning_stiffness.plots import dataset_specs
 
-#: Bootstrap draws by default: with 100 examples a class (500 + 500 probe examples, the benchmark's setting) they
-#: add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5% and 97.5% of 200 draws
-#: move by about +-0.1 standard errors from one seed to the next.
+#: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
+#: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%
+#: and 97.5% of 200 draws move by about +-0.1 standard errors from one seed to the next.
 DEFAULT_NUM_BOOTSTRAP = 200
 
 
@@ -38,7 +38,8 @@ class ExtraMeasures:
     """The callback's optional measures.
 
     Args:
-        num_bootstrap: bootstrap draws for the 95% intervals of each probe (0: no intervals).
+        num_bootstrap: bootstrap draws for the 95% intervals of each probe and the bands around its distance curves
+            (0: neither).
         class_groups: each class's group (a list) or group name -> classes (a dict); None: no group measures.
         dataset_every_n_epochs: measure the whole training set at the end of every n-th epoch (0: never).
         seed: the callback's seed; each probe's draws come from a generator seeded with it and the probe's step.
@@ -71,14 +72,20 @@ class ExtraMeasures:
         return self.dataset_every_n_epochs > 0 and (epoch + 1) % self.dataset_every_n_epochs == 0
 
     def add(self, result: StiffnessResult) -> StiffnessResult:
-        """Add the bootstrap intervals and the class-group measures to a probe's ``result`` (from its matrices)."""
+        """Add the bootstrap intervals, the bands around its distance curves (the same draws) and the class-group
+        measures to a probe's ``result`` (from its matrices)."""
         if self.num_bootstrap > 0 and result.stiffness:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + result.step) % 2**63)
+            weights = draw_weights(result.labels, self.num_bootstrap, generator)  # one set of draws for both
             distances = {**result.distances, **result.layer_distances}
             result.intervals = bootstrap_intervals(
                 result.stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes,
-                self.num_bootstrap, generator, self.prefix,
+                self.num_bootstrap, generator, self.prefix, weights=weights,
             )  # fmt: skip
+            edges = {key: sides["within"].edges for key, sides in {**result.curves, **result.layer_curves}.items()}
+            result.curve_intervals = curve_bands(
+                result.stiffness, distances, edges, result.labels, result.xi_kind, weights
+            )
         if self.class_groups is not None and result.stiffness:
             add_group_measures(result, self.class_groups)
         return result

@@ -17,9 +17,18 @@ draws. The train and val sets are resampled independently, once per draw for all
 A draw whose line through the same-class (distance, stiffness) pairs does not fall has no finite :math:`\xi`; it
 counts as :math:`+\infty` (the stiff domain did not end), so an upper end of ``inf`` says that more than 2.5% of the
 draws found no crossing.
+
+The distance curves get a band (:func:`curve_bands`, a result's ``curve_intervals``) from the same draws
+(:func:`draw_weights`, made once per probe): in each distance bin, the percentile interval of the draws' weighted bin
+means :math:`\sum w_i w'_j s_{ij} / \sum w_i w'_j` over the bin's pairs, same-class pairs for the ``within`` curve
+and the others for ``between``, exactly the curve's pairs (its stiffness kind, finite values, no self-pairs). A draw
+that puts no weight in a bin has no mean there and is left out of that bin's percentiles; a bin empty in the probe
+has NaN ends. A pair lies in one (side, bin) slot, so a chunk of draws costs one sparse product of a matrix with a
+row per (example, slot) with the column weights, and a weighted sum over its rows.
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -141,8 +150,9 @@ def bootstrap_intervals(
     xi_kind: str,
     num_classes: int,
     num_draws: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     prefix: str = PREFIX,
+    weights: dict[str, Tensor] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """95% percentile intervals of within/between-class stiffness (each pair and kind) and of each critical distance.
 
@@ -156,11 +166,14 @@ def bootstrap_intervals(
         num_draws: bootstrap draws B (at least 2).
         generator: the source of the draws (the same draws for the same seed, on every process).
         prefix: the tags' first part.
+        weights: the draws already made (:func:`draw_weights`, ``num_draws`` each), to share them with
+            :func:`curve_bands`; default: drawn here from ``generator``.
 
     Returns:
         Scalar tag (as logged) -> ``(low, high)``.
     """
-    weights = {name: bootstrap_weights(y, num_draws, generator) for name, y in labels.items()}
+    if weights is None:
+        weights = draw_weights(labels, num_draws, generator)
     # Examples ordered by class (the same draws, permuted), so that each class's block is a slice.
     order = {name: torch.argsort(y.cpu(), stable=True) for name, y in labels.items()}
     out: dict[str, tuple[float, float]] = {}
@@ -193,6 +206,167 @@ def bootstrap_intervals(
     return out
 
 
+#: Memory for the products of one chunk of draws in :func:`curve_bands`: the draws go in chunks whose products stay
+#: in cache (and below the size the C allocator maps afresh, page by page, on each call).
+BAND_CHUNK_BYTES = 5 * 2**20
+
+
+def draw_weights(labels: dict[str, Tensor], num_draws: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """One probe's draws: each probe set's weights [num_draws, n] (:func:`bootstrap_weights`), drawn in the order of
+    ``labels``. Given to :func:`bootstrap_intervals` and :func:`curve_bands`, they resample the same examples."""
+    return {name: bootstrap_weights(y, num_draws, generator) for name, y in labels.items()}
+
+
+def curve_bands(
+    stiffness: dict[str, Tensor],
+    distances: dict[str, Tensor],
+    edges: dict[str, Tensor],
+    labels: dict[str, Tensor],
+    xi_kind: str,
+    weights: dict[str, Tensor],
+) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+    """95% percentile bands around each distance curve: in each bin, the interval of the draws' bin means.
+
+    Args:
+        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness matrix (the curves are of ``xi_kind``).
+        distances: ``pair`` (input space) or ``"{pair}/{layer}"`` -> [N, M] distances, one curve each.
+        edges: the same keys -> the curve's bin edges (``curves[key]["within"].edges``).
+        labels: probe set -> [n] labels.
+        xi_kind: the kind of stiffness the curves show.
+        weights: probe set -> [B, n] weights of the draws (:func:`draw_weights`).
+
+    Returns:
+        Curve key -> ``{"within": (low, high), "between": (low, high)}``, float64 CPU tensors [bins]: NaN ends where
+        no draw has a pair in the bin (a bin empty in the probe).
+    """
+    out = {}
+    for key, space in distances.items():
+        pair = key.partition("/")[0]
+        rows, cols = PAIRS[pair]
+        values = stiffness[kind_key(pair, xi_kind)]
+        draws = bin_mean_draws(
+            values, space, edges[key], labels[rows], labels[cols], weights[rows], weights[cols], rows == cols
+        )
+        low, high = _percentile_bounds(draws)  # [2, bins] each
+        out[key] = {side: (low[index], high[index]) for index, side in enumerate(SIDES)}
+    return out
+
+
+def bin_mean_draws(
+    values: Tensor,
+    distances: Tensor,
+    edges: Tensor,
+    labels_r: Tensor,
+    labels_c: Tensor,
+    w_rows: Tensor,
+    w_cols: Tensor,
+    same_set: bool,
+) -> Tensor:
+    r"""Each draw's mean stiffness per side and distance bin, :math:`\sum w_i w'_j s_{ij} / \sum w_i w'_j` over the
+    pairs in the bin: [B, 2, bins] float64 (side 0: same class, 1: different classes; NaN where a draw puts no
+    weight in a bin).
+
+    The pairs are the probe curve's: finite stiffness, distance inside the edges, no pair of an example with itself
+    within a set. Each pair lies in one (side, bin) slot, so the sums are one sparse product per chunk of draws: a
+    matrix with a row per (example i, slot) and the pair values at columns j, times the chunk's column weights, then
+    rows summed with the row weights. Within a set, the two orders of a pair (same weights, and the same slot but for
+    rounding) are one entry :math:`s_{ij} + s_{ji}` counted twice.
+    """
+    num_bins = edges.numel() - 1
+    keep, slot = _pair_slots(values, distances, edges, labels_r, labels_c, same_set)
+    values = torch.where(keep, values.cpu(), torch.zeros((), dtype=values.dtype)).float()
+    counts = None
+    if same_set:
+        keep, values, counts = _merged_orders(keep, slot, values)
+    matrix = _slot_matrix(keep, slot, values, counts, 2 * num_bins)
+    num, den = _weighted_slot_sums(matrix, w_rows.cpu().float(), w_cols.cpu().float(), 2 * num_bins).double()
+    means = num.div_(den).masked_fill_(den == 0, float("nan"))
+    return means.view(-1, 2, num_bins)
+
+
+def _pair_slots(
+    values: Tensor, distances: Tensor, edges: Tensor, labels_r: Tensor, labels_c: Tensor, same_set: bool
+) -> tuple[Tensor, Tensor]:
+    """The pairs of the curve ([N, M] bool) and each pair's slot, side * bins + bin ([N, M] int32)."""
+    edges = edges.double().cpu()
+    distances = distances.cpu().double()
+    keep = torch.isfinite(values.cpu()) & (distances >= edges[0]) & (distances <= edges[-1])
+    if same_set:
+        keep.fill_diagonal_(False)
+    slot = _bin_index(distances, edges)
+    slot += (labels_r.cpu()[:, None] != labels_c.cpu()[None, :]).int().mul_(edges.numel() - 1)
+    return keep, slot
+
+
+def _bin_index(distances: Tensor, edges: Tensor) -> Tensor:
+    """Bin of each float64 distance as :func:`~lightning_stiffness.functional.binned_sums` finds it (``[e_k,
+    e_k+1)``, the last bin closed), int32, clamped into the bins. With equal-width edges (the curves') by arithmetic,
+    and by the edges themselves where a distance lies near one."""
+    num_bins = edges.numel() - 1
+    low, width = float(edges[0]), float(edges[-1] - edges[0]) / num_bins
+    steps = low + width * torch.arange(num_bins + 1, dtype=torch.float64)
+    if not (width > 0 and bool(((edges - steps).abs() <= 1e-9 * width).all())):
+        return torch.bucketize(distances, edges[1:-1], right=True, out_int32=True).clamp_max_(num_bins - 1)
+    position = (distances - low).div_(width)
+    index = position.floor()
+    near = position.sub_(index).sub_(0.5).abs_() > 0.5 - 1e-6  # within 1e-6 bin widths of an edge (or NaN: no)
+    index = index.clamp_(0, num_bins - 1).int()
+    if bool(near.any()):
+        index[near] = torch.bucketize(distances[near], edges[1:-1], right=True, out_int32=True).clamp_max_(num_bins - 1)
+    return index
+
+
+def _merged_orders(keep: Tensor, slot: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Within a set (the same weights on both sides): pair (i, j), i < j, also holds (j, i) where both are kept and
+    in the same slot; the kept pairs, their values and counts (1 or 2)."""
+    upper = torch.ones_like(keep).triu_(1)
+    merged = keep & keep.T & (slot == slot.T) & upper
+    keep = keep & (upper | ~merged.T)
+    values = torch.where(merged, values + values.T, values)
+    return keep, values, merged.float().add_(1)
+
+
+def _slot_matrix(keep: Tensor, slot: Tensor, values: Tensor, counts: Tensor | None, slots: int) -> Tensor:
+    """Sparse CSR [2 N slots, M]: row (i, k) holds the values of the kept pairs (i, j) in slot k at columns j; the
+    next N slots rows hold their counts."""
+    n, m = keep.shape
+    num_rows = n * slots
+    key = torch.arange(0, num_rows, slots, dtype=torch.int32)[:, None] + slot
+    key = key.masked_fill_(~keep, num_rows).flatten()  # pairs left out sort last
+    key, order = torch.sort(key)
+    nnz = int(keep.sum())
+    key, order = key[:nnz], order[:nnz]
+    crow = torch.zeros(2 * num_rows + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(key, minlength=num_rows).repeat(2), 0, out=crow[1:])
+    kept_counts = torch.ones(nnz) if counts is None else counts.flatten()[order]
+    entries = torch.cat([values.flatten()[order], kept_counts])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(crow, (order % m).repeat(2), entries, (2 * num_rows, m), check_invariants=False)
+
+
+def _weighted_slot_sums(matrix: Tensor, w_rows: Tensor, w_cols: Tensor, slots: int) -> Tensor:
+    """Per draw and slot, the weighted sums of the values and of the counts: [2, B, slots] (float32)."""
+    num_draws, n = w_rows.shape
+    out = torch.empty(2, num_draws, slots)
+    chunk = max(1, min(num_draws, BAND_CHUNK_BYTES // (2 * n * slots * 4)))
+    for start in range(0, num_draws, chunk):
+        stop = min(num_draws, start + chunk)
+        per_row = matrix @ w_cols[start:stop].T.contiguous()  # [2 N slots, c]: sums over j by (i, slot)
+        per_row = per_row.view(2, n, slots, stop - start).mul_(w_rows[start:stop].T.contiguous()[None, :, None])
+        out[:, start:stop] = per_row.sum(dim=1).transpose(1, 2)
+    return out
+
+
+def _percentile_bounds(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`percentile_interval` of ``draws`` [B, ...] along the draws, for every other index at once."""
+    tail = (1 - LEVEL) / 2
+    draws = draws.double()
+    low = torch.nanquantile(draws, tail, dim=0, interpolation="lower")
+    high = torch.nanquantile(draws, 1 - tail, dim=0, interpolation="higher")
+    return low, high
+
+
 def _not_self(n: int, m: int, same_set: bool) -> Tensor:
     if same_set:
         return ~torch.eye(n, m, dtype=torch.bool)
@@ -201,8 +375,11 @@ def _not_self(n: int, m: int, same_set: bool) -> Tensor:
 
 __all__ = [
     "LEVEL",
+    "bin_mean_draws",
     "bootstrap_intervals",
     "bootstrap_weights",
+    "curve_bands",
+    "draw_weights",
     "interval_series",
     "percentile_interval",
     "weighted_class_sums",

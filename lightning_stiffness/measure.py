@@ -68,6 +68,9 @@ class StiffnessResult:
         gradient_coherence, gradient_diversity: probe set -> float (:mod:`lightning_stiffness.functional`).
         intervals: scalar tag (as logged) -> ``(low, high)``, 95% bootstrap intervals
             (:mod:`lightning_stiffness.intervals`); empty when not measured.
+        curve_intervals: ``pair`` or ``"{pair}/{layer}"`` (the keys of ``curves`` and ``layer_curves``) ->
+            {``"within"``, ``"between"``} -> ``(low, high)``, float64 [bins] each: the 95% bootstrap band of each
+            bin's mean, from the same draws as ``intervals`` (NaN for a bin without pairs); empty when not measured.
         group_names: the class groups (with ``class_groups``), in order.
         group_matrices: ``"{pair}/{kind}"`` -> [G, G] stiffness between groups (:mod:`lightning_stiffness.groups`).
         between_class_within_group, between_groups: ``"{pair}/{kind}"`` -> float.
@@ -99,6 +102,7 @@ class StiffnessResult:
     gradient_coherence: dict[str, float] = field(default_factory=dict)
     gradient_diversity: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    curve_intervals: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     group_names: list[str] = field(default_factory=list)
     group_matrices: dict[str, Tensor] = field(default_factory=dict)
     between_class_within_group: dict[str, float] = field(default_factory=dict)
@@ -159,6 +163,10 @@ class StiffnessResult:
                 key: {side: DistanceCurve(**curve) for side, curve in sides.items()}
                 for key, sides in data.get(name, {}).items()
             }
+        data["curve_intervals"] = {  # absent from files written before the bands
+            key: {side: tuple(ends) for side, ends in sides.items()}
+            for key, sides in data.get("curve_intervals", {}).items()
+        }
         return cls(**data)
 
 
