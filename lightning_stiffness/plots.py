@@ -83,7 +83,7 @@ def _curve_spec(
     curves = result.layer_curves[key] if layer else result.curves[key]
     within, between = curves["within"], curves["between"]
     fits = result.line_fits.get(key) or {}
-    bands = getattr(result, "curve_intervals", {}).get(key)  # TODO-band
+    bands = result.curve_intervals.get(key)
     pair = key.partition("/")[0]
     stiffness = f"{result.xi_kind} stiffness"
     return CurveSpec(

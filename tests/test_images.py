@@ -12,6 +12,7 @@ from matplotlib.legend import Legend
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.extra_measures import ExtraMeasures
 from lightning_stiffness.figures import STIFFNESS_RANGE, CurveSpec, Line, Painter
 from lightning_stiffness.functional import critical_distance
 from lightning_stiffness.lines import observed_range
@@ -229,3 +230,15 @@ def test_curves_of_one_probe_share_their_distance_axis():
     assert curves and len({spec.xlim for spec in curves}) == 1
     low, high = curves[0].xlim
     assert all(low <= spec.edges[0] and spec.edges[-1] <= high for spec in curves)
+
+
+def test_probe_curves_carry_their_bootstrap_bands():
+    result = _measured()
+    ExtraMeasures(num_bootstrap=50).add(result)
+    spec = probe_specs(result, [str(c) for c in range(6)])[distance_curve_tag("train-train")]
+    for side in ("within", "between"):
+        low, high = result.curve_intervals["train-train"][side]
+        np.testing.assert_array_equal(getattr(spec, f"{side}_band")[0], low.numpy())
+        np.testing.assert_array_equal(getattr(spec, f"{side}_band")[1], high.numpy())
+    axes = Painter().figure(spec).axes[0]
+    assert next(c for c in axes.collections if c.get_gid() == "band-within").get_paths()
