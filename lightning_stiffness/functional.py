@@ -413,18 +413,20 @@ def critical_distance(stiffness: Tensor, distances: Tensor, mask: Tensor | None 
 
 
 def gradient_coherence(gram: Tensor) -> float:
-    r"""Gradient coherence of a set of examples: the mean dot product of two different examples' gradients over the
+    r"""Gradient coherence of a set of examples (Chatterjee and Zielinski, "Making Coherence Out of Nothing At All:
+    Measuring the Evolution of Gradient Alignment", arXiv 2008.01217): the squared norm of the mean gradient over the
     mean squared gradient norm.
 
     .. math::
-        \alpha = \frac{\frac{1}{N(N-1)} \sum_{i \neq j} g_i \cdot g_j}{\frac{1}{N} \sum_i |g_i|^2}
-               = \frac{\mathbf{1}^\top G \mathbf{1} - \operatorname{tr} G}{(N - 1) \operatorname{tr} G}
+        \alpha = \frac{\mathbb{E}_{i, j}[g_i \cdot g_j]}{\mathbb{E}_i[g_i \cdot g_i]}
+               = \frac{|\frac{1}{N} \sum_i g_i|^2}{\frac{1}{N} \sum_i |g_i|^2}
+               = \frac{\mathbf{1}^\top G \mathbf{1}}{N \operatorname{tr} G}
 
-    Coherence after Chatterjee and Zielinski ("Coherent gradients", arXiv 2002.10657; Zielinski and Chatterjee et al.,
-    arXiv 2008.01217): :math:`\alpha = E[g \cdot g'] / E[|g|^2]` for two independent examples, here estimated without
-    the self-pairs :math:`i = j`. It is 1 when all gradients are equal, about 0 for unrelated (orthogonal) ones, and at
-    least :math:`-1/(N-1)`. The papers' estimate over all :math:`N^2` ordered pairs, self-pairs included, is
-    :math:`1/N + (N-1)\alpha/N`.
+    with :math:`i` and :math:`j` drawn independently and uniformly from the set (so :math:`i = j` counts, as in the
+    paper). :math:`\alpha` lies in [0, 1]: 1 when all gradients are equal, :math:`\alpha_\perp = 1/N` when they are
+    pairwise orthogonal, 0 when they sum to zero. The paper's *m-coherence* is :math:`\alpha / \alpha_\perp = N
+    \alpha`, about how many examples of the set a small step along one example's gradient helps, which is
+    :math:`1 / \Delta` (:func:`gradient_diversity`).
 
     Args:
         gram: [N, N] Gram matrix of the set's per-example gradients (N >= 2).
@@ -440,15 +442,16 @@ def gradient_coherence(gram: Tensor) -> float:
 
 
 def gradient_diversity(gram: Tensor) -> float:
-    r"""Gradient diversity of a set of examples (Yin et al., "Gradient Diversity: a Key Ingredient for Scalable
-    Distributed Learning", AISTATS 2018, arXiv 1706.05699, Definition 1).
+    r"""Gradient diversity of a set of examples (Yin, Pananjady, Lam, Papailiopoulos, Ramchandran and Bartlett,
+    "Gradient Diversity: a Key Ingredient for Scalable Distributed Learning", AISTATS 2018, arXiv 1706.05699,
+    Definition 1).
 
     .. math::
         \Delta = \frac{\sum_i |g_i|^2}{|\sum_i g_i|^2} = \frac{\operatorname{tr} G}{\mathbf{1}^\top G \mathbf{1}}
 
-    At least 1/N (all gradients equal); large when the gradients cancel. Yin et al. show that mini-batch SGD keeps its
-    per-example progress up to batch sizes of about :math:`N \Delta`. Related to :func:`gradient_coherence` by
-    :math:`1/\Delta = 1 + (N - 1)\alpha`.
+    At least 1/N (all gradients equal); large when the gradients cancel. Yin et al.'s batch-size bound is
+    :math:`N \Delta`: mini-batch SGD with batches up to about that size converges, per example seen, about as fast
+    as one-example SGD. Related to :func:`gradient_coherence` by :math:`1/\Delta = N \alpha` (the m-coherence).
 
     Args:
         gram: [N, N] Gram matrix of the set's per-example gradients.
@@ -473,9 +476,9 @@ def _square_sums(gram: Tensor) -> tuple[float, float, int]:
 
 def coherence_from_sums(total: float, trace: float, n: int) -> float:
     """:func:`gradient_coherence` from the sum of all Gram entries, the trace and N."""
-    if not trace > 0 or n < 2:
+    if not trace > 0 or n < 1:
         return float("nan")
-    return (total - trace) / ((n - 1) * trace)
+    return total / (n * trace)
 
 
 def diversity_from_sums(total: float, trace: float) -> float:

@@ -237,7 +237,7 @@ class GradientAlignment(_ShapedMetric):
         >>> for rows in (slice(0, 1), slice(1, 3)):
         ...     metric.update(gram[rows], gram.diagonal()[rows])
         >>> [round(v, 4) for v in metric.compute()]
-        [0.5, 0.5]
+        [0.6667, 0.5]
     """
 
     full_state_update = False

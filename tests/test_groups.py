@@ -83,16 +83,20 @@ def test_coherence_and_diversity_against_per_example_gradients(name):
     x, y = make_inputs(name, 7, torch.Generator().manual_seed(1))
     g = reference_gradients(model, x, y)
     n = len(g)
-    pairs = [float(g[i] @ g[j]) for i in range(n) for j in range(n) if i != j]
+    # Chatterjee and Zielinski's alpha: E[g_i . g_j] over i, j drawn independently from the set (i = j included).
+    pairs = [float(g[i] @ g[j]) for i in range(n) for j in range(n)]
     mean_square = float((g * g).sum(dim=1).mean())
     gram = g @ g.T
     assert gradient_coherence(gram) == pytest.approx(sum(pairs) / len(pairs) / mean_square, rel=1e-10)
     assert gradient_diversity(gram) == pytest.approx(float((g * g).sum()) / float(g.sum(0) @ g.sum(0)), rel=1e-10)
-    # The relation between the two, and their extremes.
-    assert 1 / gradient_diversity(gram) == pytest.approx(1 + (n - 1) * gradient_coherence(gram))
+    # The relation between the two (m-coherence n * alpha = 1 / diversity), and their extremes.
+    assert 1 / gradient_diversity(gram) == pytest.approx(n * gradient_coherence(gram))
     same = torch.ones(3, 3)
     assert gradient_coherence(same) == pytest.approx(1.0) and gradient_diversity(same) == pytest.approx(1 / 3)
-    assert gradient_coherence(torch.eye(3)) == 0.0 and gradient_diversity(torch.zeros(3, 3)) != 1.0
+    assert gradient_coherence(torch.eye(3)) == pytest.approx(1 / 3)  # orthogonal: alpha_perp = 1 / n
+    opposite = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # g and -g
+    assert gradient_coherence(opposite) == 0.0 and gradient_diversity(opposite) == math.inf
+    assert math.isnan(gradient_coherence(torch.zeros(3, 3))) and math.isnan(gradient_diversity(torch.zeros(3, 3)))
     with pytest.raises(ValueError, match="square"):
         gradient_coherence(torch.ones(2, 3))
 
