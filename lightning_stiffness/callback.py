@@ -36,7 +36,7 @@ from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import default_loss_fn
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
-from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter
+from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter, run_directory
 from lightning_stiffness.probe import (
     SET_WORDS,
     ProbeSets,
@@ -201,8 +201,7 @@ class StiffnessCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._idle:
             return
-        # `trainer.log_dir` is a collective call under DDP: ask for it here, on every process, not on rank 0 alone.
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir = run_directory(trainer)  # a collective call under DDP: here, on every process
         self._raw, self._images.directory = RawWriter(log_dir / self.prefix), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
@@ -235,6 +234,11 @@ class StiffnessCallback(Callback):
     on_exception = on_train_end
 
     @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            _end_fit(self)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         indices = {name: probe.indices.clone() for name, probe in (self._probes.sets if self._probes else {}).items()}
         drawn_with = {"seed": self.seed, "samples_per_class": self.samples_per_class}
@@ -260,13 +264,7 @@ class StiffnessCallback(Callback):
                 broadcast=broadcast,
                 class_names=self.class_names,
             )
-        for name, counts in short.items():
-            rank_zero_warn(
-                f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
-                f"{self.samples_per_class} examples and are probed with all they have: {counts} (class: count)."
-            )
-        sizes = ", ".join(f"{len(p)} {name}" for name, p in self._probes.sets.items())
-        rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {self._probes.num_classes} classes.")
+        _say_what_is_probed(self._probes, short, self.samples_per_class)
 
     # --------------------------------------------------------------------------------------------- probes and writing
 
@@ -317,6 +315,26 @@ def _measure(
             options["convert_input"] = trainer.precision_plugin.convert_input
             result = measure_probe(pl_module, probes.sets, probes.num_classes, callback._options, comm, **options)
             return callback._extras.add(result)  # bootstrap intervals and class groups, from the matrices
+
+
+def _say_what_is_probed(probes: ProbeSets, short: dict[str, Any], samples_per_class: int) -> None:
+    for name, counts in short.items():
+        rank_zero_warn(
+            f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
+            f"{samples_per_class} examples and are probed with all they have: {counts} (class: count)."
+        )
+    sizes = ", ".join(f"{len(p)} {name}" for name, p in probes.sets.items())
+    rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {probes.num_classes} classes.")
+
+
+def _end_fit(callback: StiffnessCallback) -> None:
+    """After a fit (also one that never trained: the worker started at setup stops): a next ``fit`` with the same
+    callback starts its schedule, probe count and monitored values afresh (a checkpoint it resumes from restores
+    them after this)."""
+    callback._images.close()
+    callback._schedule.reset()
+    callback._probes_done = 0
+    callback._scalars.latest = {}
 
 
 def _write_files(callback: StiffnessCallback, trainer: Trainer, result: StiffnessResult) -> None:

@@ -20,7 +20,9 @@ import functools
 import io
 import math
 import pickle
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +166,20 @@ def _draw_text(image: Image.Image, text: Text) -> None:
     image.paste(colour, (round(x - mask.width / 2), round(y - mask.height / 2)), mask)
 
 
+def _fit_text(text: Text, content: str, size: float, room_px: float) -> None:
+    """Set ``content`` at ``size`` points, smaller (down to 6) when it would be wider than ``room_px`` pixels."""
+    # Pillow's advance widths run a few percent narrower than matplotlib's layout of the same font: 6% to spare.
+    width = 1.06 * _font(text.get_fontproperties().copy(), size * DPI / 72).getlength(content)
+    text.set_text(content)
+    text.set_fontsize(max(6.0, size * min(1.0, room_px / max(width, 1.0))))
+
+
+def _room_around(figure: Figure, centre: float) -> float:
+    """Pixels a text centred at ``centre`` (a fraction of the figure's width) has before either edge."""
+    width = figure.get_size_inches()[0] * DPI
+    return 2 * min(centre, 1 - centre) * width - 8
+
+
 class _Blit:
     """One template figure drawn fast: its static part once per ``key`` (kept as pixels), then per spec only
     ``artists`` over those pixels and ``texts`` by Pillow.
@@ -247,9 +263,10 @@ class _MatrixTemplate:
     def draw(self, spec: MatrixSpec) -> Figure:
         self.image.set_visible(True)
         self.image.set_data(np.ma.masked_invalid(np.asarray(spec.matrix, dtype=np.float64)))
-        self.title.set_text(spec.title)
-        self.col_label.set_text(spec.col_label)
-        self.row_label.set_text(spec.row_label)
+        centre = self.col_label.get_position()[0]
+        _fit_text(self.title, spec.title, 11, _room_around(self.figure, centre))
+        _fit_text(self.col_label, spec.col_label, 10, _room_around(self.figure, centre))
+        _fit_text(self.row_label, spec.row_label, 10, self.figure.get_size_inches()[1] * DPI - 8)
         return self._blit.whole()
 
     def render(self, spec: MatrixSpec) -> Image.Image:
@@ -334,9 +351,10 @@ class _CurveTemplate:
             artist.set_data(([line.low, line.high], [line.at(line.low), line.at(line.high)]) if visible else ([], []))
         self._mark_xi(spec.fit, low - pad, high + pad)
         self._legend(spec.within_band is not None or spec.between_band is not None)
-        self.axes.set_xlabel(spec.xlabel)
+        centre = (self.axes.get_position().x0 + self.axes.get_position().x1) / 2
+        _fit_text(self.axes.xaxis.label, spec.xlabel, 10, _room_around(self.figure, centre))
         self.axes.set_ylabel(spec.ylabel)
-        self.title.set_text(spec.title)
+        _fit_text(self.title, spec.title, 11, _room_around(self.figure, centre))
         return self._blit.whole()
 
     def render(self, spec: CurveSpec) -> Image.Image:
@@ -493,6 +511,9 @@ def serve(inbound=None, outbound=None) -> None:
     inbound = inbound or sys.stdin.buffer
     outbound = outbound or sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed while drawing must not corrupt the answers
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl+C is for the training process, which hands out every image this worker still draws.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     painter = Painter()
     while True:
         try:

@@ -102,14 +102,15 @@ class ImageWriter:
             if isinstance(answer, str):
                 self._warn(f"StiffnessCallback: the images of the probe at {probe_label(epoch, step)} failed: {answer}")
                 continue
-            self._guarded(functools.partial(self._hand_out, trainer, answer, epoch, step), probe_label(epoch, step))
+            self._hand_out(trainer, answer, epoch, step)
         self._guarded(self._routes.log_ready, "earlier probes")  # W&B images prepared in the background
 
-    def _guarded(self, write: Callable[[], None], probes: str) -> None:
+    def _guarded(self, write: Callable[[], None], probes: str, where: str = "") -> None:
+        """Run ``write``; a broken logger or a full disk must not stop training, nor keep the others' images."""
         try:
             write()
-        except Exception as err:  # a broken logger or a full disk must not stop training
-            self._warn(f"StiffnessCallback: writing the images of {probes} failed: {type(err).__name__}: {err}")
+        except Exception as err:
+            self._warn(f"StiffnessCallback: writing the images of {probes}{where} failed: {type(err).__name__}: {err}")
 
     def finish(self, trainer: Trainer) -> None:
         """Draw the last probe if it was not drawn, wait for every image, hand them all out, stop the worker."""
@@ -126,18 +127,49 @@ class ImageWriter:
             self._warn(f"StiffnessCallback: images still being sent after {FLUSH_TIMEOUT_S:.0f} s are left out.")
         self._routes.close()
 
+    def close(self) -> None:
+        """Stop the worker and the sending thread without waiting (a fit that ended before training started)."""
+        self._held = None
+        self._renderer.close()
+        self._routes.close()
+
     def _hand_out(self, trainer: Trainer, pngs: dict[str, bytes], epoch: int, step: int) -> None:
-        without_images = False
+        """Each logger its images (one logger's failure costs the others nothing); PNG files when some logger
+        takes no images."""
+        probe = probe_label(epoch, step)
+        without_images = []
         for logger in trainer.loggers:
-            for tag, png in pngs.items():
-                if not self._routes.send(logger, tag, png, step):
-                    without_images = True
-                    break
+            send = functools.partial(self._send_all, logger, pngs, step, without_images)
+            self._guarded(send, probe, f" to {type(logger).__name__}")
         if without_images and self.directory is not None:
-            for tag, png in pngs.items():
-                path = self.directory / image_file(tag, epoch, step)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(png)
+            self._guarded(functools.partial(self._write_files, pngs, epoch, step), probe, f" to {self.directory}")
+
+    def _send_all(self, logger: Any, pngs: dict[str, bytes], step: int, without_images: list) -> None:
+        for tag, png in pngs.items():
+            if not self._routes.send(logger, tag, png, step):
+                without_images.append(logger)
+                return
+
+    def _write_files(self, pngs: dict[str, bytes], epoch: int, step: int) -> None:
+        for tag, png in pngs.items():
+            path = self.directory / image_file(tag, epoch, step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png)
+
+
+def run_directory(trainer: Trainer) -> Path:
+    """Where a run's raw results and PNG files go: the first logger's run directory by Lightning's own rule for
+    checkpoints (``ModelCheckpoint``: ``{save_dir}/{name}/{version}``), which is ``trainer.log_dir`` for TensorBoard
+    and CSV loggers and, unlike ``trainer.log_dir``, a directory of each run's own for W&B and MLflow; the trainer's
+    ``default_root_dir`` without loggers. Decided on rank 0 and broadcast: call it on every process."""
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    directory = None
+    if trainer.is_global_zero:
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        directory = str(Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version)
+    return Path(trainer.strategy.broadcast(directory))
 
 
 class RawWriter:

@@ -44,7 +44,7 @@ class Renderer:
         self._process: subprocess.Popen | None = None
         self._outbox: queue.Queue = queue.Queue()
         self._finished: queue.Queue = queue.Queue()
-        self._pending: dict[int, Any] = {}
+        self._pending: dict[int, tuple[Any, subprocess.Popen]] = {}  # job -> (context, the worker it was sent to)
         self._lock = threading.Lock()
         self._jobs = count()
         self._painter: Painter | None = None
@@ -74,7 +74,7 @@ class Renderer:
         if self.background and self._ensure_worker():
             job = next(self._jobs)
             with self._lock:
-                self._pending[job] = context
+                self._pending[job] = (context, self._process)
             self._outbox.put(pickle.dumps((job, specs), protocol=pickle.HIGHEST_PROTOCOL))
             return
         self._painter = self._painter or Painter()
@@ -115,6 +115,8 @@ class Renderer:
     def _ensure_worker(self) -> bool:
         if self._process is not None and self._process.poll() is None:
             return True
+        if self._process is not None:  # it died: its sender stops, its pipes close; its jobs are reported lost
+            self.close()
         try:
             self._process = _start_worker()
         except OSError as err:
@@ -145,11 +147,13 @@ class Renderer:
             except (EOFError, OSError, pickle.UnpicklingError, ValueError):
                 break
             with self._lock:
-                context = self._pending.pop(job, None)
-            self._finished.put((context, answer))
-        with self._lock:  # the worker ended: whatever it still had will not come
-            lost, self._pending = list(self._pending.values()), {}
-        for context in lost:
+                context, _ = self._pending.pop(job, (None, None))
+            if context is not None:
+                self._finished.put((context, answer))
+        with self._lock:  # this worker ended: what it still had will not come (a new worker's jobs stay pending)
+            lost = [job for job, (_, owner) in self._pending.items() if owner is process]
+            contexts = [self._pending.pop(job)[0] for job in lost]
+        for context in contexts:
             self._finished.put((context, f"the render worker exited (code {process.wait()})"))
 
 
@@ -171,12 +175,17 @@ def _start_worker() -> subprocess.Popen:
     env = dict(os.environ, MPLBACKEND="Agg")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    # A session (process group) of its own: Ctrl+C at a terminal, or a signal sent to the training's process group,
+    # reaches the training process, which then hands out every image still being drawn (the worker ignores SIGINT
+    # too); the worker ends when the training process closes its pipe or exits.
+    group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
     return subprocess.Popen(
         [sys.executable, "-c", _WORKER_CODE],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
         close_fds=True,
+        **group,
     )
 
 

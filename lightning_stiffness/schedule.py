@@ -80,6 +80,10 @@ class ProbeSchedule:
             return epoch in self.epochs
         return self.every_n_epochs > 0 and (epoch + 1) % self.every_n_epochs == 0
 
+    def reset(self) -> None:
+        """Forget the last probe's step (a new fit starts)."""
+        self._last_step = None
+
     def done(self, step: int) -> None:
         """Record a probe at ``step`` (also a failed one: the step is not tried again)."""
         self._last_step = step
