@@ -27,6 +27,7 @@ has NaN ends. A pair lies in one (side, bin) slot, so a chunk of draws costs one
 row per (example, slot) with the column weights, and a weighted sum over its rows.
 """
 
+import functools
 import math
 import warnings
 
@@ -45,6 +46,10 @@ from lightning_stiffness.names import (
 #: Coverage of the intervals.
 LEVEL = 0.95
 
+#: Memory for the products of one chunk of draws in :func:`curve_bands`: the draws go in chunks whose products stay
+#: in cache (and below the size the C allocator maps afresh, page by page, on each call).
+BAND_CHUNK_BYTES = 5 * 2**20
+
 
 def bootstrap_weights(labels: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
     """Multinomial resampling weights [num_draws, N]: per draw, each class's n_c examples drawn n_c times with
@@ -56,6 +61,12 @@ def bootstrap_weights(labels: Tensor, num_draws: int, generator: torch.Generator
         picks = torch.randint(0, members.numel(), (num_draws, members.numel()), generator=generator)
         weights[:, members] = weights[:, members].scatter_add(1, picks, torch.ones(picks.shape))
     return weights
+
+
+def draw_weights(labels: dict[str, Tensor], num_draws: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """One probe's draws: each probe set's weights [num_draws, n] (:func:`bootstrap_weights`), drawn in the order of
+    ``labels``. Given to :func:`bootstrap_intervals` and :func:`curve_bands`, they resample the same examples."""
+    return {name: bootstrap_weights(y, num_draws, generator) for name, y in labels.items()}
 
 
 def weighted_class_sums(
@@ -125,21 +136,43 @@ def xi_draws(sums: Tensor) -> Tensor:
 
 
 def _same_class_line_sums(
-    stiffness: Tensor, distances: Tensor, valid: Tensor, w_rows: Tensor, w_cols: Tensor, labels_r, labels_c
+    stiffness: Tensor, distances: Tensor, layout_r: tuple[Tensor, ...], layout_c: tuple[Tensor, ...], same_set: bool
 ) -> Tensor:
-    """The five weighted line sums [5, B] over same-class valid pairs, class block by class block."""
-    x = torch.where(valid, distances, torch.zeros_like(distances)).float()
-    y = torch.where(valid, stiffness, torch.zeros_like(stiffness)).float()
-    forms = torch.stack([valid.float(), x, y, x * x, x * y])
-    out = torch.zeros(5, w_rows.shape[0], dtype=torch.float64)
-    cols_of = dict(_class_spans(labels_c))
-    for label, rows in _class_spans(labels_r):
-        if label not in cols_of:
-            continue
-        cols = cols_of[label]
-        per_row = forms[:, rows][:, :, cols] @ w_cols[:, cols].T  # [5, n_a, B]
-        out += (per_row * w_rows[:, rows].T).sum(dim=1).double()
-    return out
+    """The five weighted line sums [5, B] over same-class valid pairs: the class blocks gathered at once (each set's
+    :func:`_class_layout`), in the matrices' own order."""
+    (rows, rows_in, w_rows), (cols, cols_in, w_cols) = layout_r, layout_c
+    y, x = stiffness[rows[:, :, None], cols[:, None, :]], distances[rows[:, :, None], cols[:, None, :]]  # [C, p, q]
+    valid = torch.isfinite(y) & torch.isfinite(x) & rows_in[:, :, None] & cols_in[:, None, :]
+    if same_set:
+        valid &= rows[:, :, None] != cols[:, None, :]
+    x = torch.where(valid, x, torch.zeros_like(x)).float()
+    y = torch.where(valid, y, torch.zeros_like(y)).float()
+    forms = torch.stack([valid.float(), x, y, x * x, x * y], dim=1)  # [C, 5, p, q]
+    per_row = forms @ w_cols[:, None]  # [C, 5, p, B]
+    return (per_row * w_rows[:, None]).sum(dim=2).double().sum(dim=0)
+
+
+def _class_layout(labels: Tensor, classes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A set's examples by class [C, width] (padded with example 0), which entries are real, and the weights of the
+    draws laid out the same way [C, width, B]."""
+    members = [torch.nonzero(labels == label).flatten() for label in classes.tolist()]
+    width = max(1, max(m.numel() for m in members))
+    index = torch.zeros(len(members), width, dtype=torch.long)
+    real = torch.zeros(len(members), width, dtype=torch.bool)
+    for k, m in enumerate(members):
+        index[k, : m.numel()], real[k, : m.numel()] = m, True
+    return index, real, weights.T[index].contiguous()
+
+
+def _class_counts(w_rows: Tensor, w_cols: Tensor, labels_r: Tensor, labels_c: Tensor, num_classes: int, same_set):
+    """The weighted pair counts of every class pair [B, C, C] when every pair but the self-pairs counts: products of
+    the classes' total weights, less each example's pairs with its own copies within a set."""
+    onehot_r = torch.nn.functional.one_hot(labels_r.long(), num_classes).float()
+    onehot_c = torch.nn.functional.one_hot(labels_c.long(), num_classes).float()
+    counts = (w_rows @ onehot_r)[:, :, None] * (w_cols @ onehot_c)[:, None, :]
+    if same_set:
+        counts -= torch.diag_embed((w_rows * w_rows) @ onehot_r)
+    return counts
 
 
 def bootstrap_intervals(
@@ -174,47 +207,88 @@ def bootstrap_intervals(
     """
     if weights is None:
         weights = draw_weights(labels, num_draws, generator)
-    # Examples ordered by class (the same draws, permuted), so that each class's block is a slice.
-    order = {name: torch.argsort(y.cpu(), stable=True) for name, y in labels.items()}
-    out: dict[str, tuple[float, float]] = {}
+    weights = {name: w.cpu().float() for name, w in weights.items()}
+    labels = {name: y.cpu() for name, y in labels.items()}
+    # Columns ordered by class (the same draws, permuted), so that each class's block of columns is a slice.
+    order = {name: torch.argsort(y, stable=True) for name, y in labels.items()}
+    classes = torch.unique(torch.cat(list(labels.values())))
+    layouts = {name: _class_layout(labels[name], classes, weights[name]) for name in labels}
+    tags, draws = [], []
     for pair, (rows, cols) in PAIRS.items():
         if rows not in labels or cols not in labels:
             continue
-        o_r, o_c = order[rows], order[cols]
-        labels_r, labels_c = labels[rows].cpu()[o_r], labels[cols].cpu()[o_c]
-        w_r, w_c = weights[rows][:, o_r], weights[cols][:, o_c]
-        not_self = _not_self(labels_r.numel(), labels_c.numel(), rows == cols)
-        forms = []
-        for kind in kinds:
-            values = stiffness[kind_key(pair, kind)].cpu()[o_r][:, o_c]
-            valid = torch.isfinite(values) & not_self
-            forms += [torch.where(valid, values, torch.zeros_like(values)).float(), valid.float()]
-        sums = weighted_class_sums(torch.stack(forms), w_r, w_c, labels_r, labels_c, num_classes)
-        for index, kind in enumerate(kinds):
-            draws = _within_between_draws(sums[2 * index], sums[2 * index + 1])
-            for side, side_draws in zip(SIDES, draws, strict=True):
-                out[class_tag(pair, kind, side, prefix)] = percentile_interval(side_draws)
-        values = stiffness[kind_key(pair, xi_kind)].cpu()[o_r][:, o_c]
+        labels_c, w_c = labels[cols][order[cols]], weights[cols][:, order[cols]]
+        for kind, sides in _class_draws(stiffness, pair, kinds, labels[rows], labels_c, order[cols],
+                                        weights[rows], w_c, num_classes).items():  # fmt: skip
+            tags += [class_tag(pair, kind, side, prefix) for side in SIDES]
+            draws += list(sides)
+        values = stiffness[kind_key(pair, xi_kind)].cpu()
         for key, space in distances.items():
             owner, _, layer = key.partition("/")
             if owner != pair:
                 continue
-            space = space.cpu()[o_r][:, o_c]
-            valid = torch.isfinite(values) & torch.isfinite(space) & not_self
-            line = _same_class_line_sums(values, space, valid, w_r, w_c, labels_r, labels_c)
-            out[critical_distance_tag(pair, layer or None, prefix)] = percentile_interval(xi_draws(line))
+            line = _same_class_line_sums(values, space.cpu(), layouts[rows], layouts[cols], rows == cols)
+            tags.append(critical_distance_tag(pair, layer or None, prefix))
+            draws.append(xi_draws(line))
+    if not tags:
+        return {}
+    low, high = _percentile_bounds(torch.stack([d.double() for d in draws], dim=1))
+    return {tag: ends for tag, ends in zip(tags, zip(low.tolist(), high.tolist(), strict=True), strict=True)}
+
+
+def _class_draws(
+    stiffness: dict[str, Tensor],
+    pair: str,
+    kinds: tuple[str, ...],
+    labels_r: Tensor,
+    labels_c: Tensor,
+    order_c: Tensor,
+    w_r: Tensor,
+    w_c: Tensor,
+    num_classes: int,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each kind's within- and between-class draws [B] for one pair; its columns taken in the order ``order_c``
+    (``labels_c`` and ``w_c`` already in it). Where every pair but the self-pairs is finite, the weighted counts come
+    from the class totals of the weights instead of a product with the whole matrix."""
+    rows, cols = PAIRS[pair]
+    n, m = labels_r.numel(), labels_c.numel()
+    in_order = torch.equal(order_c, torch.arange(m))
+    matrices = {kind: stiffness[kind_key(pair, kind)].cpu() for kind in kinds}
+    # A sum is finite only if every entry is (stiffness is bounded: no overflow).
+    finite = {kind: bool(torch.isfinite(values.sum())) for kind, values in matrices.items()}
+    forms = torch.empty(len(kinds) + sum(not f for f in finite.values()), n, m)
+    position = torch.argsort(order_c)  # example j's column
+    index = 0
+    for kind, values in matrices.items():
+        form = forms[index]
+        if in_order:
+            form.copy_(values)
+        else:
+            torch.index_select(values.float(), 1, order_c, out=form)
+        if finite[kind]:
+            if rows == cols:
+                form[torch.arange(n), position] = 0.0
+        else:
+            valid = torch.isfinite(form)
+            if rows == cols:
+                valid[torch.arange(n), position] = False
+            form.masked_fill_(~valid, 0.0)
+            index += 1
+            forms[index] = valid
+        index += 1
+    sums = iter(weighted_class_sums(forms, w_r, w_c, labels_r, labels_c, num_classes))
+    counts = None
+    out = {}
+    for kind in kinds:
+        kind_sums = next(sums)
+        if finite[kind]:
+            if counts is None:
+                counts = _class_counts(w_r, w_c, labels_r, labels_c, num_classes, rows == cols)
+            kind_counts = counts
+        else:
+            kind_counts = next(sums)
+        out[kind] = _within_between_draws(kind_sums, kind_counts)
     return out
-
-
-#: Memory for the products of one chunk of draws in :func:`curve_bands`: the draws go in chunks whose products stay
-#: in cache (and below the size the C allocator maps afresh, page by page, on each call).
-BAND_CHUNK_BYTES = 5 * 2**20
-
-
-def draw_weights(labels: dict[str, Tensor], num_draws: int, generator: torch.Generator) -> dict[str, Tensor]:
-    """One probe's draws: each probe set's weights [num_draws, n] (:func:`bootstrap_weights`), drawn in the order of
-    ``labels``. Given to :func:`bootstrap_intervals` and :func:`curve_bands`, they resample the same examples."""
-    return {name: bootstrap_weights(y, num_draws, generator) for name, y in labels.items()}
 
 
 def curve_bands(
@@ -274,11 +348,9 @@ def bin_mean_draws(
     """
     num_bins = edges.numel() - 1
     keep, slot = _pair_slots(values, distances, edges, labels_r, labels_c, same_set)
-    values = torch.where(keep, values.cpu(), torch.zeros((), dtype=values.dtype)).float()
-    counts = None
-    if same_set:
-        keep, values, counts = _merged_orders(keep, slot, values)
-    matrix = _slot_matrix(keep, slot, values, counts, 2 * num_bins)
+    values = values.cpu().float()
+    entries = _merged_entries(keep, slot, values, 2 * num_bins) if same_set else None
+    matrix = _slot_matrix(keep, slot, values, 2 * num_bins, entries)
     num, den = _weighted_slot_sums(matrix, w_rows.cpu().float(), w_cols.cpu().float(), 2 * num_bins).double()
     means = num.div_(den).masked_fill_(den == 0, float("nan"))
     return means.view(-1, 2, num_bins)
@@ -290,7 +362,9 @@ def _pair_slots(
     """The pairs of the curve ([N, M] bool) and each pair's slot, side * bins + bin ([N, M] int32)."""
     edges = edges.double().cpu()
     distances = distances.cpu().double()
-    keep = torch.isfinite(values.cpu()) & (distances >= edges[0]) & (distances <= edges[-1])
+    keep = (distances >= edges[0]) & (distances <= edges[-1])  # NaN distances too are left out
+    if not bool(torch.isfinite(values.sum())):  # stiffness is bounded: a sum is finite only if every entry is
+        keep &= torch.isfinite(values.cpu())
     if same_set:
         keep.fill_diagonal_(False)
     slot = _bin_index(distances, edges)
@@ -316,33 +390,61 @@ def _bin_index(distances: Tensor, edges: Tensor) -> Tensor:
     return index
 
 
-def _merged_orders(keep: Tensor, slot: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Within a set (the same weights on both sides): pair (i, j), i < j, also holds (j, i) where both are kept and
-    in the same slot; the kept pairs, their values and counts (1 or 2)."""
-    upper = torch.ones_like(keep).triu_(1)
-    merged = keep & keep.T & (slot == slot.T) & upper
-    keep = keep & (upper | ~merged.T)
-    values = torch.where(merged, values + values.T, values)
-    return keep, values, merged.float().add_(1)
+def _merged_entries(keep: Tensor, slot: Tensor, values: Tensor, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Within a set (the same weights on both sides): the entries (row key, column, value, count) of the pairs (i, j),
+    i < j, each holding (j, i) as well where both are kept in the same slot, then the rare (j, i) left on their own
+    (a distance on a bin edge, rounded differently). Row key ``i * slots + slot``, ``N * slots`` for a pair left out."""
+    n = keep.shape[0]
+    rows, cols = _upper_pairs(n) if n <= 1024 else _upper_pairs.__wrapped__(n)  # kept for small sets only
+    upper, lower = rows.long() * n + cols, cols.long() * n + rows
+    packed = slot.masked_fill(~keep, slots).flatten()  # slot, or `slots` where the pair is left out
+    slot_u, slot_l = packed[upper], packed[lower]
+    value_u, value_l = values.flatten()[upper], values.flatten()[lower]
+    merged = (slot_u == slot_l) & (slot_l < slots)
+    key = torch.where(slot_u < slots, rows * slots + slot_u, n * slots)
+    entry = (key, cols, torch.where(merged, value_u + value_l, value_u), merged.float().add_(1))
+    alone = (slot_l < slots) & ~merged
+    if not bool(alone.any()):
+        return entry
+    alone = torch.nonzero(alone).flatten()
+    extra = (cols[alone] * slots + slot_l[alone], rows[alone], value_l[alone], torch.ones(alone.numel()))
+    return tuple(torch.cat(pair) for pair in zip(entry, extra, strict=True))
 
 
-def _slot_matrix(keep: Tensor, slot: Tensor, values: Tensor, counts: Tensor | None, slots: int) -> Tensor:
+@functools.lru_cache(maxsize=2)
+def _upper_pairs(n: int) -> tuple[Tensor, Tensor]:
+    """Rows and columns (int32) of the pairs i < j of n examples."""
+    rows, cols = torch.triu_indices(n, n, 1, dtype=torch.int32)
+    return rows, cols
+
+
+def _slot_matrix(
+    keep: Tensor, slot: Tensor, values: Tensor, slots: int, entries: tuple[Tensor, ...] | None = None
+) -> Tensor:
     """Sparse CSR [2 N slots, M]: row (i, k) holds the values of the kept pairs (i, j) in slot k at columns j; the
-    next N slots rows hold their counts."""
+    next N slots rows hold their counts. ``entries``: the pairs as :func:`_merged_entries` lists them (default: every
+    kept pair of the matrices, counted once)."""
     n, m = keep.shape
     num_rows = n * slots
-    key = torch.arange(0, num_rows, slots, dtype=torch.int32)[:, None] + slot
-    key = key.masked_fill_(~keep, num_rows).flatten()  # pairs left out sort last
-    key, order = torch.sort(key)
-    nnz = int(keep.sum())
+    if entries is None:
+        key = torch.arange(0, num_rows, slots, dtype=torch.int32)[:, None] + slot
+        key = key.masked_fill_(~keep, num_rows).flatten()  # pairs left out sort last
+        cols, values, counts = None, values.flatten(), None
+    else:
+        key, cols, values, counts = entries
+    key, order = torch.sort(key.to(torch.int16 if num_rows < 2**15 - 1 else torch.int32))
+    nnz = int(torch.searchsorted(key, num_rows))
     key, order = key[:nnz], order[:nnz]
-    crow = torch.zeros(2 * num_rows + 1, dtype=torch.int64)
+    index = torch.int32 if 2 * nnz < 2**31 else torch.int64  # MKL's own index type, when it holds them
+    crow = torch.zeros(2 * num_rows + 1, dtype=index)
     torch.cumsum(torch.bincount(key, minlength=num_rows).repeat(2), 0, out=crow[1:])
-    kept_counts = torch.ones(nnz) if counts is None else counts.flatten()[order]
-    entries = torch.cat([values.flatten()[order], kept_counts])
+    cols = (order % m if cols is None else cols[order]).to(index)
+    counts = torch.ones(nnz) if counts is None else counts[order]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-        return torch.sparse_csr_tensor(crow, (order % m).repeat(2), entries, (2 * num_rows, m), check_invariants=False)
+        return torch.sparse_csr_tensor(
+            crow, cols.repeat(2), torch.cat([values[order], counts]), (2 * num_rows, m), check_invariants=False
+        )
 
 
 def _weighted_slot_sums(matrix: Tensor, w_rows: Tensor, w_cols: Tensor, slots: int) -> Tensor:
@@ -359,12 +461,16 @@ def _weighted_slot_sums(matrix: Tensor, w_rows: Tensor, w_cols: Tensor, slots: i
 
 
 def _percentile_bounds(draws: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`percentile_interval` of ``draws`` [B, ...] along the draws, for every other index at once."""
+    """:func:`percentile_interval` of ``draws`` [B, ...] along the draws, for every other index at once: the same
+    order statistics of the draws that are not NaN (NaN where none is)."""
     tail = (1 - LEVEL) / 2
-    draws = draws.double()
-    low = torch.nanquantile(draws, tail, dim=0, interpolation="lower")
-    high = torch.nanquantile(draws, 1 - tail, dim=0, interpolation="higher")
-    return low, high
+    ordered = draws.double().sort(dim=0).values  # NaN sort last
+    kept = (~torch.isnan(ordered)).sum(dim=0, keepdim=True)
+    last = (kept - 1).clamp_min(0).double()
+    # torch.quantile's positions q (k - 1): "lower" takes their floor, "higher" their ceiling.
+    low = ordered.gather(0, (tail * last).floor().long())
+    high = ordered.gather(0, ((1 - tail) * last).ceil().long())
+    return low[0], high[0]
 
 
 def _not_self(n: int, m: int, same_set: bool) -> Tensor:
