@@ -166,6 +166,7 @@ class StiffnessCallback(Callback):
         self._probes: ProbeSets | None = None
         self._restored_indices: dict[str, Tensor] = {}
         self._probes_done = 0
+        self._ended_fit = False
         self._warned: set[str] = set()
         self._options = _probe_options(self, layers or [])
         self._scalars = ScalarWriter(prefix)
@@ -187,6 +188,7 @@ class StiffnessCallback(Callback):
             return
         _check_trainer(trainer)
         _check_forward(pl_module, self._forward_fn)
+        _start_fit(self)
         self._idle = bool(trainer.fast_dev_run)
         if self._idle:
             rank_zero_info("StiffnessCallback: idle under `fast_dev_run` (no probes, nothing logged).")
@@ -248,6 +250,7 @@ class StiffnessCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_indices = {name: torch.as_tensor(idx) for name, idx in state_dict.get("indices", {}).items()}
         self._probes_done = int(state_dict.get("probes_done", 0))
+        self._ended_fit = False  # a restored state is the next fit's
         if self._restored_indices:
             _warn_if_drawn_differently(state_dict, {"seed": self.seed, "samples_per_class": self.samples_per_class})
 
@@ -328,13 +331,20 @@ def _say_what_is_probed(probes: ProbeSets, short: dict[str, Any], samples_per_cl
 
 
 def _end_fit(callback: StiffnessCallback) -> None:
-    """After a fit (also one that never trained: the worker started at setup stops): a next ``fit`` with the same
-    callback starts its schedule, probe count and monitored values afresh (a checkpoint it resumes from restores
-    them after this)."""
+    """After a fit (also one that never trained: the worker started at setup stops). The state stays as it is (a
+    checkpoint saved after ``fit`` holds it) until a next ``fit`` starts (:func:`_start_fit`)."""
     callback._images.close()
+    callback._ended_fit = True
+
+
+def _start_fit(callback: StiffnessCallback) -> None:
+    """A ``fit`` after an earlier one with the same callback starts its schedule and monitored values afresh, and its
+    probe count unless a checkpoint restored it in between (``load_state_dict``)."""
     callback._schedule.reset()
-    callback._probes_done = 0
     callback._scalars.latest = {}
+    if callback._ended_fit:
+        callback._probes_done = 0
+    callback._ended_fit = False
 
 
 def _write_files(callback: StiffnessCallback, trainer: Trainer, result: StiffnessResult) -> None:
