@@ -11,11 +11,13 @@ probe (drawn in the callback's worker process) against the same run with ``log_i
 of wall times (target: at most 1.5) and the time the training thread spends on images per probe (target: under
 50 ms): sending figures to the worker, handing finished images to TensorBoard, and waiting at the end of training.
 
-    python benchmarks/bench_callback.py            # both parts
-    python benchmarks/bench_callback.py --runs     # only the whole runs
+    python benchmarks/bench_callback.py                  # both parts
+    python benchmarks/bench_callback.py --runs           # only the whole runs
+    python benchmarks/bench_callback.py --runs --threads 1   # the training process's torch on one thread
 """
 
 import importlib.util
+import resource
 import statistics
 import sys
 import tempfile
@@ -135,14 +137,22 @@ def _digits_run(root: Path, log_images: bool, epochs: int = 6) -> tuple[float, f
     return seconds, clock.seconds, callback._probes_done, clock.final_wait
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished children (the render workers, once reaped)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def runs(pairs: int = 3) -> None:
     """``pairs`` runs without and with images, alternating (a shared machine's load drifts); medians compared."""
-    plain, drawn, on_images, final_waits = [], [], [], []
+    plain, drawn, on_images, final_waits, worker_cpu = [], [], [], [], []
     with tempfile.TemporaryDirectory() as root:
         _digits_run(Path(root) / "warm-up", log_images=True, epochs=1)
         for index in range(pairs):
-            plain.append(_digits_run(Path(root) / f"plain-{index}", log_images=False)[0])
+            before = _children_cpu()
             seconds, thread, probes, final_wait = _digits_run(Path(root) / f"images-{index}", log_images=True)
+            plain.append(_digits_run(Path(root) / f"plain-{index}", log_images=False)[0])  # meanwhile, it is reaped
+            worker_cpu.append(_children_cpu() - before)
             drawn.append(seconds)
             on_images.append(thread / probes)
             final_waits.append(final_wait)
@@ -157,9 +167,12 @@ def runs(pairs: int = 3) -> None:
     print(f"with images / without:                         {drawn_s / plain_s:8.2f} x   (target: at most 1.5)")
     print(f"training thread on images, per probe:          {thread_ms:8.1f} ms (target: under 50)")
     print(f"  of which waiting once at the end:            {wait_ms / probes:8.1f} ms ({wait_ms:.0f} ms in all)")
+    print(f"render worker's CPU time in a run:             {statistics.median(worker_cpu):8.2f} s")
 
 
 def main() -> None:
+    if "--threads" in sys.argv:  # torch's intra-op threads in the training process (default: one per core)
+        torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     if "--runs" in sys.argv:
         runs()
         return
