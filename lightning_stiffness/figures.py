@@ -188,6 +188,8 @@ class _Blit:
         figure: the template's figure.
         artists: what changes per spec and matplotlib draws (lines, markers), in drawing order.
         texts: the texts that change per spec (horizontal, or turned and centred: see :func:`_draw_text`).
+
+    The static part lies under the changing artists, so a template keeps its legend outside the axes.
     """
 
     #: Backgrounds kept per template (one per x-range of a curve, say); the oldest goes first.
@@ -295,8 +297,8 @@ _CURVE_STYLES = {"within": ("within class", "tab:blue", "o"), "between": ("betwe
 
 class _CurveTemplate:
     def __init__(self) -> None:
-        self.figure = _fixed_figure(6.0, 4.4)
-        self.axes = _axes_in_inches(self.figure, 0.75, 0.6, 0.2, 0.4)
+        self.figure = _fixed_figure(6.0, 4.9)
+        self.axes = _axes_in_inches(self.figure, 0.75, 1.15, 0.2, 0.4)  # the legend goes under the axis label
         axes = self.axes
         axes.axhline(0.0, color="grey", linewidth=0.8)
         axes.grid(alpha=0.3)
@@ -320,9 +322,6 @@ class _CurveTemplate:
         )
         self.xi_line = axes.axvline(0.0, color="black", linestyle="--", linewidth=1.0, gid="xi")
         self.xi_text = axes.text(0.0, 0.0, "", fontsize=9, va="bottom", gid="xi-label")
-        axes.text(
-            0.01, 0.98, "marker area: pairs in the bin", transform=axes.transAxes, va="top", fontsize=8, color="dimgrey"
-        )
         self._banded: bool | None = None
         self.title = axes.set_title("", fontsize=11)
         self._blit = _Blit(
@@ -370,7 +369,11 @@ class _CurveTemplate:
         handles = [*self.dots.values(), self.fit, self.bin_fit]
         if banded:
             handles.append(Patch(color="grey", alpha=0.3, label="95% bootstrap interval of each bin's mean"))
-        self.axes.legend(handles=handles, loc="upper right", fontsize=8)
+        # Under the axes, where no data can run beneath it (inside, some probe's curve always would).
+        self.axes.legend(
+            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, fontsize=8, frameon=False,
+            title="marker area: pairs in the bin", title_fontsize=8,
+        )  # fmt: skip
 
     def _mark_xi(self, fit: Line | None, left: float, right: float) -> None:
         """ξ as a dashed line when it lies in the plotted range; otherwise said in words, without moving the axis."""
