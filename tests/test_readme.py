@@ -86,6 +86,7 @@ def test_every_logged_tag_is_documented():
         names.gradient_diversity_tag("{set}"),
         *(names.group_tag(pair, kind, side) for side in names.GROUP_SIDES),
         names.dataset_class_tag("within"),
+        names.dataset_class_matrix_tag(),
         names.group_matrix_tag(pair, kind),
     ):
         assert f"`{tag}`" in README, tag
