@@ -267,7 +267,7 @@ class StiffnessCallback(Callback):
                 broadcast=broadcast,
                 class_names=self.class_names,
             )
-        _say_what_is_probed(self._probes, short, self.samples_per_class)
+        _say_what_is_probed(self, short)
 
     # --------------------------------------------------------------------------------------------- probes and writing
 
@@ -320,11 +320,15 @@ def _measure(
             return callback._extras.add(result)  # bootstrap intervals and class groups, from the matrices
 
 
-def _say_what_is_probed(probes: ProbeSets, short: dict[str, Any], samples_per_class: int) -> None:
+def _say_what_is_probed(callback: StiffnessCallback, short: dict[str, Any]) -> None:
+    """Check what depends on the classes now that they are known (before any probe), and say what is probed."""
+    probes = callback._probes
+    with _misconfiguration():
+        callback._extras.check_classes(probes.num_classes)
     for name, counts in short.items():
         rank_zero_warn(
             f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
-            f"{samples_per_class} examples and are probed with all they have: {counts} (class: count)."
+            f"{callback.samples_per_class} examples and are probed with all they have: {counts} (class: count)."
         )
     sizes = ", ".join(f"{len(p)} {name}" for name, p in probes.sets.items())
     rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {probes.num_classes} classes.")

@@ -26,6 +26,7 @@ from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import PAIRS, PREFIX, dataset_class_tag, dataset_raw_file_name, kind_key
 from lightning_stiffness.plots import dataset_specs
+from lightning_stiffness.probe import default_batch_to_xy
 
 #: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
 #: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%
@@ -61,6 +62,15 @@ class ExtraMeasures:
             raise ValueError("`num_bootstrap` must be 0 (no intervals) or at least 2, got 1.")
         check_int(self.dataset_every_n_epochs, "dataset_every_n_epochs", minimum=0)
         check_class_groups(self.class_groups)
+
+    def check_classes(self, num_classes: int) -> None:
+        """Check ``class_groups`` against the data's classes, once they are known (when training starts).
+
+        Raises:
+            ValueError: when it does not place each of the ``num_classes`` classes in exactly one group.
+        """
+        if self.class_groups is not None:
+            resolve_groups(self.class_groups, num_classes)
 
     @property
     def needs_matrices(self) -> bool:
@@ -144,9 +154,15 @@ class DatasetResult:
 
 def _local_sums(callback: Any, trainer: Any, model: nn.Module, progress: Any) -> tuple[Tensor, Tensor]:
     options = callback._options
+    to_xy, convert = callback._batch_to_xy or default_batch_to_xy, trainer.precision_plugin.convert_input
+
+    def converted_xy(batch: Any) -> tuple[Any, Tensor]:  # inputs as training sees them (64-true, bf16-true, ...)
+        x, y = to_xy(batch)
+        return convert(x), y
+
     return dataset_class_sums(
         model, _first_loader(trainer.train_dataloader), callback._probes.num_classes, loss_fn=options.loss_fn,
-        batch_to_xy=callback._batch_to_xy, forward_fn=getattr(options, "forward_fn", None), method=options.method,
+        batch_to_xy=converted_xy, forward_fn=getattr(options, "forward_fn", None), method=options.method,
         chunk_size=options.chunk_size, progress=progress,
     )  # fmt: skip
 

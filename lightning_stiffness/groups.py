@@ -10,6 +10,7 @@ stiffness between super-classes. With each class's group given (``class_groups``
   i != j (so its diagonal holds the pairs within a group, of the same class or not).
 """
 
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,15 +31,15 @@ def check_class_groups(class_groups: ClassGroups | None) -> None:
     if class_groups is None:
         return
     if isinstance(class_groups, Mapping):
-        if not class_groups or not all(
-            isinstance(classes, Sequence) and not isinstance(classes, str) and all(_is_int(c) for c in classes)
-            for classes in class_groups.values()
-        ):
+        if not class_groups or not all(_is_class_list(classes) for classes in class_groups.values()):
             raise ValueError(
                 f"`class_groups` as a dict must map group names to lists of classes, got {class_groups!r}."
             )
+        empty = [name for name, classes in class_groups.items() if len(classes) == 0]
+        if empty:
+            raise ValueError(f"`class_groups` has groups without classes: {empty}; every group needs one.")
         return
-    if isinstance(class_groups, str) or not isinstance(class_groups, Sequence) or not class_groups:
+    if isinstance(class_groups, str) or not _is_sequence(class_groups) or len(class_groups) == 0:
         raise ValueError(f"`class_groups` must be a list (each class's group) or a dict, got {class_groups!r}.")
     if not all(isinstance(g, str) or _is_int(g) for g in class_groups):
         raise ValueError(
@@ -47,7 +48,25 @@ def check_class_groups(class_groups: ClassGroups | None) -> None:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer class index: Python's, NumPy's or a 0-d integer tensor (``operator.index`` takes it), not a bool."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) or (hasattr(value, "__len__") and hasattr(value, "__iter__"))
+
+
+def _is_class_list(classes: object) -> bool:
+    """A list, tuple, NumPy array or tensor of integer classes (CIFAR-100's coarse labels often come as arrays)."""
+    if isinstance(classes, (str, bytes)) or not hasattr(classes, "__len__") or not hasattr(classes, "__iter__"):
+        return False
+    return all(_is_int(c) for c in classes)
 
 
 @dataclass(frozen=True)
@@ -69,12 +88,13 @@ def resolve_groups(class_groups: ClassGroups, num_classes: int) -> Groups:
     if isinstance(class_groups, Mapping):
         names = [str(name) for name in class_groups]
         of_class = torch.full((num_classes,), -1, dtype=torch.long)
-        for index, classes in enumerate(class_groups.values()):
-            for c in classes:
-                if not 0 <= c < num_classes or of_class[c] >= 0:
+        for index, (name, classes) in enumerate(class_groups.items()):
+            for c in map(operator.index, classes):
+                if not 0 <= c < num_classes:
+                    raise ValueError(f"`class_groups` group {name!r} names class {c}, outside [0, {num_classes}).")
+                if of_class[c] >= 0:
                     raise ValueError(
-                        f"`class_groups` must place each class of [0, {num_classes}) in exactly one group; class {c} "
-                        "is out of range or in two groups."
+                        f"`class_groups` places class {c} in two groups, {names[int(of_class[c])]!r} and {name!r}."
                     )
                 of_class[c] = index
         missing = torch.nonzero(of_class < 0).flatten().tolist()
@@ -85,6 +105,7 @@ def resolve_groups(class_groups: ClassGroups, num_classes: int) -> Groups:
         raise ValueError(
             f"`class_groups` must give the group of each of the {num_classes} classes, got {len(class_groups)} entries."
         )
+    class_groups = [g if isinstance(g, str) else operator.index(g) for g in class_groups]
     ids = list(dict.fromkeys(class_groups))
     return Groups(torch.tensor([ids.index(g) for g in class_groups]), [str(g) for g in ids])
 

@@ -128,7 +128,9 @@ def xi_draws(sums: Tensor) -> Tensor:
     fitted line does not fall, NaN where it is undefined (fewer than two distinct distances)."""
     n, sx, sy, sxx, sxy = sums.double()
     spread = n * sxx - sx * sx
-    defined = (n >= 2) & (spread > 1e-12 * (n * sxx).clamp_min(1e-300))
+    # The sums come from float32 products: a draw whose pairs all share one distance leaves a spread of float32
+    # rounding (about 1e-7 of n * sum x^2), not 0. Distances that vary less than that relatively have no line.
+    defined = (n >= 2) & (spread > 1e-5 * (n * sxx).clamp_min(1e-300))
     slope = (n * sxy - sx * sy) / torch.where(defined, spread, torch.ones_like(spread))
     intercept = (sy - slope * sx) / n.clamp_min(1)
     xi = torch.where(slope < 0, -intercept / torch.where(slope < 0, slope, -torch.ones_like(slope)), torch.inf)

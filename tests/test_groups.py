@@ -3,6 +3,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,8 +31,16 @@ def test_resolve_groups_from_a_list_or_a_dict():
         resolve_groups([0, 1], 4)
     with pytest.raises(ValueError, match=r"classes \[3\] in no group"):
         resolve_groups({"a": [0, 1], "b": [2]}, 4)
-    with pytest.raises(ValueError, match="exactly one group"):
+    with pytest.raises(ValueError, match="places class 1 in two groups, 'a' and 'b'"):
         resolve_groups({"a": [0, 1], "b": [1, 2, 3]}, 4)
+    with pytest.raises(ValueError, match=r"group 'a' names class 10, outside \[0, 4\)"):
+        resolve_groups({"a": [0, 1, 10], "b": [2, 3]}, 4)
+    with pytest.raises(ValueError, match=r"groups without classes: \['a'\]"):
+        resolve_groups({"a": [], "b": [0, 1, 2, 3]}, 4)
+    # NumPy integers (CIFAR-100's coarse labels usually are) and arrays as a dict's values
+    coarse = np.array([0, 0, 1, 1])
+    assert resolve_groups(list(coarse), 4).of_class.tolist() == [0, 0, 1, 1]
+    assert resolve_groups({"a": coarse[:2] * 0 + np.arange(2), "b": np.arange(2, 4)}, 4).names == ["a", "b"]
     with pytest.raises(ValueError, match="class_groups"):
         ExtraMeasures(class_groups="animals")
 
