@@ -267,7 +267,7 @@ class StiffnessCallback(Callback):
                 broadcast=broadcast,
                 class_names=self.class_names,
             )
-        _say_what_is_probed(self, short)
+        _check_and_report_probe_sets(self, short)
 
     # --------------------------------------------------------------------------------------------- probes and writing
 
@@ -320,7 +320,7 @@ def _measure(
             return callback._extras.add(result)  # bootstrap intervals and class groups, from the matrices
 
 
-def _say_what_is_probed(callback: StiffnessCallback, short: dict[str, Any]) -> None:
+def _check_and_report_probe_sets(callback: StiffnessCallback, short: dict[str, Any]) -> None:
     """Check what depends on the classes now that they are known (before any probe), and say what is probed."""
     probes = callback._probes
     with _misconfiguration():

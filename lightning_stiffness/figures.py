@@ -418,17 +418,22 @@ def _band_polygons(centres: np.ndarray, band: tuple[np.ndarray, np.ndarray] | No
     return polygons
 
 
+def _named_axis_figure(names: Sequence[str], inches_each: float, rotate_beyond: int) -> tuple[Figure, Any, np.ndarray]:
+    """A 4.8-inch-high figure whose x axis names ``names`` at positions 0, 1, ... (turned when there are more than
+    ``rotate_beyond``), widened by ``inches_each`` a name: the figure, its axes and the positions."""
+    figure = _fixed_figure(max(6.4, inches_each * len(names) + 3.0), 4.8)
+    rotate = len(names) > rotate_beyond
+    axes = _axes_in_inches(figure, 0.75, (_label_margin(names) * 0.75 if rotate else 0.3) + 0.45, 0.2, 0.4)
+    positions = np.arange(len(names))
+    axes.set_xticks(positions, labels=list(names), rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    return figure, axes, positions
+
+
 def _layers_figure(spec: LayersSpec) -> Figure:
-    figure = _fixed_figure(max(6.4, 0.5 * len(spec.layers) + 3.0), 4.8)
-    rotate = len(spec.layers) > 4
-    axes = _axes_in_inches(figure, 0.75, (_label_margin(spec.layers) * 0.75 if rotate else 0.3) + 0.45, 0.2, 0.4)
-    positions = np.arange(len(spec.layers))
+    figure, axes, positions = _named_axis_figure(spec.layers, inches_each=0.5, rotate_beyond=4)
     axes.plot(positions, spec.within, marker="o", color="tab:blue", label="within class")
     axes.plot(positions, spec.between, marker="s", color="tab:red", label="between classes")
     axes.axhline(0.0, color="grey", linewidth=0.8)
-    axes.set_xticks(
-        positions, labels=list(spec.layers), rotation=45 if rotate else 0, ha="right" if rotate else "center"
-    )
     axes.set_xlabel("layer")
     axes.set_ylabel("mean cosine stiffness")
     axes.set_ylim(*STIFFNESS_RANGE)
@@ -439,18 +444,12 @@ def _layers_figure(spec: LayersSpec) -> Figure:
 
 
 def _xi_bars_figure(spec: XiBarsSpec) -> Figure:
-    figure = _fixed_figure(max(6.4, 0.6 * len(spec.names) + 3.0), 4.8)
-    rotate = len(spec.names) > 5
-    axes = _axes_in_inches(figure, 0.75, (_label_margin(spec.names) * 0.75 if rotate else 0.3) + 0.45, 0.2, 0.4)
-    positions = np.arange(len(spec.names))
+    figure, axes, positions = _named_axis_figure(spec.names, inches_each=0.6, rotate_beyond=5)
     heights = [v if math.isfinite(v) else 0.0 for v in spec.values]
     bars = axes.bar(positions, heights, color=["tab:grey"] + ["tab:blue"] * (len(spec.names) - 1))
     for bar, value in zip(bars, spec.values, strict=True):
         label = f"{value:.3f}" if math.isfinite(value) else "no fit"
         axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    axes.set_xticks(
-        positions, labels=list(spec.names), rotation=45 if rotate else 0, ha="right" if rotate else "center"
-    )
     axes.set_xlabel("representation (input, then layers in network order)")
     axes.set_ylabel("critical distance ξ")
     axes.set_title(spec.title, fontsize=11)

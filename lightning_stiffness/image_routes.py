@@ -13,6 +13,7 @@ its own route, found by what the logger is (the classes of both ``lightning.pyto
   MLflow decodes, shrinks and encodes each image again; its client is safe to call from another thread.
 """
 
+import functools
 import io
 import queue
 import shutil
@@ -52,6 +53,7 @@ class ImageRoutes:
         self._files: Path | None = None
         self._outbox: queue.Queue | None = None
         self._sending = 0
+        self._routes: list[tuple[tuple[type, ...], Callable[[Any, str, bytes, int], None]]] | None = None
         self._ready: list[tuple[Any, str, Any, int]] = []
         self._lock = threading.Lock()
 
@@ -62,18 +64,17 @@ class ImageRoutes:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["warn"])
 
-    def send(self, logger: Any, tag: str, png: bytes, step: int) -> bool:
-        """Send one image to ``logger``; ``False`` when the logger takes no images (the caller writes a file)."""
-        routes: list[tuple[tuple[type, ...], Callable[[Any, str, bytes, int], None]]] = [
-            (lightning_classes("loggers", "TensorBoardLogger"), self._tensorboard),
-            (lightning_classes("loggers", "WandbLogger"), self._wandb),
-            (lightning_classes("loggers", "MLFlowLogger"), self._mlflow),
-        ]
-        route = next((route for classes, route in routes if isinstance(logger, classes)), None)
-        if route is None:
-            return False
-        route(logger, tag, png, step)
-        return True
+    def route(self, logger: Any) -> Callable[[str, bytes, int], None] | None:
+        """How ``logger`` takes an image, ``send(tag, png, step)``; ``None`` for a logger without images (the caller
+        writes files)."""
+        if self._routes is None:  # found once: looking for the standalone package's classes imports modules
+            self._routes = [
+                (lightning_classes("loggers", "TensorBoardLogger"), self._tensorboard),
+                (lightning_classes("loggers", "WandbLogger"), self._wandb),
+                (lightning_classes("loggers", "MLFlowLogger"), self._mlflow),
+            ]
+        send = next((send for classes, send in self._routes if isinstance(logger, classes)), None)
+        return None if send is None else functools.partial(send, logger)
 
     def flush(self, timeout: float) -> bool:
         """Wait until the background thread has done every job (then :meth:`log_ready` logs the W&B images);

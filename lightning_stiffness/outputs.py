@@ -137,18 +137,15 @@ class ImageWriter:
         """Each logger its images (one logger's failure costs the others nothing); PNG files when some logger
         takes no images."""
         probe = probe_label(epoch, step)
-        without_images = []
+        without_images = False
         for logger in trainer.loggers:
-            send = functools.partial(self._send_all, logger, pngs, step, without_images)
-            self._guarded(send, probe, f" to {type(logger).__name__}")
+            send = self._routes.route(logger)
+            if send is None:
+                without_images = True
+                continue
+            self._guarded(functools.partial(_send_all, send, pngs, step), probe, f" to {type(logger).__name__}")
         if without_images and self.directory is not None:
             self._guarded(functools.partial(self._write_files, pngs, epoch, step), probe, f" to {self.directory}")
-
-    def _send_all(self, logger: Any, pngs: dict[str, bytes], step: int, without_images: list) -> None:
-        for tag, png in pngs.items():
-            if not self._routes.send(logger, tag, png, step):
-                without_images.append(logger)
-                return
 
     def _write_files(self, pngs: dict[str, bytes], epoch: int, step: int) -> None:
         for tag, png in pngs.items():
@@ -190,6 +187,11 @@ class RawWriter:
         torch.save(result.to_dict(), partial)
         partial.replace(target)
         return target
+
+
+def _send_all(send: Callable[[str, bytes, int], None], pngs: dict[str, bytes], step: int) -> None:
+    for tag, png in pngs.items():
+        send(tag, png, step)
 
 
 def _prefixed(warn: Callable[[str], None], message: str) -> None:
