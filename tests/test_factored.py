@@ -68,7 +68,7 @@ def _convnet(**conv):
 CASES = {
     "conv2d": (lambda: _convnet(padding=1), (2, 7, 7), {"0.weight": "materialised", "1.weight": "flat"}),
     "conv2d_strided": (lambda: _convnet(stride=2, dilation=2, padding=2), (2, 9, 9), {"0.weight": "materialised"}),
-    "conv2d_groups": (lambda: _convnet(groups=2), (2, 6, 6), {"0.weight": None}),
+    "conv2d_groups": (lambda: _convnet(groups=2), (2, 6, 6), {"0.weight": "flat"}),
     "conv2d_same": (lambda: _convnet(padding="same"), (2, 6, 6), {"0.weight": "materialised"}),
     "conv2d_reflect": (lambda: _convnet(padding=1, padding_mode="reflect"), (2, 6, 6), {"0.weight": "materialised"}),
     "conv1d": (Conv1dNet, (2, 9), {"conv.weight": "materialised", "conv.bias": "flat"}),

@@ -33,10 +33,12 @@ from lightning_stiffness.gram.rules import GramRule
 
 @dataclass(frozen=True)
 class ParamSlice:
-    """A differentiated parameter, or the rows ``[start, stop)`` of its dim 0 (None: all of it)."""
+    """A differentiated parameter, or the rows ``[start, stop)`` of its dim 0 (None: all of it), or its transpose
+    (``W.T``, ``W.t()``, ``W.transpose(0, 1)`` of a matrix)."""
 
     name: str
     rows: tuple[int, int] | None = None
+    transposed: bool = False
 
 
 @dataclass
@@ -100,6 +102,14 @@ class _Recorder(TorchFunctionMode):
         name = self.tracked.get(id(base)) if base is not None else None
         if name is None or value.dim() != base.dim() or value.dim() == 0:
             return None
+        transposed = (
+            value.dim() == 2
+            and value.shape == base.shape[::-1]
+            and value.stride() == base.stride()[::-1] != base.stride()
+            and value.storage_offset() == base.storage_offset()
+        )
+        if transposed:
+            return ParamSlice(name, transposed=True)
         offset = value.storage_offset() - base.storage_offset()
         rows_contiguous = value.shape[1:] == base.shape[1:] and value.stride() == base.stride()
         if not rows_contiguous or offset % base.stride(0):

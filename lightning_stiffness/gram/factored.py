@@ -38,6 +38,7 @@ from lightning_stiffness.gram.capture import Recording, Use, record_uses
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
+from lightning_stiffness.gram.ops import transposed_factors
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
 
@@ -126,10 +127,13 @@ def _candidates(use: Use, count: int) -> list[Where]:
     """The places a call's ``count`` examples could be, from its shapes alone."""
     if isinstance(use.rule, GramRule):
         return [Where(0)]
-    found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count, frozenset(use.params))]
-    if use.rule.batched is not None:
-        shape = use.bound[use.rule.batched].shape
-        for dim in use.rule.leading_dims(use.bound):
+    roles = frozenset(use.params)
+    found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count, roles)]
+    flattened = use.rule.flattened(use.bound, use.output, roles)
+    if flattened is not None:
+        name, dims = flattened
+        shape = use.bound[name].shape
+        for dim in dims:
             if shape[dim] > count and shape[dim] % count == 0:
                 found += [Where(dim, "outer"), Where(dim, "inner")]
     return found
@@ -142,14 +146,22 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
     if isinstance(use.rule, GramRule):
         return use.rule.fn(use.module, bound["input"], backprop, set(use.params), n, m)
     if where.split is not None:
-        size = bound[use.rule.batched].shape[dim]
+        name, _ = use.rule.flattened(use.bound, use.output, frozenset(use.params))
+        size = bound[name].shape[dim]
         if size % count:
             raise ValueError(f"a dimension of {size} cannot hold {count} examples")
         sizes = (count, size // count) if where.split == "outer" else (size // count, count)
-        bound = {**bound, use.rule.batched: bound[use.rule.batched].unflatten(dim, sizes)}
+        bound = {**bound, name: bound[name].unflatten(dim, sizes)}
         output, backprop = output.unflatten(dim, sizes), backprop.unflatten(dim, sizes)
         dim = dim if where.split == "outer" else dim + 1
     return use.rule.factors(bound, output, backprop, dim, frozenset(use.params))
+
+
+def _of_parameter(use: Use, role: str, factors: Any) -> Any:
+    """A role's factors as the parameter's (transposed back where the call took ``W.T``)."""
+    if factors is not None and use.params[role].transposed:
+        return transposed_factors(factors, use.bound[role].shape)
+    return factors
 
 
 def _widened(value: Any) -> Any:
@@ -186,7 +198,7 @@ def _terms(
                 plan.fallback.setdefault(name, f"its rule raised {type(error).__name__}: {error}")
             continue
         for role, at in use.params.items():
-            part = factors.get(role)
+            part = _of_parameter(use, role, factors.get(role))
             if part is None or _num_examples(part) != count:
                 plan.fallback.setdefault(at.name, f"a call gives {count} examples another number of rows")
             else:
@@ -296,7 +308,8 @@ def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n
     try:
         factors = _use_factors(use, where, count, n, m)
         return all(
-            reference.disagreement(at.name, term_of([factors[role]], n, m).per_example()) is None
+            reference.disagreement(at.name, term_of([_of_parameter(use, role, factors[role])], n, m).per_example())
+            is None
             for role, at in use.params.items()
         )
     except Exception:  # this candidate does not fit the call's shapes

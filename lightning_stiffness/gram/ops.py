@@ -16,6 +16,7 @@ split into slices) and the per-example check (:mod:`.check`) proves every result
 function, write a subclass of :class:`OpRule` and register it with :func:`register_op_rule`.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,11 @@ class OpRule:
     def leading_dims(self, bound: dict[str, Any]) -> range:
         """The dimensions of the ``batched`` argument the map is applied over (where examples may be flattened)."""
         return range(0)
+
+    def flattened(self, bound: dict[str, Any], output: Tensor, roles: frozenset[str]) -> tuple[str, list[int]] | None:
+        """The argument whose leading dimensions may flatten the examples with other positions, and those
+        dimensions (the same index in the output); None when the examples must have a dimension of their own."""
+        return (self.batched, list(self.leading_dims(bound))) if self.batched is not None else None
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         """The call's arguments by name, or None when the call has settings this rule does not cover."""
@@ -144,18 +150,49 @@ class LinearRule(OpRule):
         return out
 
 
-def _explicit_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...] | None:
-    """Integer padding per dimension; ``"same"`` only where it pads both sides alike; None otherwise."""
+def _explicit_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(before, after) padding per spatial dimension; ``"same"`` pads the odd element after, as torch does."""
     if padding == "valid":
-        return (0,) * len(kernel)
+        return ((0, 0),) * len(kernel)
     if padding == "same":
         total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
-        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-    return padding
+        return tuple((t // 2, t - t // 2) for t in total)
+    return tuple((p, p) for p in padding)
 
 
-@register_op_rule(F.conv1d, F.conv2d)
+def conv_patches(
+    x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple, dilation: tuple[int, ...]
+) -> Tensor:
+    """The patches a convolution's kernel meets: [n, C_in, *spatial] -> [n, L, C_in * prod(kernel)] (L output
+    positions), each patch ordered as the weight [C_out, C_in, *kernel] is flattened, for any number of spatial
+    dimensions (``F.unfold`` takes two)."""
+    pads = [side for before_after in reversed(padding) for side in before_after]
+    x = F.pad(x, pads) if any(pads) else x
+    spatial = len(kernel)
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation, strict=True)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # the window appended as a last dimension
+        if d > 1:
+            x = x[..., ::d]
+    n, c = x.shape[:2]
+    # [n, C, *out, *kernel] -> [n, *out, C, *kernel]
+    x = x.permute(0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial))
+    return x.reshape(n, -1, c * math.prod(kernel))
+
+
+#: Entries of a grouped convolution's weight up to which its per-example gradients are formed directly (one product
+#: per group); above, each group's positions become positions of the whole weight, with zeros outside its block.
+GROUPED_ROWS_NUMEL = 1 << 20
+
+
+@register_op_rule(F.conv1d, F.conv2d, F.conv3d)
 class ConvolutionRule(OpRule):
+    """Convolutions of any dimension, stride, padding, dilation and groups (grouped and depthwise included).
+
+    g_i = sum_l b_il patch_il^T over the L output positions (Grosse and Martens, "A Kronecker-factored approximate
+    Fisher matrix for convolution layers", 2016, eq. 6): with groups, output channels of group j meet the patches of
+    input channels of group j only.
+    """
+
     roles = ("weight", "bias")
 
     def bind(self, args, kwargs):
@@ -173,8 +210,7 @@ class ConvolutionRule(OpRule):
             elif not isinstance(value, str):
                 bound[key] = tuple(value)
         bound["padding"] = _explicit_padding(bound["padding"], bound["weight"].shape[2:], bound["dilation"])
-        # Groups change how patches map to weights: left to the exact fallback.
-        return bound if bound["groups"] == 1 and bound["padding"] is not None else None
+        return bound
 
     def example_dims(self, bound, output, count, roles):
         x = bound["input"]
@@ -182,20 +218,34 @@ class ConvolutionRule(OpRule):
         return [0] if batched and x.shape[0] == count else []
 
     def factors(self, bound, output, backprop, dim, roles):
-        weight = bound["weight"]
+        weight, groups = bound["weight"], bound["groups"]
+        kernel = tuple(weight.shape[2:])
+
+        def patches(x: Tensor) -> Tensor:
+            return conv_patches(x, kernel, bound["stride"], bound["padding"], bound["dilation"])
+
         source = bound["input"].detach()
-        if weight.dim() == 3:  # conv1d as a conv2d of height 1
-            source = source.unsqueeze(2)
-            kernel, dilation = (1, weight.shape[2]), (1, bound["dilation"][0])
-            padding, stride = (0, bound["padding"][0]), (1, bound["stride"][0])
-        else:
-            kernel, dilation, padding, stride = weight.shape[2:], bound["dilation"], bound["padding"], bound["stride"]
+        grads = backprop.reshape(backprop.shape[0], backprop.shape[1], -1).transpose(1, 2)  # [N, L, C_out]
+        out: dict[str, Factors] = {"bias": Rows(grads.sum(dim=1))}
+        if groups == 1:
+            out["weight"] = Positions(LazyPositions(source, patches), grads)
+            return out
+        n, length, c_out = grads.shape
+        if weight.numel() <= GROUPED_ROWS_NUMEL:
+            x = patches(source).reshape(n, length, groups, -1)
+            rows = torch.einsum("nlgk,nlgo->ngok", x, grads.reshape(n, length, groups, c_out // groups))
+            out["weight"] = Rows(rows.reshape(n, -1))
+            return out
 
-        def patches(x: Tensor) -> Tensor:  # [n, T, C_in * prod(kernel)], in the order of the flattened weight
-            return F.unfold(x, kernel_size=kernel, dilation=dilation, padding=padding, stride=stride).transpose(1, 2)
+        def group_positions(x: Tensor) -> Tensor:  # [n, L * groups, C_in / groups * prod(kernel)]
+            p = patches(x)
+            return p.reshape(p.shape[0], -1, p.shape[2] // groups)
 
-        grads = backprop.reshape(backprop.shape[0], backprop.shape[1], -1).transpose(1, 2)  # [N, T, C_out]
-        return {"weight": Positions(LazyPositions(source, patches), grads), "bias": Rows(grads.sum(dim=1))}
+        # Position (l, j) carries group j's output gradient in its block of C_out and zeros elsewhere.
+        blocks = grads.new_zeros(n, length, groups, groups, c_out // groups)
+        blocks.diagonal(dim1=2, dim2=3).copy_(grads.reshape(n, length, groups, c_out // groups).transpose(2, 3))
+        out["weight"] = Positions(LazyPositions(source, group_positions), blocks.reshape(n, length * groups, c_out))
+        return out
 
 
 @register_op_rule(F.embedding)
@@ -316,32 +366,50 @@ class BatchNormRule(OpRule):
         return _affine_rows(_channels_last(normalised), _channels_last(backprop), 0, 1)
 
 
+def reduced_rows(grad: Tensor, parameter: Tensor, dim: int) -> Rows:
+    """Per-example gradients of a ``parameter`` broadcast against ``grad`` (its output gradient, or that times the
+    other factor), the examples along ``dim`` of ``grad``: each example's slice summed down to the parameter's shape."""
+    aligned = [1] * (grad.dim() - parameter.dim()) + list(parameter.shape)
+    aligned[dim] = grad.shape[dim]
+    per_example = grad.sum_to_size(aligned).movedim(dim, 0)
+    return Rows(per_example.reshape(per_example.shape[0], -1))
+
+
 class _BroadcastRule(OpRule):
     """A parameter broadcast over the examples: added to them, multiplied with them, or expanded over them.
 
-    The examples' dimension is one of the output's where the parameter has size 1 (or no dimension at all), so each
-    example's gradient is the output gradient of its slice, times the other operand for a product, summed down to
-    the parameter's shape.
+    The examples' dimension is one of the output's where the parameter has size 1 (or no dimension at all), or
+    inside one of them, flattened with other positions (a table of relative position biases added to the scores of
+    [N * windows, heads, T, T]), so each example's gradient is the output gradient of its slice, times the other
+    operand for a product, summed down to the parameter's shape.
     """
 
     def _parameters(self, bound: dict[str, Any], roles: frozenset[str]) -> dict[str, Tensor]:
         return {role: bound[role] for role in self.roles if role in roles and isinstance(bound.get(role), Tensor)}
 
-    def example_dims(self, bound, output, count, roles):
+    def _broadcast_dims(self, bound: dict[str, Any], output: Tensor, roles: frozenset[str]) -> list[int]:
+        """The output's dimensions over which every parameter operand is broadcast."""
+        parameters = self._parameters(bound, roles).values()
         dims = []
         for dim in range(output.dim()):
-            if output.shape[dim] != count:
-                continue
             offset = output.dim() - dim  # the parameter's dimension aligned with `dim`, counted from the end
-            if all(p.dim() < offset or p.shape[p.dim() - offset] == 1 for p in self._parameters(bound, roles).values()):
+            if all(p.dim() < offset or p.shape[p.dim() - offset] == 1 for p in parameters):
                 dims.append(dim)
         return dims
 
+    def example_dims(self, bound, output, count, roles):
+        return [dim for dim in self._broadcast_dims(bound, output, roles) if output.shape[dim] == count]
+
+    def flattened(self, bound, output, roles):
+        # The operand that carries the examples, when it has the output's shape (it is unflattened with it).
+        for role in self.roles:
+            value = bound.get(role)
+            if role not in roles and isinstance(value, Tensor) and value.shape == output.shape:
+                return role, self._broadcast_dims(bound, output, roles)
+        return None
+
     def _reduced(self, grad: Tensor, parameter: Tensor, dim: int) -> Rows:
-        aligned = [1] * (grad.dim() - parameter.dim()) + list(parameter.shape)
-        aligned[dim] = grad.shape[dim]
-        per_example = grad.sum_to_size(aligned).movedim(dim, 0)
-        return Rows(per_example.reshape(per_example.shape[0], -1))
+        return reduced_rows(grad, parameter, dim)
 
 
 @register_op_rule(torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, torch.sub, Tensor.sub, Tensor.__sub__)
@@ -391,6 +459,214 @@ class ExpandRule(_BroadcastRule):
         return {"input": self._reduced(backprop, bound["input"], dim)}
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _matmul_subscripts(left: int, right: int) -> tuple[str, str, str]:
+    """``torch.matmul``'s contraction of operands with ``left`` and ``right`` dimensions, as einsum subscripts."""
+    if left == 1 and right == 1:
+        return "k", "k", ""
+    if left == 1:
+        batch = _LETTERS[: right - 2]
+        return "k", batch + "kn", batch + "n"
+    if right == 1:
+        batch = _LETTERS[: left - 2]
+        return batch + "mk", "k", batch + "m"
+    batch = _LETTERS[: max(left, right) - 2]
+    return batch[len(batch) - (left - 2) :] + "mk", batch[len(batch) - (right - 2) :] + "kn", batch + "mn"
+
+
+def _einsum_subscripts(equation: str, dims: tuple[int, ...]) -> tuple[list[str], str] | None:
+    """Each operand's subscripts and the output's, ellipses spelled out; None for a repeated index (a diagonal)."""
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    operands = inputs.split(",")
+    if len(operands) != len(dims):
+        return None
+    width = max((dim - len(sub) + 3 for sub, dim in zip(operands, dims, strict=True) if "..." in sub), default=0)
+    ellipsis = "".join([letter for letter in _LETTERS if letter not in equation][:width])
+
+    def spelled(sub: str, dim: int) -> str:  # an ellipsis stands for the operand's dimensions it covers, from the right
+        head, dots, tail = sub.partition("...")
+        return head + ellipsis[width - (dim - len(head) - len(tail)) :] + tail if dots else sub
+
+    subs = [spelled(sub, dim) for sub, dim in zip(operands, dims, strict=True)]
+    if not arrow:  # implicit output: the ellipsis, then the indices that appear once, in alphabetical order
+        letters = inputs.replace("...", "").replace(",", "")
+        once = sorted(letter for letter in set(letters) if letters.count(letter) == 1)
+        output = ("..." if "..." in inputs else "") + "".join(once)
+    output = output.replace("...", ellipsis)
+    if any(len(set(sub)) != len(sub) for sub in [*subs, output]):
+        return None
+    return subs, output
+
+
+@dataclass
+class Contraction:
+    """A product of an activation ``x`` and a parameter as an einsum: ``x_sub, p_sub -> out_sub``."""
+
+    x_sub: str
+    p_sub: str
+    out_sub: str
+
+    def example_dims(self, x: Tensor, parameter: Tensor, output: Tensor, count: int) -> list[int]:
+        """The output's dimensions that index x (and not the parameter) with ``count`` entries."""
+        p_size = dict(zip(self.p_sub, parameter.shape, strict=True))
+        return [
+            dim
+            for dim, letter in enumerate(self.out_sub)
+            if output.shape[dim] == count
+            and letter in self.x_sub
+            and x.shape[self.x_sub.index(letter)] == count
+            and p_size.get(letter, 1) == 1
+        ]
+
+    def factors(self, x: Tensor, parameter: Tensor, grad: Tensor, dim: int) -> Factors:
+        """The parameter's per-example gradients from ``x`` and the output's gradient ``grad``, examples at ``dim``.
+
+        The parameter's indices split into those it shares with x alone (D, summed in the product), with the output
+        alone (Q), and with both (a batch of blocks, as heads). Without the last, g_i = sum_t x_it[D] grad_it[Q]^T
+        over the indices t that x and the output share: positions, as for a linear layer. With them, the per-example
+        gradients are formed directly.
+        """
+        sizes: dict[str, int] = {}
+        for sub, shape in ((self.x_sub, x.shape), (self.out_sub, grad.shape), (self.p_sub, parameter.shape)):
+            for letter, size in zip(sub, shape, strict=True):
+                sizes[letter] = max(sizes.get(letter, 1), size)
+        # Indices over which the parameter is broadcast are positions too (it has size 1 there).
+        p_sub = "".join(
+            letter for letter, size in zip(self.p_sub, parameter.shape, strict=True) if size == sizes[letter]
+        )
+        example = self.out_sub[dim]
+        if example in p_sub or example not in self.x_sub or any(c not in self.x_sub + self.out_sub for c in p_sub):
+            raise ValueError("the examples' index is not one of the activation's alone")
+        x = x.expand(
+            [
+                sizes[letter] if letter in self.out_sub else size
+                for letter, size in zip(self.x_sub, x.shape, strict=True)
+            ]
+        )
+        n = sizes[example]
+        positions = "".join(c for c in self.x_sub if c in self.out_sub and c not in p_sub and c != example)
+        summed = [c for c in p_sub if c in self.x_sub and c not in self.out_sub]
+        kept = [c for c in p_sub if c in self.out_sub and c not in self.x_sub]
+        if len(summed) + len(kept) < len(p_sub) or p_sub not in ("".join(summed + kept), "".join(kept + summed)):
+            rows = torch.einsum(f"{self.x_sub},{self.out_sub}->{example}{p_sub}", x, grad)
+            return Rows(rows.reshape(n, -1))
+        length = math.prod(sizes[c] for c in positions)
+        a = torch.einsum(f"{self.x_sub}->{example}{positions}{''.join(summed)}", x).reshape(n, length, -1)
+        g = torch.einsum(f"{self.out_sub}->{example}{positions}{''.join(kept)}", grad).reshape(n, length, -1)
+        # Positions(a, b) is sum_t b_t a_t^T: the parameter's first indices are the backprops'.
+        return Positions(g, a) if p_sub.startswith("".join(summed)) and summed else Positions(a, g)
+
+
+class _ContractionRule(OpRule):
+    """A product with a parameter (``matmul``, ``mm``, ``bmm``, ``addmm``, ``einsum``, ``@``): the parameter on
+    either side, transposed or not (``x @ W.T``), batched over heads or not; any other operand carries the examples.
+    """
+
+    roles = ("input", "other")
+
+    def contraction(self, bound: dict[str, Any], role: str) -> Contraction:
+        """The product as an einsum with the parameter at ``role`` and the activation at the other operand."""
+        left, right = bound["input"], bound["other"]
+        subs = _matmul_subscripts(left.dim(), right.dim())
+        return Contraction(subs[1], subs[0], subs[2]) if role == "input" else Contraction(subs[0], subs[1], subs[2])
+
+    def _split(self, roles: frozenset[str]) -> tuple[str, str] | None:
+        """(the parameter's role, the activation's role), for a product with one parameter operand."""
+        held = [role for role in ("input", "other") if role in roles]
+        if len(held) != 1:
+            return None
+        return held[0], "other" if held[0] == "input" else "input"
+
+    def example_dims(self, bound, output, count, roles):
+        split = self._split(roles)
+        if split is None:
+            return []
+        return self.contraction(bound, split[0]).example_dims(bound[split[1]], bound[split[0]], output, count)
+
+    def flattened(self, bound, output, roles):
+        split = self._split(roles)
+        if split is None:
+            return None
+        x = bound[split[1]]
+        if bound[split[0]].dim() == 1 or x.dim() == 1:
+            return None
+        # With the parameter on the right, x's rows (dim -2) are positions as much as its batch dimensions are.
+        dims = range(x.dim() - 1) if split[0] == "other" else range(x.dim() - 2)
+        return split[1], [dim for dim in dims if dim - x.dim() >= -output.dim()]
+
+    def factors(self, bound, output, backprop, dim, roles):
+        role, activation = self._split(roles)
+        contraction = self.contraction(bound, role)
+        scale = bound.get("alpha", 1)
+        out = {role: contraction.factors(bound[activation].detach(), bound[role], backprop * scale, dim)}
+        bias = bound.get("bias")
+        if "bias" in roles and isinstance(bias, Tensor):
+            out["bias"] = reduced_rows(backprop * bound.get("beta", 1), bias, dim)
+        return out
+
+
+@register_op_rule(torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm, torch.bmm, Tensor.bmm)
+class MatmulRule(_ContractionRule):
+    def bind(self, args, kwargs):
+        bound = _bind(("input", "other"), {}, args, kwargs)
+        if "mat2" in bound:
+            bound["other"] = bound.pop("mat2")
+        ok = all(isinstance(bound.get(k), Tensor) and bound[k].dim() > 0 for k in ("input", "other"))
+        return bound if ok and "out" not in bound else None
+
+
+@register_op_rule(Tensor.__rmatmul__)
+class ReflectedMatmulRule(MatmulRule):
+    def bind(self, args, kwargs):  # y.__rmatmul__(x) is x @ y
+        return super().bind((args[1], args[0]), kwargs)
+
+
+@register_op_rule(torch.addmm, Tensor.addmm)
+class AddmmRule(_ContractionRule):
+    """``beta * bias + alpha * (mat1 @ mat2)``: GPT-2's ``Conv1D``, ``addmm(bias, x.view(-1, nx), weight)``."""
+
+    roles = ("input", "other", "bias")
+
+    def bind(self, args, kwargs):
+        bound = _bind(("bias", "input", "other"), {"beta": 1, "alpha": 1}, args, kwargs)
+        for ours, theirs in (("bias", "input"), ("input", "mat1"), ("other", "mat2")):
+            if theirs in kwargs:
+                bound[ours] = kwargs[theirs]
+        ok = all(isinstance(bound.get(k), Tensor) for k in ("input", "other")) and "out" not in kwargs
+        return {k: bound[k] for k in ("bias", "input", "other", "beta", "alpha")} if ok else None
+
+    def _split(self, roles):
+        return super()._split(roles - {"bias"})
+
+
+@register_op_rule(torch.einsum)
+class EinsumRule(_ContractionRule):
+    """``torch.einsum`` of two operands, one of them a parameter (per-head projections, bilinear forms)."""
+
+    def bind(self, args, kwargs):
+        if not args or not isinstance(args[0], str):
+            return None
+        operands = args[1:]
+        if len(operands) == 1 and isinstance(operands[0], list | tuple):
+            operands = tuple(operands[0])
+        if len(operands) != 2 or not all(isinstance(t, Tensor) for t in operands):
+            return None
+        spelled = _einsum_subscripts(args[0], tuple(t.dim() for t in operands))
+        if spelled is None:
+            return None
+        return {"input": operands[0], "other": operands[1], "subscripts": spelled}
+
+    def contraction(self, bound, role):
+        (left, right), out = bound["subscripts"]
+        return Contraction(right, left, out) if role == "input" else Contraction(left, right, out)
+
+    def flattened(self, bound, output, roles):
+        return None  # the equation fixes the number of dimensions
+
+
 def rows_per_example(factors: Factors) -> Tensor:
     """Per-example gradients [N, numel] of one use's factors (for the per-example check and mixed uses)."""
     if isinstance(factors, Rows):
@@ -402,6 +678,17 @@ def rows_per_example(factors: Factors) -> Tensor:
     out = factors.backprops.new_zeros(n, factors.num_embeddings, d)
     out.scatter_add_(1, factors.ids.unsqueeze(-1).expand(-1, -1, d), factors.backprops)
     return out.reshape(n, -1)
+
+
+def transposed_factors(factors: Factors, shape: torch.Size) -> Factors:
+    """The factors of a matrix's gradient from those of its transpose's (``shape``: the transpose's)."""
+    if isinstance(factors, Positions):  # sum_t b a^T transposed is sum_t a b^T
+        activations = factors.activations
+        if isinstance(activations, LazyPositions):
+            activations = activations.full()
+        return Positions(factors.backprops, activations)
+    rows = rows_per_example(factors)
+    return Rows(rows.reshape(rows.shape[0], *shape).transpose(1, 2).reshape(rows.shape[0], -1))
 
 
 def factors_numel(factors: Factors) -> int:
@@ -423,4 +710,5 @@ __all__ = [
     "factors_numel",
     "register_op_rule",
     "rows_per_example",
+    "transposed_factors",
 ]
