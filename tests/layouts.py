@@ -372,13 +372,13 @@ LAYOUTS: dict[str, Layout] = {
     ),
     # shared by every example
     "relative_position_mlp": Layout(
-        RelativePositionMLP, "sequence", 5, 4, fallback=("position.",), factored=("embed.", "head.")
+        RelativePositionMLP, "sequence", 5, 4, fallback=(), factored=("embed.", "position.", "head.")
     ),
     "relative_position_mlp_n_eq_t": Layout(
-        RelativePositionMLP, "sequence", 5, 5, fallback=("position.",), factored=("embed.", "head.")
+        RelativePositionMLP, "sequence", 5, 5, fallback=(), factored=("embed.", "position.", "head.")
     ),
     "learned_query": Layout(
-        lambda t: LearnedQuery(), "sequence", 6, 4, fallback=("query", "q_proj."), factored=("key.", "head.")
+        lambda t: LearnedQuery(), "sequence", 6, 4, fallback=(), factored=("query", "q_proj.", "key.", "head.")
     ),
     # kernels vmap cannot run
     "gru": Layout(lambda t: RecurrentClassifier("gru"), "sequence", vmap=False),

@@ -15,6 +15,7 @@ parameter among its arguments, the ``torch.nn.functional`` names of the rules' f
 The backward of the summed loss then gives the gradient of each recorded output.
 """
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from lightning_stiffness.gram.inputs import Inputs
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import OP_RULES, OpRule
+from lightning_stiffness.gram.ops import OP_RULES, OPERATION_VJP, OpRule
 from lightning_stiffness.gram.rules import GramRule
 
 
@@ -53,6 +55,7 @@ class Use:
     backprop: Tensor | None = None
     module: nn.Module | None = None
     hooked: Tensor | None = None  # the output's gradient as its hook saw it (before any in-place change)
+    derived: dict[str, "Derived"] = field(default_factory=dict)  # operands computed from parameters, by role
 
     def __post_init__(self) -> None:
         # A hook registered now receives the gradient with respect to the output as the call returned it, even when
@@ -65,7 +68,33 @@ class Use:
     @property
     def signature(self) -> tuple:
         """What identifies the use from one forward to the next (the same call of the same parameters)."""
-        return (id(self.rule), tuple(sorted(self.params.items())))
+        derived = tuple(sorted((role, tuple(sorted(d.sources))) for role, d in self.derived.items()))
+        return (
+            id(self.rule),
+            getattr(self.bound.get("func"), "__name__", None),
+            tuple(sorted(self.params.items())),
+            derived,
+        )
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """The call's arguments that hold parameters or derived operands."""
+        return frozenset(self.params) | frozenset(self.derived)
+
+    @property
+    def names(self) -> set[str]:
+        """The differentiated parameters whose gradients go through this call (directly or through an operand)."""
+        return {at.name for at in self.params.values()} | {name for d in self.derived.values() for name in d.sources}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """An operand computed from differentiated parameters and no example (a position embedding of ``[1, T]`` ids, a
+    gathered table of relative position biases, a weight-normalised weight, ``W * scale``), where it meets the
+    examples. Its per-example gradients, from the call's rule, go back to its ``sources`` through its own graph."""
+
+    key: int  # the operand's index in ``Recording.derived``
+    sources: frozenset[str]
 
 
 @dataclass
@@ -77,6 +106,8 @@ class Recording:
     order: list[str] = field(default_factory=list)  # every differentiated parameter, in the model's order
     shapes: dict[str, torch.Size] = field(default_factory=dict)  # and its shape
     plain: list[Use] = field(default_factory=list)  # the uses whose own output the backward differentiates
+    derived: list[Tensor] = field(default_factory=list)  # the derived operands, their graphs kept
+    leaves: dict[str, Tensor] = field(default_factory=dict)  # the differentiated parameters as the forward saw them
 
 
 def _torch_functional_names() -> dict[str, Callable[..., Any]]:
@@ -84,15 +115,55 @@ def _torch_functional_names() -> dict[str, Callable[..., Any]]:
     return {name: fn for name, fn in vars(F).items() if callable(fn) and fn in OP_RULES}
 
 
+#: Operations that run a whole recurrent network: left to the exact whole-model fallback (see ``OperationVjp``).
+_RECURRENT = {getattr(torch, name) for name in ("lstm", "gru", "rnn_tanh", "rnn_relu") if hasattr(torch, name)}
+
+
+def _is_inplace(func: Callable[..., Any]) -> bool:
+    name = getattr(func, "__name__", "")
+    return name == "__setitem__" or (name.endswith("_") and not name.startswith("_")) or name.startswith("__i")
+
+
+def _tensors(values: Any) -> list[Tensor]:
+    return [leaf for leaf in tree_flatten(values)[0] if isinstance(leaf, Tensor)]
+
+
 class _Recorder(TorchFunctionMode):
-    def __init__(self, tracked: dict[int, str], recording: Recording) -> None:
+    """Records the calls that use differentiated parameters, and follows which tensors carry the examples.
+
+    A tensor carries the examples when it is an input or target, or an operation's result with such an argument
+    (in place included). A tensor computed from parameters and no example is *derived*: the call where it meets
+    the examples is recorded with it as an operand, and its gradient goes back to its parameters from there.
+    """
+
+    def __init__(self, tracked: dict[int, str], recording: Recording, count: int) -> None:
         super().__init__()
+        self.count = count
         self.tracked = tracked
         self.recording = recording
         self.enabled = True
+        self.examples: dict[int, weakref.ref] = {}
+        self.derived: dict[int, tuple[weakref.ref, frozenset[str]]] = {}
+
+    def mark_examples(self, values: Any) -> None:
+        for tensor in _tensors(values):
+            self.examples[id(tensor)] = weakref.ref(tensor)
+            self.derived.pop(id(tensor), None)
+
+    def carries_examples(self, value: Any) -> bool:
+        ref = self.examples.get(id(value))
+        return ref is not None and ref() is value
+
+    def sources(self, value: Any) -> frozenset[str]:
+        """The differentiated parameters a derived tensor (or a parameter) is computed from; empty for others."""
+        where = self.slice_of(value)
+        if where is not None:
+            return frozenset((where.name,))
+        entry = self.derived.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else frozenset()
 
     def slice_of(self, value: Any) -> ParamSlice | None:
-        """The parameter (or dim-0 slice of one) ``value`` is, if any."""
+        """The parameter (or dim-0 slice of one, or its transpose) ``value`` is, if any."""
         if not isinstance(value, Tensor):
             return None
         name = self.tracked.get(id(value))
@@ -121,27 +192,79 @@ class _Recorder(TorchFunctionMode):
         values = list(args) + list(kwargs.values())
         return any(self.slice_of(value) is not None for value in values)
 
-    def record(self, func: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    def _follow(self, func: Callable[..., Any], args: tuple, kwargs: dict, output: Any) -> None:
+        """Mark ``output`` (and an argument changed in place) as carrying examples, or as derived."""
+        arguments = _tensors((args, kwargs))
+        results = _tensors(output)
+        if _is_inplace(func) and arguments:
+            results.append(arguments[0])
+        if any(self.carries_examples(t) for t in arguments):
+            self.mark_examples(results)
+            return
+        sources = frozenset().union(*(self.sources(t) for t in arguments))
+        if sources:
+            for result in results:
+                if result.requires_grad and id(result) not in self.tracked:
+                    self.derived[id(result)] = (weakref.ref(result), sources)
+
+    def _operands(self, rule: OpRule, bound: dict[str, Any]) -> tuple[dict[str, ParamSlice], dict[str, Derived]]:
+        params, derived = {}, {}
+        for role in rule.roles:
+            value = bound.get(role)
+            where = self.slice_of(value)
+            if where is not None:
+                params[role] = where
+            elif isinstance(value, Tensor) and self.sources(value):
+                self.recording.derived.append(value)
+                derived[role] = Derived(len(self.recording.derived) - 1, self.sources(value))
+        return params, derived
+
+    def record(self, func: Callable[..., Any], args: tuple, kwargs: dict, inside: bool = False) -> Any:
+        """Call ``func`` and record the call when it uses a parameter or meets the examples with a derived operand.
+
+        ``inside``: called by a Python-level torch function the mode does not see into, whose tensors are not
+        followed: a call with a parameter is recorded as one that meets the examples.
+        """
         output = func(*args, **kwargs)
-        if not self._touches(args, kwargs):
+        arguments = _tensors((args, kwargs))
+        meets = inside or self._expands_over_examples(func, args, output) or any(map(self.carries_examples, arguments))
+        if not meets or not any(self.sources(t) for t in arguments):
             return output
         rule = OP_RULES[func]
         bound = rule.bind(args, kwargs)
-        params = {}
-        for role in rule.roles:
-            where = self.slice_of(bound.get(role)) if bound is not None else None
-            if where is not None:
-                params[role] = where
         if bound is None:
-            for value in list(args) + list(kwargs.values()):
-                where = self.slice_of(value)
-                if where is not None:
-                    why = (
-                        f"{_name(func)} with settings no rule covers (a grouped convolution, a max_norm embedding, ...)"
-                    )
-                    self.recording.unsupported[where.name] = why
-        elif params and isinstance(output, Tensor) and output.requires_grad:
-            self.recording.uses.append(Use(rule, bound, params, output, output._version))
+            for value in arguments:
+                for name in self.sources(value):
+                    why = f"{_name(func)} with settings no rule covers (a max_norm embedding, ...)"
+                    self.recording.unsupported[name] = why
+            return output
+        params, derived = self._operands(rule, bound)
+        if (params or derived) and isinstance(output, Tensor) and output.requires_grad:
+            self.recording.uses.append(Use(rule, bound, params, output, output._version, derived=derived))
+        return output
+
+    def record_operation(self, func: Callable[..., Any], args: tuple, kwargs: dict, output: Any = None) -> Any:
+        """Call ``func`` (unless its ``output`` is given), an operation without a rule; where it meets the examples
+        with a parameter or derived operand, record it for a vector-Jacobian product of its own (``OperationVjp``)."""
+        output = func(*args, **kwargs) if output is None else output
+        if func in _RECURRENT or not isinstance(output, Tensor) or not output.requires_grad:
+            return output
+        bound = OPERATION_VJP.bind(args, kwargs)
+        leaves = bound["leaves"]
+        if not any(self.carries_examples(leaf) for leaf in leaves if isinstance(leaf, Tensor)):
+            return output
+        params, derived = {}, {}
+        for index, leaf in enumerate(leaves):
+            role = f"operand{index}"
+            where = self.slice_of(leaf)
+            if where is not None and not where.transposed and where.rows is None:
+                params[role] = where
+            elif isinstance(leaf, Tensor) and self.sources(leaf):
+                self.recording.derived.append(leaf)
+                derived[role] = Derived(len(self.recording.derived) - 1, self.sources(leaf))
+        if params or derived:
+            bound.update(func=func, inplace=_is_inplace(func))
+            self.recording.uses.append(Use(OPERATION_VJP, bound, params, output, output._version, derived=derived))
         return output
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -149,11 +272,33 @@ class _Recorder(TorchFunctionMode):
         if not self.enabled:
             return func(*args, **kwargs)
         if func in OP_RULES:
-            return self.record(func, args, kwargs)
-        if getattr(func, "__module__", None) == F.__name__ and self._touches(args, kwargs):
+            output = self.record(func, args, kwargs)
+        elif getattr(func, "__module__", None) == F.__name__ and self._touches(args, kwargs):
+            before = len(self.recording.uses)
             with self._inside_functional():
-                return func(*args, **kwargs)
-        return func(*args, **kwargs)
+                output = func(*args, **kwargs)
+            if len(self.recording.uses) == before:  # no ruled call inside (F.prelu): the function as one operation
+                self.record_operation(func, args, kwargs, output)
+        elif any(self.sources(t) for t in _tensors((args, kwargs))):
+            output = self.record_operation(func, args, kwargs)
+        else:
+            output = func(*args, **kwargs)
+        self._follow(func, args, kwargs, output)
+        if self._expands_over_examples(func, args, output):
+            self.mark_examples(output)
+        return output
+
+    def _expands_over_examples(self, func: Callable[..., Any], args: tuple, output: Any) -> bool:
+        """Whether the call expands a tensor over the examples (``cls_token.expand(N, -1, -1)``, a buffer of token
+        type ids expanded to [N, T]): a dimension of the batch's size where the tensor had size 1 or none."""
+        if func is not Tensor.expand or not isinstance(output, Tensor) or not isinstance(args[0], Tensor):
+            return False
+        source = args[0]
+        offset = output.dim() - source.dim()
+        return any(
+            size == self.count and (dim < offset or source.shape[dim - offset] == 1)
+            for dim, size in enumerate(output.shape)
+        )
 
     @contextmanager
     def _inside_functional(self) -> Iterator[None]:
@@ -174,7 +319,9 @@ class _Recorder(TorchFunctionMode):
 
 def _recording_call(recorder: _Recorder, fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
-        return recorder.record(fn, args, kwargs)
+        if not any(recorder.slice_of(value) is not None for value in _tensors((args, kwargs))):
+            return fn(*args, **kwargs)
+        return recorder.record(fn, args, kwargs, inside=True)
 
     return call
 
@@ -220,9 +367,11 @@ def record_uses(
     handles = [
         module.register_forward_hook(hook_for(name), with_kwargs=True) for name, (module, _, _) in module_rules.items()
     ]
-    recorder = _Recorder(tracked, recording)
+    recorder = _Recorder(tracked, recording, targets.shape[0])
+    recorder.mark_examples((inputs, targets))
+    recording.leaves = leaves
 
-    def differentiate_after_forward() -> list[Tensor]:
+    def differentiate_after_forward() -> tuple[list[Tensor], bool]:
         # The backward runs inside the same mode and parameters as the forward (activation checkpointing recomputes
         # segments in it, and must take the same paths), with recording off.
         recorder.enabled = False
@@ -241,14 +390,15 @@ def record_uses(
     return recording
 
 
-def _backward_targets(recording: Recording, leaves: dict[str, Tensor]) -> list[Tensor]:
+def _backward_targets(recording: Recording, leaves: dict[str, Tensor]) -> tuple[list[Tensor], bool]:
     """What the backward differentiates: each use's output, or, for an output written in place after its call (by
     ``ReLU(inplace=True)``), its parameters, so that the hook registered at the call sees the output's gradient."""
     plain = [use for use in recording.uses if use.output._version == use.version]
     modified = [use for use in recording.uses if use.output._version != use.version]
-    through = list({at.name: leaves[at.name] for use in modified for at in use.params.values()}.values())
+    through = list({name: leaves[name] for use in modified for name in use.names}.values())
     recording.plain = plain
-    return [use.output for use in plain] + through
+    # A derived operand's per-example gradients go back to its parameters through its graph, after this backward.
+    return [use.output for use in plain] + through, bool(recording.derived)
 
 
 def _assign_backprops(recording: Recording, grads: tuple[Tensor | None, ...]) -> None:

@@ -34,11 +34,11 @@ from torch import Tensor, nn
 
 from lightning_stiffness.gram.assemble import term_of
 from lightning_stiffness.gram.blocks import Progress, blocked_gram
-from lightning_stiffness.gram.capture import Recording, Use, record_uses
+from lightning_stiffness.gram.capture import Derived, Recording, Use, record_uses
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import transposed_factors
+from lightning_stiffness.gram.ops import Rows, batched_vjp, rows_per_example, transposed_factors
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
 
@@ -127,7 +127,7 @@ def _candidates(use: Use, count: int) -> list[Where]:
     """The places a call's ``count`` examples could be, from its shapes alone."""
     if isinstance(use.rule, GramRule):
         return [Where(0)]
-    roles = frozenset(use.params)
+    roles = use.roles
     found = [Where(dim) for dim in use.rule.example_dims(use.bound, use.output, count, roles)]
     flattened = use.rule.flattened(use.bound, use.output, roles)
     if flattened is not None:
@@ -146,7 +146,7 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
     if isinstance(use.rule, GramRule):
         return use.rule.fn(use.module, bound["input"], backprop, set(use.params), n, m)
     if where.split is not None:
-        name, _ = use.rule.flattened(use.bound, use.output, frozenset(use.params))
+        name, _ = use.rule.flattened(use.bound, use.output, use.roles)
         size = bound[name].shape[dim]
         if size % count:
             raise ValueError(f"a dimension of {size} cannot hold {count} examples")
@@ -154,7 +154,34 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
         bound = {**bound, name: bound[name].unflatten(dim, sizes)}
         output, backprop = output.unflatten(dim, sizes), backprop.unflatten(dim, sizes)
         dim = dim if where.split == "outer" else dim + 1
-    return use.rule.factors(bound, output, backprop, dim, frozenset(use.params))
+    return use.rule.factors(bound, output, backprop, dim, use.roles)
+
+
+def _use_parts(use: Use, where: Where, count: int, recording: Recording, n: int, m: int) -> list[tuple[str, Any, Any]]:
+    """(parameter name, slice of its rows, factors) of every parameter the call's gradient reaches: its parameter
+    operands', and, through each derived operand's graph, the parameters it is computed from."""
+    factors = _use_factors(use, where, count, n, m)
+    parts = [(at.name, at.rows, _of_parameter(use, role, factors.get(role))) for role, at in use.params.items()]
+    for role, derived in use.derived.items():
+        if factors.get(role) is not None:
+            parts += _through_derived(recording, derived, rows_per_example(factors[role]), count)
+    return [part for part in parts if part[2] is not None]
+
+
+def _through_derived(recording: Recording, derived: Derived, rows: Tensor, count: int) -> list[tuple[str, None, Rows]]:
+    """The per-example gradients of a derived operand's parameters, from its own ``rows`` [count, numel]: one
+    batched backward of the operand's graph (the chain rule, example by example)."""
+    operand = recording.derived[derived.key]
+    names = [name for name in recording.order if name in derived.sources]
+    grads = batched_vjp(
+        operand,
+        [recording.leaves[name] for name in names],
+        lambda start, stop: rows[start:stop].reshape(stop - start, *operand.shape),
+        count,
+    )
+    return [
+        (name, None, Rows(grad.reshape(count, -1))) for name, grad in zip(names, grads, strict=True) if grad is not None
+    ]
 
 
 def _of_parameter(use: Use, role: str, factors: Any) -> Any:
@@ -188,21 +215,20 @@ def _terms(
         plan.fallback.setdefault(name, why)
     slices: dict[str, dict[tuple[int, int] | None, list]] = defaultdict(lambda: defaultdict(list))
     for use, where in zip(recording.uses, wheres, strict=True):
-        names = {at.name for at in use.params.values()}
+        names = use.names
         if where is None or use.backprop is None or not names & wanted - set(plan.fallback):
             continue
         try:
-            factors = _use_factors(use, where, count, n, m)
+            parts = _use_parts(use, where, count, recording, n, m)
         except Exception as error:  # a rule meeting a layout it does not handle: the fallback is exact
             for name in names:
                 plan.fallback.setdefault(name, f"its rule raised {type(error).__name__}: {error}")
             continue
-        for role, at in use.params.items():
-            part = _of_parameter(use, role, factors.get(role))
-            if part is None or _num_examples(part) != count:
-                plan.fallback.setdefault(at.name, f"a call gives {count} examples another number of rows")
+        for name, rows, part in parts:
+            if _num_examples(part) != count:
+                plan.fallback.setdefault(name, f"a call gives {count} examples another number of rows")
             else:
-                slices[at.name][at.rows].append(part)
+                slices[name][rows].append(part)
     # In the model's order (never a set's): under DDP every process gathers the terms in this order.
     ordered = [name for name in recording.order if name in wanted]
     terms = {name: _param_term(name, slices.get(name), recording.shapes[name], plan, n, m) for name in ordered}
@@ -255,11 +281,10 @@ def _check(
         order = torch.arange(count - 1, -1, -1, device=cy.device)
         reversed_run = record_uses(objective, modules, take(cx, order), cy[order])
         layout = _Layout([use.signature for use in recording.uses], wheres)
-        if [use.signature for use in reversed_run.uses] != layout.signatures:
-            _calls_differ(reversed_run, layout, set(objective.params), plan)
-        else:
-            wanted = {name for name in objective.params if name not in plan.fallback}
-            terms = _terms(reversed_run, wheres, count, wanted, plan, n, m)
+        matched = _matched_wheres(reversed_run, layout, set(objective.params), plan)
+        wanted = {name for name in objective.params if name not in plan.fallback}
+        if wanted:
+            terms = _terms(reversed_run, matched, count, wanted, plan, n, m)
             _compare(terms, reference.reordered(order), plan, " (the examples in reverse order)")
     recorded = sum(use.output.numel() * use.output.element_size() * 2 for use in recording.uses)  # outputs, inputs
     return _Layout([use.signature for use in recording.uses], wheres, recorded // count), reference
@@ -275,12 +300,13 @@ def _locate(
     recording: Recording, count: int, reference: ReferenceGradients, plan: GramPlan, n: int, m: int
 ) -> list[Where | None]:
     """Where each call's examples are; None (its parameters to the fallback in ``plan``) where that is not proven."""
-    calls = Counter(at.name for use in recording.uses for at in use.params.values())
+    calls = Counter(name for use in recording.uses for name in use.names)
     wheres: list[Where | None] = []
     for use in recording.uses:
         found = _candidates(use, count)
-        if len(found) > 1 and all(calls[at.name] == 1 and at.rows is None for at in use.params.values()):
-            found = [where for where in found if _passes(use, where, count, reference, n, m)][:1]
+        alone = all(calls[name] == 1 for name in use.names) and all(at.rows is None for at in use.params.values())
+        if len(found) > 1 and alone:
+            found = [where for where in found if _passes(use, where, count, recording, reference, n, m)][:1]
         elif len(found) > 1 and sum(where.split is None for where in found) == 1:
             # A shared or sliced parameter: its calls cannot be tried one by one. The one dimension of the right
             # size is taken, and the check of the parameter's joined term below proves it or sends it to the fallback.
@@ -289,8 +315,8 @@ def _locate(
         if len(found) != 1:
             shape = tuple(use.output.shape)
             why = "no" if not found else "more than one"
-            for at in use.params.values():
-                plan.fallback.setdefault(at.name, f"{why} dimension of a call's output {shape} holds the examples")
+            for name in use.names:
+                plan.fallback.setdefault(name, f"{why} dimension of a call's output {shape} holds the examples")
     return wheres
 
 
@@ -302,15 +328,13 @@ def _compare(terms: dict[str, Term], reference: ReferenceGradients, plan: GramPl
             plan.fallback[name] = f"per-example check{how}: {why}"
 
 
-def _passes(use: Use, where: Where, count: int, reference: ReferenceGradients, n: int, m: int) -> bool:
-    """Whether the examples at ``where`` give autograd's per-example gradients for every parameter of the call (its
-    parameters' only call): how the order of a flattened layout is proven, not guessed."""
+def _passes(use: Use, where: Where, count: int, recording: Recording, reference: ReferenceGradients, n, m) -> bool:
+    """Whether the examples at ``where`` give autograd's per-example gradients for every parameter the call reaches
+    (its only call): how the order of a flattened layout is proven, not guessed."""
     try:
-        factors = _use_factors(use, where, count, n, m)
-        return all(
-            reference.disagreement(at.name, term_of([_of_parameter(use, role, factors[role])], n, m).per_example())
-            is None
-            for role, at in use.params.items()
+        parts = _use_parts(use, where, count, recording, n, m)
+        return bool(parts) and all(
+            reference.disagreement(name, term_of([part], n, m).per_example()) is None for name, _, part in parts
         )
     except Exception:  # this candidate does not fit the call's shapes
         return False
@@ -335,8 +359,7 @@ def _capture(
         x, y = take(inputs, slice(start, start + chunk)), targets[start : start + chunk]
         recording = record_uses(objective, modules, x, y)
         if [use.signature for use in recording.uses] != layout.signatures:
-            _calls_differ(recording, layout, wanted, plan)
-            wheres = [None] * len(recording.uses)
+            wheres = _matched_wheres(recording, layout, wanted, plan)
         else:
             wheres = layout.wheres
         for name, term in _terms(recording, wheres, y.shape[0], wanted, plan, n, m).items():
@@ -345,16 +368,28 @@ def _capture(
     return {name: filler.result() for name, filler in chunks.items() if name not in plan.fallback}
 
 
-def _calls_differ(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> None:
-    """Send to the fallback every parameter whose calls in this chunk are not those of the check."""
-
-    def calls_of(name: str, signatures: list[tuple]) -> list[tuple]:
-        return [s for s in signatures if any(where.name == name for _, where in s[1])]
-
+def _matched_wheres(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> list[Where | None]:
+    """Where each call's examples are, from the check's layout, call by call of each parameter in ``wanted``; a
+    parameter whose calls in this run are not those of the check goes to the fallback (the others stay factored:
+    a parameter used by some batches only does not change the calls of the rest)."""
     seen = [use.signature for use in recording.uses]
+
+    def calls_of(name: str, signatures: list[tuple]) -> list[int]:
+        return [
+            i
+            for i, s in enumerate(signatures)
+            if any(at.name == name for _, at in s[2]) or any(name in d for _, d in s[3])
+        ]
+
+    wheres: list[Where | None] = [None] * len(seen)
     for name in wanted:
-        if calls_of(name, seen) != calls_of(name, layout.signatures):
+        mine, theirs = calls_of(name, seen), calls_of(name, layout.signatures)
+        if [seen[i] for i in mine] != [layout.signatures[j] for j in theirs]:
             plan.fallback.setdefault(name, "its calls differ between the check examples and the probe's")
+            continue
+        for i, j in zip(mine, theirs, strict=True):
+            wheres[i] = layout.wheres[j]
+    return wheres
 
 
 def factored_grams(

@@ -75,14 +75,15 @@ class Objective:
         constants: dict[str, Tensor],
         inputs: Inputs,
         targets: Tensor,
-        wanted: Callable[[], list[Tensor]] | None = None,
+        wanted: Callable[[], tuple[list[Tensor], bool]] | None = None,
     ) -> tuple[Tensor | None, ...]:
         """The summed loss's gradients with respect to ``leaves``, the backward run while they are the model's
         parameters: activation checkpointing recomputes its segments in the backward, with the parameters then in
         place, and must find the same ones as in the forward. ``wanted`` chooses other tensors to differentiate
-        with respect to, once the forward has run (the outputs of recorded operations)."""
+        with respect to, once the forward has run (the outputs of recorded operations), and whether the graph is
+        kept for more backward passes."""
         tensors = self._tensors(leaves, constants, "runner.model.")
-        arguments = (inputs, targets, wanted or (lambda: list(leaves.values())))
+        arguments = (inputs, targets, wanted or (lambda: (list(leaves.values()), False)))
         return functional_call(self.differentiated, tensors, arguments, tie_weights=False)
 
 
@@ -94,9 +95,11 @@ class _Gradients(nn.Module):
         self.runner = runner
         self.loss_fn = loss_fn
 
-    def forward(self, inputs: Inputs, targets: Tensor, wanted: Callable[[], list[Tensor]]) -> tuple[Tensor | None, ...]:
+    def forward(
+        self, inputs: Inputs, targets: Tensor, wanted: Callable[[], tuple[list[Tensor], bool]]
+    ) -> tuple[Tensor | None, ...]:
         loss = self.loss_fn(self.runner(inputs), targets).sum()
-        tensors = wanted()
+        tensors, retain_graph = wanted()
         if not loss.requires_grad or not tensors:  # no differentiated parameter reaches the loss
             return (None,) * len(tensors)
-        return torch.autograd.grad(loss, tensors, allow_unused=True)
+        return torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=retain_graph)

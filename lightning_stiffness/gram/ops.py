@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_stiffness.gram.terms import LazyPositions
 
@@ -667,6 +668,91 @@ class EinsumRule(_ContractionRule):
         return None  # the equation fixes the number of dimensions
 
 
+#: Bytes of output cotangents one batched vector-Jacobian product of :class:`OperationVjp` may take.
+VJP_BYTES = 64 * 1024**2
+
+
+def batched_vjp(
+    output: Tensor, variables: list[Tensor], cotangents: Callable[[int, int], Tensor], count: int
+) -> list[Tensor | None]:
+    """Vector-Jacobian products [count, *v.shape] of ``output`` with respect to each of ``variables``, for the
+    cotangents ``cotangents(start, stop)`` [stop - start, *output.shape], in blocks of :data:`VJP_BYTES`.
+
+    Each block goes through one batched backward (``is_grads_batched``), or one backward per cotangent where the
+    graph's backward cannot be batched. The graph is kept (a tensor may be differentiated again). None for a
+    variable ``output`` does not use.
+    """
+    block = max(1, VJP_BYTES // max(1, output.numel() * output.element_size()))
+    parts: list[tuple[Tensor | None, ...]] = []
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        batch = cotangents(start, stop).to(output.dtype)
+        try:
+            grads = torch.autograd.grad(
+                output, variables, batch, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        except RuntimeError:  # no batching rule for a backward in the graph: one backward per cotangent
+            each = [torch.autograd.grad(output, variables, c, retain_graph=True, allow_unused=True) for c in batch]
+            grads = tuple(None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True))
+        parts.append(grads)
+    return [None if ps[0] is None else torch.cat(ps) for ps in zip(*parts, strict=True)]
+
+
+def masked_vjp(output: Tensor, variables: list[Tensor], backprop: Tensor, dim: int) -> list[Tensor | None]:
+    """Per-example gradients [N, *v.shape] of each of ``variables`` through ``output``: the vector-Jacobian product
+    of each example's slice of ``backprop`` (the output's gradient, examples along ``dim``), zero elsewhere."""
+    n = backprop.shape[dim]
+    shape = [1] * (backprop.dim() + 1)
+    shape[dim + 1] = n
+
+    def cotangents(start: int, stop: int) -> Tensor:
+        onehot = torch.zeros(stop - start, n, dtype=backprop.dtype, device=backprop.device)
+        onehot[torch.arange(stop - start), torch.arange(start, stop)] = 1
+        return backprop.unsqueeze(0) * onehot.reshape(stop - start, *shape[1:])
+
+    return batched_vjp(output, variables, cotangents, n)
+
+
+class OperationVjp(OpRule):
+    """Any other operation with a parameter operand, its examples along a dimension of its output: each example's
+    gradient from a vector-Jacobian product of this one operation, with the output gradient of that example alone.
+
+    The operation is recomputed from its recorded arguments (the others detached), so its cost is that of its own
+    backward for each example, never the model's. Recurrent kernels (``torch.lstm``, ...) are not taken: they run a
+    whole network over the sequence, and the exact whole-model fallback batches them better.
+    """
+
+    def bind(self, args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        return {"leaves": leaves, "spec": spec}
+
+    def example_dims(self, bound, output, count, roles):
+        return [dim for dim in range(output.dim()) if output.shape[dim] == count]
+
+    def factors(self, bound, output, backprop, dim, roles):
+        func = bound["func"]
+        leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in bound["leaves"]]
+        if bound["inplace"]:
+            leaves[0] = leaves[0].clone()
+        variables = {}
+        for role in roles:
+            index = int(role.removeprefix("operand"))
+            variables[role] = leaves[index] = bound["leaves"][index].detach().requires_grad_(True)
+        args, kwargs = tree_unflatten(leaves, bound["spec"])
+        with torch.enable_grad():
+            recomputed = func(*args, **kwargs)
+        grads = masked_vjp(recomputed, list(variables.values()), backprop, dim)
+        return {
+            role: Rows(grad.reshape(grad.shape[0], -1))
+            for role, grad in zip(variables, grads, strict=True)
+            if grad is not None
+        }
+
+
+#: The rule of operations no other rule covers.
+OPERATION_VJP = OperationVjp()
+
+
 def rows_per_example(factors: Factors) -> Tensor:
     """Per-example gradients [N, numel] of one use's factors (for the per-example check and mixed uses)."""
     if isinstance(factors, Rows):
@@ -701,12 +787,14 @@ def factors_numel(factors: Factors) -> int:
 
 
 __all__ = [
+    "OPERATION_VJP",
     "OP_RULES",
     "Factors",
     "OpRule",
     "Positions",
     "Rows",
     "Tokens",
+    "batched_vjp",
     "factors_numel",
     "register_op_rule",
     "rows_per_example",
