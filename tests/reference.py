@@ -6,6 +6,17 @@ import torch
 from torch import Tensor, nn
 
 
+def _count(inputs: Tensor | dict[str, Tensor]) -> int:
+    return next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+
+
+def _forward(model: nn.Module, inputs: Tensor | dict[str, Tensor], i: int) -> Tensor:
+    """The model on example ``i`` alone: a dict of tensors is sliced per key and passed as keywords."""
+    if isinstance(inputs, dict):
+        return model(**{key: value[i : i + 1] for key, value in inputs.items()})
+    return model(inputs[i : i + 1])
+
+
 def reference_gradients(
     model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable | None = None, params=None
 ) -> Tensor:
@@ -17,8 +28,8 @@ def reference_gradients(
     for p in chosen:
         p.requires_grad_(True)
     rows = []
-    for i in range(inputs.shape[0]):
-        loss = loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]).sum()
+    for i in range(_count(inputs)):
+        loss = loss_fn(_forward(model, inputs, i), targets[i : i + 1]).sum()
         grads = torch.autograd.grad(loss, chosen, allow_unused=True)
         rows.append(
             torch.cat(

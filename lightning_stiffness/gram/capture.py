@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_stiffness.gram.inputs import Inputs
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import OP_RULES, OPERATION_VJP, OpRule
+from lightning_stiffness.gram.ops import OP_RULES, OPERATION_VJP, OpRule, repeat_sizes
 from lightning_stiffness.gram.rules import GramRule
 
 
@@ -56,6 +56,7 @@ class Use:
     module: nn.Module | None = None
     hooked: Tensor | None = None  # the output's gradient as its hook saw it (before any in-place change)
     derived: dict[str, "Derived"] = field(default_factory=dict)  # operands computed from parameters, by role
+    op: str = ""  # the operation's name, for the plan: ``F.linear``, ``Tensor.__add__``, a module's class
 
     def __post_init__(self) -> None:
         # A hook registered now receives the gradient with respect to the output as the call returned it, even when
@@ -240,7 +241,8 @@ class _Recorder(TorchFunctionMode):
             return output
         params, derived = self._operands(rule, bound)
         if (params or derived) and isinstance(output, Tensor) and output.requires_grad:
-            self.recording.uses.append(Use(rule, bound, params, output, output._version, derived=derived))
+            use = Use(rule, bound, params, output, output._version, derived=derived, op=_qualified(func))
+            self.recording.uses.append(use)
         return output
 
     def record_operation(self, func: Callable[..., Any], args: tuple, kwargs: dict, output: Any = None) -> Any:
@@ -264,7 +266,8 @@ class _Recorder(TorchFunctionMode):
                 derived[role] = Derived(len(self.recording.derived) - 1, self.sources(leaf))
         if params or derived:
             bound.update(func=func, inplace=_is_inplace(func))
-            self.recording.uses.append(Use(OPERATION_VJP, bound, params, output, output._version, derived=derived))
+            use = Use(OPERATION_VJP, bound, params, output, output._version, derived=derived, op=_qualified(func))
+            self.recording.uses.append(use)
         return output
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -289,9 +292,14 @@ class _Recorder(TorchFunctionMode):
         return output
 
     def _expands_over_examples(self, func: Callable[..., Any], args: tuple, output: Any) -> bool:
-        """Whether the call expands a tensor over the examples (``cls_token.expand(N, -1, -1)``, a buffer of token
-        type ids expanded to [N, T]): a dimension of the batch's size where the tensor had size 1 or none."""
-        if func is not Tensor.expand or not isinstance(output, Tensor) or not isinstance(args[0], Tensor):
+        """Whether the call expands or tiles a tensor over the examples (``cls_token.expand(N, -1, -1)``, a buffer of
+        token type ids expanded to [N, T], DeBERTa's position keys ``.repeat(N, 1, 1)``): a dimension of the batch's
+        size where the tensor had size 1 or none, or repeated as many times as there are examples."""
+        if not isinstance(output, Tensor) or not isinstance(args[0], Tensor):
+            return False
+        if func is Tensor.repeat:  # tiled: each example gets one copy (DeBERTa's relative position keys)
+            return self.count in repeat_sizes(args)
+        if func is not Tensor.expand:
             return False
         source = args[0]
         offset = output.dim() - source.dim()
@@ -330,6 +338,17 @@ def _name(func: Callable[..., Any]) -> str:
     return getattr(func, "__name__", None) or repr(func)
 
 
+def _qualified(func: Callable[..., Any]) -> str:
+    """``F.linear``, ``Tensor.__add__``, ``torch.matmul``: the operation as a user writes it."""
+    name = _name(func)
+    qualname = getattr(func, "__qualname__", "") or ""
+    if qualname.startswith(("Tensor.", "TensorBase.", "_TensorBase.")):
+        return f"Tensor.{name}"
+    if getattr(F, name, None) is func:
+        return f"F.{name}"
+    return f"torch.{name}" if getattr(torch, name, None) is func else name
+
+
 def record_uses(
     objective: Objective,
     module_rules: dict[str, tuple[nn.Module, GramRule, dict[str, str]]],
@@ -357,7 +376,8 @@ def record_uses(
             if isinstance(first, Tensor) and isinstance(output, Tensor) and output.requires_grad:
                 bound = {"input": first.detach()}
                 slices = {local: ParamSlice(full) for local, full in params.items()}
-                recording.uses.append(Use(rule, bound, slices, output, output._version, module=mod))
+                use = Use(rule, bound, slices, output, output._version, module=mod, op=type(mod).__name__)
+                recording.uses.append(use)
             else:
                 for full in params.values():
                     recording.unsupported[full] = "its module was called without one tensor input and output"

@@ -38,7 +38,7 @@ from lightning_stiffness.gram.capture import Derived, Recording, Use, record_use
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import Rows, batched_vjp, rows_per_example, transposed_factors
+from lightning_stiffness.gram.ops import OPERATION_VJP, Rows, batched_vjp, rows_per_example, transposed_factors
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
 
@@ -59,16 +59,25 @@ class GramPlan:
         forms: parameter name -> the factored form its rule used (``outer``, ``flat``, ``ghost``, ``materialised``,
             ``materialised-blocked``), or the exact engine that computed it instead (``torch.func``, ``loop``).
         fallback: parameter name -> why no factored rule computed it.
+        calls: factored parameter name -> the operations its per-example gradients come from: ``F.linear``,
+            ``torch.addmm``; ``Tensor.__add__ through a tensor computed from it`` where the parameter meets the
+            examples through a tensor computed from it and no example (a position embedding looked up with [1, T]
+            ids, a bias table indexed by a buffer), its gradients chained back from there; ``torch.cdist (its own
+            vjp)`` where no rule has a factored form and that operation's vector-Jacobian product alone gives them.
     """
 
     forms: dict[str, str] = field(default_factory=dict)
     fallback: dict[str, str] = field(default_factory=dict)
+    calls: dict[str, list[str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [
-            f"  {name}: {form}" + (f" ({self.fallback[name]})" if name in self.fallback else "")
-            for name, form in self.forms.items()
-        ]
+        lines = []
+        for name, form in self.forms.items():
+            if name in self.fallback:
+                lines.append(f"  {name}: {form} ({self.fallback[name]})")
+            else:
+                calls = self.calls.get(name)
+                lines.append(f"  {name}: {form}" + (f" via {', '.join(calls)}" if calls else ""))
         return "gram plan:\n" + "\n".join(lines)
 
 
@@ -225,6 +234,11 @@ def _terms(
                 plan.fallback.setdefault(name, f"its rule raised {type(error).__name__}: {error}")
             continue
         for name, rows, part in parts:
+            call = use.op + (" (its own vjp)" if use.rule is OPERATION_VJP else "")
+            if name not in {at.name for at in use.params.values()}:
+                call += " through a tensor computed from it"
+            if call not in plan.calls.setdefault(name, []):
+                plan.calls[name].append(call)
             if _num_examples(part) != count:
                 plan.fallback.setdefault(name, f"a call gives {count} examples another number of rows")
             else:
@@ -451,6 +465,7 @@ def factored_grams(
         if progress is not None:
             progress(len(grams), len(grams))
     plan.forms = {name: plan.forms[name] for name in objective.params if name in plan.forms}
+    plan.calls = {name: plan.calls[name] for name in plan.forms if name in plan.calls and name not in plan.fallback}
     log.debug("%s", plan)
     return grams, plan
 

@@ -402,11 +402,14 @@ class _BroadcastRule(OpRule):
         return [dim for dim in self._broadcast_dims(bound, output, roles) if output.shape[dim] == count]
 
     def flattened(self, bound, output, roles):
-        # The operand that carries the examples, when it has the output's shape (it is unflattened with it).
+        # The operand that carries the examples, unflattened with the output along a dimension where both have the
+        # output's size (it may be broadcast along others: a [N * windows, 1, T, T] mask beside [1, H, T, T] biases).
         for role in self.roles:
             value = bound.get(role)
-            if role not in roles and isinstance(value, Tensor) and value.shape == output.shape:
-                return role, self._broadcast_dims(bound, output, roles)
+            if role not in roles and isinstance(value, Tensor) and value.dim() == output.dim():
+                dims = [d for d in self._broadcast_dims(bound, output, roles) if value.shape[d] == output.shape[d]]
+                if dims:
+                    return role, dims
         return None
 
     def _reduced(self, grad: Tensor, parameter: Tensor, dim: int) -> Rows:
@@ -458,6 +461,40 @@ class ExpandRule(_BroadcastRule):
 
     def factors(self, bound, output, backprop, dim, roles):
         return {"input": self._reduced(backprop, bound["input"], dim)}
+
+
+def repeat_sizes(args: tuple) -> tuple[int, ...]:
+    """``Tensor.repeat``'s repeats, given as ``x.repeat(2, 3)`` or ``x.repeat((2, 3))``."""
+    sizes = args[1:]
+    return tuple(sizes[0]) if len(sizes) == 1 and not isinstance(sizes[0], int) else tuple(sizes)
+
+
+@register_op_rule(Tensor.repeat)
+class RepeatRule(OpRule):
+    """A parameter (or a tensor computed from parameters) tiled over the examples: ``x.repeat(N, 1, 1)``, as
+    DeBERTa tiles its [heads, 2k, d] relative position keys to [N * heads, 2k, d] beside the queries.
+
+    The examples are the repeats of one dimension (each example's copy of ``x`` is one block of it), so each
+    example's gradient is the output gradient of its block, summed over the other dimensions' repeats.
+    """
+
+    roles = ("input",)
+
+    def bind(self, args, kwargs):
+        return {"input": args[0], "sizes": repeat_sizes(args)} if not kwargs else None
+
+    def example_dims(self, bound, output, count, roles):
+        return [dim for dim, repeats in enumerate(bound["sizes"]) if repeats == count]
+
+    def factors(self, bound, output, backprop, dim, roles):
+        sizes, x = bound["sizes"], bound["input"]
+        shape = [1] * (len(sizes) - x.dim()) + list(x.shape)
+        tiles = backprop.reshape([part for r, s in zip(sizes, shape, strict=True) for part in (r, s)])
+        per_example = tiles.movedim(2 * dim, 0)
+        # The other repeats' axes, 2 d in ``tiles``, one further on before ``dim``'s (moved to the front).
+        others = [2 * d + (d < dim) for d in range(len(sizes)) if d != dim]
+        per_example = per_example.sum(dim=others) if others else per_example
+        return {"input": Rows(per_example.reshape(per_example.shape[0], -1))}
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
