@@ -1,8 +1,11 @@
 """The factored Gram engine: one batched forward and backward, every parameter use recorded, Gram matrices summed.
 
-:mod:`.capture` records each call of an operation with a rule (:mod:`.ops`: ``F.linear``, convolutions,
-``F.embedding``, the norms, a parameter added, multiplied or expanded), whichever module makes it, and each call of a
-module with a user rule (:mod:`.rules`), with the gradient of the summed loss with respect to its output. Examples
+:mod:`.capture` records each call of an operation with a rule (:mod:`.ops`: ``F.linear``, the products,
+convolutions, ``F.embedding``, the norms, a parameter added, multiplied, expanded or tiled; any other operation by its
+own vector-Jacobian product) where a parameter, or a tensor computed from parameters alone, meets the examples,
+whichever module makes it, and each call of a module with a user rule (:mod:`.rules`), with the gradient of the summed
+loss with respect to its output. A derived operand's per-example gradients are carried back to its parameters through
+its own small graph. Examples
 are independent in eval mode, so the slice of that gradient along the examples' dimension is each example's own.
 Each use becomes factors; a parameter's uses join into one term per chunk (:mod:`.assemble`), and the terms' Gram
 matrices sum to the parameter's.
@@ -14,10 +17,10 @@ dimensions are used for the probe's chunks, whose uses must come in the same ord
 parameter goes to an exact fallback (torch.func, or the loop where torch.func cannot run the model), with the reason
 in the plan, when:
 
-- no recorded call uses it (no rule for the operation: RNN kernels, a raw ``matmul``), or a call's settings are not
-  covered (grouped convolutions, ``max_norm`` embeddings), or the output of its call is modified in place;
-- no dimension of a call's input holds the examples (time steps flattened into the batch, a tensor broadcast over
-  the batch), or the calls differ between the check and the probe;
+- no recorded call uses it (a recurrent kernel, a custom ``autograd.Function``), or a call's settings are not
+  covered (``max_norm`` embeddings), or the output of its call is modified in place;
+- no dimension of a call's output holds the examples (nor one flattened with other positions, tried in both orders),
+  or the calls differ between the check and the probe;
 - its per-example gradients on the check examples differ from autograd's (used somewhere no rule sees as well).
 """
 
