@@ -76,6 +76,19 @@ class EllipsisEinsum(nn.Module):
         return self.head(torch.tanh(torch.einsum("...d,de->...e", x, self.weight)).mean(dim=1))
 
 
+class ThreeOperandEinsum(nn.Module):
+    """An ``einsum`` of the examples and two parameters: no factored form, each operand's vjp of that call alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(D, 5) / 2)
+        self.b = nn.Parameter(torch.randn(5, 4) / 2)
+        self.head = nn.Linear(4, CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.einsum("ntd,de,ef->ntf", x, self.a, self.b)).mean(dim=1))
+
+
 def _conv_net(dims: int, **conv) -> nn.Module:
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
@@ -192,6 +205,7 @@ CASES = {
         {"qkv.weight": "torch.addmm", "per_head": "torch.einsum", "out": "torch.mm", "head.weight": "through"},
     ),
     "einsum_ellipsis": (EllipsisEinsum, SEQUENCE, {"weight": "torch.einsum"}),
+    "einsum_three_operands": (ThreeOperandEinsum, SEQUENCE, {"a": "torch.einsum (its own vjp)", "b": "(its own vjp)"}),
     "grouped_conv1d_stride_dilation": (lambda: _conv_net(1, stride=2, dilation=2, groups=2), (4, 13), {}),
     "grouped_conv2d_stride_dilation": (lambda: _conv_net(2, stride=2, dilation=2, groups=2), (4, 9, 9), {}),
     "grouped_conv3d_stride": (lambda: _conv_net(3, stride=(1, 2, 2), groups=2, padding=1), (4, 4, 6, 6), {}),

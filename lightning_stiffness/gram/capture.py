@@ -240,10 +240,12 @@ class _Recorder(TorchFunctionMode):
             return output
         rule = OP_RULES[func]
         bound = rule.bind(args, kwargs)
+        if bound is None and rule.own_vjp:  # settings with no factored form (a 3-operand einsum): its own vjp
+            return self.record_operation(func, args, kwargs, output)
         if bound is None:
             for value in arguments:
                 for name in self.sources(value):
-                    why = f"{_name(func)} with settings no rule covers (a max_norm embedding, ...)"
+                    why = f"{_qualified(func)} with {rule.uncovered}"
                     self.recording.unsupported[name] = why
             return output
         params, derived = self._operands(rule, bound)

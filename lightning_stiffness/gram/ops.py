@@ -64,10 +64,16 @@ class OpRule:
         batched: for rules that apply the same map at every leading index of an argument (``F.linear``,
             ``F.embedding``, ``F.layer_norm``), that argument's name; their examples may also be found inside a
             leading dimension that flattens them with other positions ([N * T, d] or [T * N, d]).
+        uncovered: what :meth:`bind` refuses, for the plan's reason when it returns None.
+        own_vjp: whether a call :meth:`bind` refuses may still get its per-example gradients from its own
+            vector-Jacobian product (:class:`OperationVjp`): not where recomputing the call would write to the
+            parameter (a ``max_norm`` embedding) or its gradient depends on the whole batch (``scale_grad_by_freq``).
     """
 
     roles: tuple[str, ...] = ()
     batched: str | None = None
+    uncovered: str = "settings its rule does not cover"
+    own_vjp: bool = True
 
     def leading_dims(self, bound: dict[str, Any]) -> range:
         """The dimensions of the ``batched`` argument the map is applied over (where examples may be flattened)."""
@@ -253,6 +259,8 @@ class ConvolutionRule(OpRule):
 class EmbeddingRule(OpRule):
     roles = ("weight",)
     batched = "input"
+    uncovered = "max_norm (renormalises the table in place) or scale_grad_by_freq (scales by the batch's counts)"
+    own_vjp = False
 
     def leading_dims(self, bound):
         return range(bound["input"].dim())
@@ -683,6 +691,8 @@ class AddmmRule(_ContractionRule):
 @register_op_rule(torch.einsum)
 class EinsumRule(_ContractionRule):
     """``torch.einsum`` of two operands, one of them a parameter (per-head projections, bilinear forms)."""
+
+    uncovered = "more than two operands, or an equation its rule cannot read"
 
     def bind(self, args, kwargs):
         if not args or not isinstance(args[0], str):
