@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_stiffness.gram.inputs import Inputs
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import OP_RULES, OPERATION_VJP, OpRule, repeat_sizes
+from lightning_stiffness.gram.ops import OP_RULES, OPERATION_VJP, OpRule, size_arguments
 from lightning_stiffness.gram.rules import GramRule
 
 
@@ -307,7 +307,7 @@ class _Recorder(TorchFunctionMode):
         if not isinstance(output, Tensor) or not isinstance(args[0], Tensor):
             return False
         if func is Tensor.repeat:  # tiled: each example gets one copy (DeBERTa's relative position keys)
-            return self.count in repeat_sizes(args)
+            return self.count in size_arguments(args)
         if func is not Tensor.expand:
             return False
         source = args[0]

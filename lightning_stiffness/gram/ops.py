@@ -457,24 +457,21 @@ class MulRule(_BroadcastRule):
         return out
 
 
+def size_arguments(args: tuple) -> tuple[int, ...]:
+    """The sizes of ``Tensor.expand`` or ``Tensor.repeat``, given as ``x.repeat(2, 3)`` or ``x.repeat((2, 3))``."""
+    sizes = args[1:]
+    return tuple(sizes[0]) if len(sizes) == 1 and not isinstance(sizes[0], int) else tuple(sizes)
+
+
 @register_op_rule(Tensor.expand)
 class ExpandRule(_BroadcastRule):
     roles = ("input",)
 
     def bind(self, args, kwargs):
-        sizes = args[1:]
-        if len(sizes) == 1 and not isinstance(sizes[0], int):
-            sizes = tuple(sizes[0])
-        return {"input": args[0], "sizes": sizes}
+        return {"input": args[0], "sizes": size_arguments(args)}
 
     def factors(self, bound, output, backprop, dim, roles):
         return {"input": self._reduced(backprop, bound["input"], dim)}
-
-
-def repeat_sizes(args: tuple) -> tuple[int, ...]:
-    """``Tensor.repeat``'s repeats, given as ``x.repeat(2, 3)`` or ``x.repeat((2, 3))``."""
-    sizes = args[1:]
-    return tuple(sizes[0]) if len(sizes) == 1 and not isinstance(sizes[0], int) else tuple(sizes)
 
 
 @register_op_rule(Tensor.repeat)
@@ -489,7 +486,7 @@ class RepeatRule(OpRule):
     roles = ("input",)
 
     def bind(self, args, kwargs):
-        return {"input": args[0], "sizes": repeat_sizes(args)} if not kwargs else None
+        return {"input": args[0], "sizes": size_arguments(args)} if not kwargs else None
 
     def example_dims(self, bound, output, count, roles):
         return [dim for dim, repeats in enumerate(bound["sizes"]) if repeats == count]
