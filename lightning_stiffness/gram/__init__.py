@@ -223,7 +223,9 @@ def gram_plan(
 
     The run takes the first examples the per-example check uses (three), so the plan is the one ``gradient_gram``
     follows on the same model and layouts. Its ``forms`` name each parameter's factored form or exact engine, and
-    ``fallback`` why a parameter is not factored. Arguments as for :func:`gradient_gram`.
+    ``fallback`` why a parameter is not factored, and ``calls`` which operations
+    its per-example gradients came from (an operation without a factored rule, such as ``F.bilinear``, gives them from
+    its own vjp). Arguments as for :func:`gradient_gram`.
 
     Example::
 
@@ -235,8 +237,8 @@ def gram_plan(
         >>> plan.forms
         {'0.weight': 'tokens', '2.weight': 'outer', '2.bias': 'flat'}
         >>> bilinear = nn.Bilinear(3, 3, 2)
-        >>> gram_plan(bilinear, (torch.randn(3, 3), torch.randn(3, 3)), torch.tensor([0, 1, 0])).forms
-        {'weight': 'torch.func', 'bias': 'torch.func'}
+        >>> gram_plan(bilinear, (torch.randn(3, 3), torch.randn(3, 3)), torch.tensor([0, 1, 0])).calls
+        {'weight': ['F.bilinear (its own vjp)'], 'bias': ['F.bilinear (its own vjp)']}
     """
     setup = _Setup(model, params, loss_fn, forward_fn)
     check_examples(inputs, targets, "inputs", "targets")
