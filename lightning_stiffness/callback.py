@@ -26,14 +26,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.compat import lightning_classes
 from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
 from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.exceptions import is_expected, strict_default
 from lightning_stiffness.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
-from lightning_stiffness.failures import is_expected, strict_default
 from lightning_stiffness.gram import METHODS
-from lightning_stiffness.gram.validation import default_loss_fn
+from lightning_stiffness.gram.validation import check_choice, check_int, default_loss_fn
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
 from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter, run_directory

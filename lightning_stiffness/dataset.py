@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stiffness.checks import check_int
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.buffers import untouched_buffers
 from lightning_stiffness.gram.inputs import (
@@ -37,7 +36,7 @@ from lightning_stiffness.gram.inputs import (
     take,
     tensors,
 )
-from lightning_stiffness.gram.validation import LossFn, default_loss_fn, select_parameters
+from lightning_stiffness.gram.validation import LossFn, check_int, default_loss_fn, select_parameters
 
 __all__ = ["class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor
 
-from lightning_stiffness.failures import FailedElsewhere, is_expected
+from lightning_stiffness.exceptions import AgreedFailure, FailedElsewhere, is_expected
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -30,14 +30,6 @@ def row_span(total: int, world_size: int, rank: int) -> slice:
     base, extra = divmod(total, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
-
-
-class AgreedFailure(RuntimeError):
-    """All processes have agreed that a probe failed (``cause`` says where and why); no more agreement is due."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
 
 
 class Communicator:

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stiffness.checks import check_int
 from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
 from lightning_stiffness.dataset import class_sums_to_matrix, dataset_class_sums
 from lightning_stiffness.distributed import Communicator
-from lightning_stiffness.failures import is_expected
+from lightning_stiffness.exceptions import is_expected
 from lightning_stiffness.functional import within_between
+from lightning_stiffness.gram.validation import check_int
 from lightning_stiffness.groups import ClassGroups, check_class_groups, group_matrix, group_means, resolve_groups
 from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw_weights
 from lightning_stiffness.measure import StiffnessResult

@@ -25,9 +25,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.dataset import dataset_class_stiffness
 from lightning_stiffness.gram import METHODS, gradient_gram
+from lightning_stiffness.gram.validation import check_choice, check_int
 from lightning_stiffness.names import DISTANCE_METRICS
 from lightning_stiffness.representations import layer_outputs
 

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_stiffness.checks import check_choice, check_int
 from lightning_stiffness.functional import (
     DistanceCurve,
     LineFitSums,
@@ -28,6 +27,7 @@ from lightning_stiffness.functional import (
     mean_or_nan,
     sign_stiffness,
 )
+from lightning_stiffness.gram.validation import check_choice, check_int
 from lightning_stiffness.names import KINDS
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
+from lightning_stiffness.exceptions import ProbeDataError
 from lightning_stiffness.gram.inputs import Inputs, num_examples, take
 
 BatchToXY = Callable[[Any], tuple[Any, Any]]
@@ -27,10 +28,6 @@ LABEL_CHUNK = 256
 
 #: Label keys looked for, in this order, when a batch is a dict.
 TARGET_KEYS = ("y", "label", "labels", "target", "targets")
-
-
-class ProbeDataError(ValueError):
-    """The data cannot be probed: no labels, non-integer labels, an unreadable item layout."""
 
 
 def default_batch_to_xy(batch: Any) -> tuple[Any, Any]:

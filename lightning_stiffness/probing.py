@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_stiffness.context import Progress
 from lightning_stiffness.distributed import Communicator
-from lightning_stiffness.failures import ProbeSkipped
+from lightning_stiffness.exceptions import ProbeSkipped
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take, tensors
 from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from lightning_stiffness.exceptions import ReportError
 from lightning_stiffness.intervals import interval_series
 from lightning_stiffness.measure import StiffnessResult
 from lightning_stiffness.names import (
@@ -47,10 +48,6 @@ from lightning_stiffness.names import (
     probe_label,
 )
 from lightning_stiffness.plots import STIFFNESS_CMAP, new_figure
-
-
-class ReportError(ValueError):
-    """Nothing to report: a path without saved results, or a choice the results do not have."""
 
 
 @dataclass

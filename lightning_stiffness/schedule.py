@@ -14,7 +14,7 @@ Example::
     False
 """
 
-from lightning_stiffness.checks import check_int
+from lightning_stiffness.gram.validation import check_int
 
 
 def _checked_list(values: list[int] | None, name: str, minimum: int) -> tuple[int, ...] | None:

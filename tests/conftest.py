@@ -3,7 +3,7 @@ instead of becoming a warning while every probe is skipped."""
 
 import os
 
-from lightning_stiffness.failures import STRICT_ENV
+from lightning_stiffness.exceptions import STRICT_ENV
 
 # Set at import (before any callback is built) and inherited by the processes DDP tests start.
 os.environ[STRICT_ENV] = "1"

@@ -322,7 +322,7 @@ def test_unexpected_failure_is_skipped_when_not_strict(tmp_path):
 
 
 def test_strict_mode_follows_the_environment(monkeypatch):
-    from lightning_stiffness.failures import STRICT_ENV
+    from lightning_stiffness.exceptions import STRICT_ENV
 
     monkeypatch.setenv(STRICT_ENV, "0")
     assert StiffnessCallback().strict is False and StiffnessCallback(strict=True).strict is True

@@ -1,10 +1,12 @@
-"""Argument checks shared by the Gram engines.
+"""Argument checks shared by the Gram engines and by the rest of the package (the functional measures, the metrics,
+the callback, which turns them into ``MisconfigurationException``).
 
 Every check raises ``ValueError`` naming the argument and what was expected, so that a wrong call fails at once
-with a message the caller can act on instead of producing a silently wrong Gram matrix.
+with a message the caller can act on instead of producing a silently wrong Gram matrix. This module imports nothing
+of the package outside :mod:`lightning_stiffness.gram`, so the engines stay self-contained.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +19,42 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # Modules whose output for one example depends on the other examples of the batch, or on random draws, when the
 # module is in training mode. Per-example gradients are not defined for them, so we refuse instead of guessing.
 _TRAIN_MODE_COUPLED = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.AlphaDropout)
+
+
+def check_int(value: Any, name: str, minimum: int = 1, alternative: str = "") -> int:
+    """``value`` when it is an integer (not a bool) of at least ``minimum``.
+
+    Args:
+        value: the argument.
+        name: the argument's name, for the message.
+        minimum: the smallest value allowed.
+        alternative: what else the argument may be, for the message (``"or a tensor of edges"``).
+
+    Raises:
+        ValueError: naming the argument, what it must be and what it was.
+
+    Example::
+
+        >>> check_int(0, "bins")
+        Traceback (most recent call last):
+        ...
+        ValueError: `bins` must be a positive integer, got 0.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"`{name}` must be {wanted}{' ' + alternative if alternative else ''}, got {value!r}.")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
+    """``value`` when it is one of ``choices``.
+
+    Raises:
+        ValueError: naming the argument, the choices and what it was.
+    """
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value
 
 
 def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:

@@ -1,9 +1,12 @@
-"""Which probe failures are expected (skipped with a warning) and which are errors (raised in strict mode).
+"""Every exception the package raises on purpose, and which probe failures are expected.
 
 A probe must not stop training for what can happen to any model: a non-finite loss, running out of memory, or such a
 failure on another process. Anything else is a bug, here or in the user's code; ``StiffnessCallback(strict=True)``
 raises it (the test suite turns strict mode on through the ``LIGHTNING_STIFFNESS_STRICT`` environment variable), and
 otherwise it is skipped with a warning as well.
+
+Wrong arguments raise ``ValueError`` naming the argument (:mod:`lightning_stiffness.gram.validation`); the callback
+turns them into Lightning's ``MisconfigurationException``.
 """
 
 import os
@@ -24,6 +27,22 @@ class FailedElsewhere(RuntimeError):
     def __init__(self, message: str, expected: bool) -> None:
         super().__init__(message)
         self.expected = expected
+
+
+class AgreedFailure(RuntimeError):
+    """All processes have agreed that a probe failed (``cause`` says where and why); no more agreement is due."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class ProbeDataError(ValueError):
+    """The data cannot be probed: no labels, non-integer labels, an unreadable item layout."""
+
+
+class ReportError(ValueError):
+    """Nothing to report: a path without saved results, or a choice the results do not have."""
 
 
 def is_expected(error: BaseException) -> bool:
