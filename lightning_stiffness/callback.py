@@ -33,7 +33,8 @@ from lightning_stiffness.exceptions import is_expected, strict_default
 from lightning_stiffness.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
 from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import check_choice, check_int, default_loss_fn
-from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.measures.representations import check_layer_names
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
 from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter, run_directory
 from lightning_stiffness.probe import (
@@ -45,7 +46,6 @@ from lightning_stiffness.probe import (
     resolve_callable,
 )
 from lightning_stiffness.probing import ProbeOptions, measure_probe
-from lightning_stiffness.representations import check_layer_names
 from lightning_stiffness.schedule import ProbeSchedule
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -68,7 +68,7 @@ class StiffnessCallback(Callback):
         every_n_steps: probe after every n-th optimiser step. A step is never probed twice.
         probe_at_start: probe once when training starts, before the first optimiser step ("initialisation").
         kinds: stiffness kinds to measure, among ``"cosine"`` and ``"sign"``. Default: both.
-        method: Gram engine, see :func:`lightning_stiffness.functional.gradient_gram`.
+        method: Gram engine, see :func:`lightning_stiffness.gram.gradient_gram`.
         chunk_size: examples per block of per-example gradients (bounds memory); default from a memory budget.
         seed: seed of the callback's own generator, which draws the probe examples.
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``, a callable or an import path

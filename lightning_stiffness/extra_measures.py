@@ -8,25 +8,23 @@ at the global step, a raw file ``dataset-epoch=E-step=S.pt`` beside the probes')
 """
 
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
-from lightning_stiffness.dataset import class_sums_to_matrix, dataset_class_sums
 from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.exceptions import is_expected
-from lightning_stiffness.functional import within_between
 from lightning_stiffness.gram.validation import check_int
-from lightning_stiffness.groups import ClassGroups, check_class_groups, group_matrix, group_means, resolve_groups
-from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw_weights
-from lightning_stiffness.measure import StiffnessResult
-from lightning_stiffness.names import PAIRS, PREFIX, dataset_class_tag, dataset_raw_file_name, kind_key
+from lightning_stiffness.measures.batches import default_batch_to_xy
+from lightning_stiffness.measures.groups import ClassGroups, add_group_measures, check_class_groups, resolve_groups
+from lightning_stiffness.measures.intervals import add_intervals
+from lightning_stiffness.measures.result import StiffnessResult
+from lightning_stiffness.measures.whole_dataset import DatasetResult, class_sums_to_matrix, dataset_class_sums
+from lightning_stiffness.names import PREFIX
 from lightning_stiffness.plots import dataset_specs
-from lightning_stiffness.probe import default_batch_to_xy
 
 #: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
 #: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%
@@ -85,22 +83,12 @@ class ExtraMeasures:
         """Add the bootstrap intervals, the bands around its distance curves (the same draws) and the class-group
         measures to a probe's ``result`` (from its matrices)."""
         if self.num_bootstrap > 0 and result.stiffness:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + result.step) % 2**63)
-            weights = draw_weights(result.labels, self.num_bootstrap, generator)  # one set of draws for both
-            distances = {**result.distances, **result.layer_distances}
-            result.intervals = bootstrap_intervals(
-                result.stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes,
-                self.num_bootstrap, generator, self.prefix, weights=weights,
-            )  # fmt: skip
-            edges = {key: sides["within"].edges for key, sides in {**result.curves, **result.layer_curves}.items()}
-            result.curve_intervals = curve_bands(
-                result.stiffness, distances, edges, result.labels, result.xi_kind, weights
-            )
+            add_intervals(result, self.num_bootstrap, self.seed, self.prefix)
         if self.class_groups is not None and result.stiffness:
             add_group_measures(result, self.class_groups)
         return result
 
-    def measure_dataset(self, callback: Any, trainer: Any, pl_module: nn.Module) -> "DatasetResult | None":
+    def measure_dataset(self, callback: Any, trainer: Any, pl_module: nn.Module) -> DatasetResult | None:
         """At the end of a due epoch: the whole training set's class matrix (each process its shard, sums reduced),
         its scalars to every logger at the global step, and its raw file. A failure is skipped like a probe's."""
         epoch, step = trainer.current_epoch, trainer.global_step
@@ -128,30 +116,6 @@ class ExtraMeasures:
         return result
 
 
-@dataclass
-class DatasetResult:
-    """Exact cosine class stiffness over every pair of the training set (:func:`~lightning_stiffness.functional.
-    dataset_class_stiffness`), measured at the end of ``epoch`` (global step ``step``), in ``seconds``."""
-
-    epoch: int
-    step: int
-    class_matrix: Tensor
-    seconds: float = float("nan")
-
-    def scalars(self, prefix: str = PREFIX) -> dict[str, float]:
-        within, between = within_between(self.class_matrix)
-        return {dataset_class_tag("within", prefix): within, dataset_class_tag("between", prefix): between}
-
-    def save(self, directory: Path) -> Path:
-        """``{directory}/dataset-epoch=E-step=S.pt`` (a dict of the fields; loads with ``weights_only=True``)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / dataset_raw_file_name(self.epoch, self.step)
-        partial = target.with_name(target.name + ".tmp")
-        torch.save(asdict(self), partial)
-        partial.replace(target)
-        return target
-
-
 def _local_sums(callback: Any, trainer: Any, model: nn.Module, progress: Any) -> tuple[Tensor, Tensor]:
     options = callback._options
     to_xy, convert = callback._batch_to_xy or default_batch_to_xy, trainer.precision_plugin.convert_input
@@ -165,25 +129,6 @@ def _local_sums(callback: Any, trainer: Any, model: nn.Module, progress: Any) ->
         batch_to_xy=converted_xy, forward_fn=getattr(options, "forward_fn", None), method=options.method,
         chunk_size=options.chunk_size, progress=progress,
     )  # fmt: skip
-
-
-def add_group_measures(result: StiffnessResult, class_groups: ClassGroups) -> None:
-    """Group matrices and the two group scalars of each pair and kind, from the result's stiffness matrices.
-
-    Raises:
-        ValueError: when ``class_groups`` does not fit the result's classes.
-    """
-    groups = resolve_groups(class_groups, result.num_classes)
-    result.group_names = groups.names
-    for pair, (rows, cols) in PAIRS.items():
-        if pair not in result.distances:
-            continue
-        for kind in result.kinds:
-            key = kind_key(pair, kind)
-            labels2 = None if rows == cols else result.labels[cols]
-            result.group_matrices[key] = group_matrix(result.stiffness[key], result.labels[rows], labels2, groups)
-            means = group_means(result.class_matrices[key], groups)
-            result.between_class_within_group[key], result.between_groups[key] = means
 
 
 def _reduced(comm: Communicator, tensor: Tensor) -> Tensor:

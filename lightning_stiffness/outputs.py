@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_stiffness.image_routes import ImageRoutes
-from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import PREFIX, image_file, probe_label, probe_seconds_tag, raw_file_name
 from lightning_stiffness.plots import probe_specs
 from lightning_stiffness.rendering import Renderer

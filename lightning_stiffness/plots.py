@@ -22,7 +22,7 @@ from lightning_stiffness.figures import (
     Painter,
     XiBarsSpec,
 )
-from lightning_stiffness.functional import DistanceCurve, within_between
+from lightning_stiffness.measures.functional import DistanceCurve, within_between
 from lightning_stiffness.names import (
     FITS,
     PAIRS,
@@ -42,7 +42,7 @@ from lightning_stiffness.names import (
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from lightning_stiffness.measure import StiffnessResult
+    from lightning_stiffness.measures.result import StiffnessResult
 
 __all__ = ["DPI", "STIFFNESS_CMAP", "new_figure", "probe_images", "probe_specs"]
 

@@ -20,42 +20,12 @@ from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 from lightning_stiffness.exceptions import ProbeDataError
 from lightning_stiffness.gram.inputs import Inputs, num_examples, take
+from lightning_stiffness.measures.batches import default_batch_to_xy
 
 BatchToXY = Callable[[Any], tuple[Any, Any]]
 Collate = Callable[[list[Any]], Any]
 #: Items collated at a time when labels must be read from the items themselves.
 LABEL_CHUNK = 256
-
-#: Label keys looked for, in this order, when a batch is a dict.
-TARGET_KEYS = ("y", "label", "labels", "target", "targets")
-
-
-def default_batch_to_xy(batch: Any) -> tuple[Any, Any]:
-    """``(x, y)`` from a collated batch (or a dataset item): a tuple's or list's first two entries, or a dict's label
-    and everything else.
-
-    For a dict, ``y`` is the entry under the first of ``TARGET_KEYS`` found (``y``, ``label``, ``labels``, ``target``,
-    ``targets``) and ``x`` every other entry: the tensor itself when there is one (the model's positional argument),
-    a dict when there are several (its keyword arguments, for example ``input_ids`` and ``attention_mask``).
-
-    Raises:
-        ProbeDataError: for a dict without a label key, or a batch that is neither a tuple, a list nor a dict.
-    """
-    if isinstance(batch, Mapping):
-        y_key = next((k for k in TARGET_KEYS if k in batch), None)
-        if y_key is None:
-            raise ProbeDataError(
-                f"a batch is a dict with keys {sorted(map(str, batch))}; expected a label key among {TARGET_KEYS}. "
-                "Pass `batch_to_xy` to StiffnessCallback for other layouts."
-            )
-        inputs = {key: value for key, value in batch.items() if key != y_key}
-        return (next(iter(inputs.values())) if len(inputs) == 1 else inputs), batch[y_key]
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ProbeDataError(
-        f"a batch of type {type(batch).__name__} has no label: expected an (x, y) tuple or list, or a dict. "
-        "Pass `batch_to_xy` to StiffnessCallback for other layouts."
-    )
 
 
 def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Callable[..., Any] | None:

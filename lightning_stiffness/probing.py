@@ -2,7 +2,7 @@
 
 Pure PyTorch apart from the :class:`~lightning_stiffness.distributed.Communicator`, which is an identity with one
 process: the callback calls :func:`measure_probe` inside its context managers (eval mode, random states kept, a
-progress bar) and writes the :class:`~lightning_stiffness.measure.StiffnessResult` it returns.
+progress bar) and writes the :class:`~lightning_stiffness.measures.result.StiffnessResult` it returns.
 """
 
 from collections.abc import Callable
@@ -16,9 +16,10 @@ from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.exceptions import ProbeSkipped
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take, tensors
-from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness
+from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
+from lightning_stiffness.measures.representations import forward_with_outputs
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.probe import ProbeSet
-from lightning_stiffness.representations import forward_with_outputs
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

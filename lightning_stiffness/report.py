@@ -31,8 +31,8 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_stiffness.exceptions import ReportError
-from lightning_stiffness.intervals import interval_series
-from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.measures.intervals import interval_series
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import (
     FITS,
     INITIALISATION,

@@ -7,17 +7,17 @@ import math
 
 import torch
 from lightning.pytorch import seed_everything
+from lightning_stiffness.functional import cosine_stiffness, distance_bin_edges, pairwise_distances
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.functional import cosine_stiffness, distance_bin_edges, pairwise_distances
-from lightning_stiffness.intervals import (
+from lightning_stiffness.measures.intervals import (
     bin_mean_draws,
     bootstrap_intervals,
     curve_bands,
     draw_weights,
     percentile_interval,
 )
-from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import PAIRS
 from tests.helpers import DigitsData, TinyNet, raw_results, trainer
 

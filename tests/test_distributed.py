@@ -9,7 +9,7 @@ from lightning.pytorch import seed_everything
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.distributed import Communicator, row_span
 from lightning_stiffness.exceptions import FailedElsewhere, ProbeSkipped, is_expected
-from lightning_stiffness.measure import StiffnessResult
+from lightning_stiffness.measures.result import StiffnessResult
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 from tests.test_callback import IMAGE_TAGS, SCALAR_TAGS
 

@@ -6,17 +6,18 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from lightning_stiffness.extra_measures import ExtraMeasures, add_group_measures
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
     gradient_coherence,
     gradient_diversity,
 )
-from lightning_stiffness.groups import group_matrix, group_means, resolve_groups
-from lightning_stiffness.measure import GramRows, StiffnessResult, measure_stiffness
-from lightning_stiffness.metrics import GradientAlignment
+
+from lightning_stiffness.extra_measures import ExtraMeasures
+from lightning_stiffness.measures.groups import add_group_measures, group_matrix, group_means, resolve_groups
+from lightning_stiffness.measures.metrics import GradientAlignment
+from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import gradient_coherence_tag, gradient_diversity_tag, group_tag
 from tests.models import build, make_inputs
 from tests.reference import reference_gradients

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-
 from lightning_stiffness.functional import class_stiffness, cosine_stiffness, critical_distance, within_between
-from lightning_stiffness.intervals import (
+
+from lightning_stiffness.measures.intervals import (
     bootstrap_intervals,
     bootstrap_weights,
     percentile_interval,

@@ -7,7 +7,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
@@ -16,7 +15,8 @@ from lightning_stiffness.functional import (
     sign_stiffness,
     stiffness_by_distance,
 )
-from lightning_stiffness.metrics import ClassStiffness, StiffnessByDistance
+
+from lightning_stiffness.measures.metrics import ClassStiffness, StiffnessByDistance
 
 
 def _problem(seed, n, m, same):

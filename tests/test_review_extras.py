@@ -12,12 +12,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from PIL import Image
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import (
     dataset_class_stiffness,
     distance_bin_edges,
@@ -25,8 +19,14 @@ from lightning_stiffness.functional import (
     gradient_diversity,
     gradient_gram,
 )
-from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw_weights
-from lightning_stiffness.measure import StiffnessResult
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.measures.intervals import bootstrap_intervals, curve_bands, draw_weights
+from lightning_stiffness.measures.result import StiffnessResult
 from tests.helpers import digits_tensors, events, raw_results, trainer
 
 PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}

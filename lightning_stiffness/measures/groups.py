@@ -13,11 +13,16 @@ stiffness between super-classes. With each class's group given (``class_groups``
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_stiffness.functional import class_stiffness
+from lightning_stiffness.measures.functional import class_stiffness
+from lightning_stiffness.names import PAIRS, kind_key
+
+if TYPE_CHECKING:
+    from lightning_stiffness.measures.result import StiffnessResult
 
 ClassGroups = Sequence[int | str] | Mapping[str, Sequence[int]]
 
@@ -129,3 +134,22 @@ def group_matrix(stiffness: Tensor, labels: Tensor, labels2: Tensor | None, grou
     rows = of[labels.long()]
     cols = None if labels2 is None else of[labels2.long().to(labels.device)]
     return class_stiffness(stiffness, rows, cols, num_classes=len(groups.names))
+
+
+def add_group_measures(result: "StiffnessResult", class_groups: ClassGroups) -> None:
+    """Group matrices and the two group scalars of each pair and kind, from the result's stiffness matrices.
+
+    Raises:
+        ValueError: when ``class_groups`` does not fit the result's classes.
+    """
+    groups = resolve_groups(class_groups, result.num_classes)
+    result.group_names = groups.names
+    for pair, (rows, cols) in PAIRS.items():
+        if pair not in result.distances:
+            continue
+        for kind in result.kinds:
+            key = kind_key(pair, kind)
+            labels2 = None if rows == cols else result.labels[cols]
+            result.group_matrices[key] = group_matrix(result.stiffness[key], result.labels[rows], labels2, groups)
+            means = group_means(result.class_matrices[key], groups)
+            result.between_class_within_group[key], result.between_groups[key] = means

@@ -1,23 +1,9 @@
-r"""Stiffness measures on tensors, usable without Lightning.
+"""The stiffness measures as pure functions of tensors (Gram matrices, distances, labels), and the sums behind them.
 
-Definitions follow Fort, Nowak, Jastrzebski and Narayanan, "Stiffness: A New Perspective on Generalization in Neural
-Networks" (arXiv 1901.09491). With :math:`g_i = \nabla_\theta \ell(f(x_i), y_i)` the gradient of example
-:math:`i`'s own loss and :math:`G_{ij} = g_i \cdot g'_j` (:func:`gradient_gram`):
-
-- cosine stiffness :math:`\cos(g_i, g'_j) = G_{ij} / (|g_i| |g'_j|)` (:func:`cosine_stiffness`);
-- sign stiffness :math:`\operatorname{sign}(G_{ij})` (:func:`sign_stiffness`);
-- the class stiffness matrix :math:`C_{ab}`, the mean stiffness over pairs with :math:`i` in class :math:`a` and
-  :math:`j` in class :math:`b`, :math:`i \neq j` (:func:`class_stiffness`), its diagonal mean (within-class) and
-  off-diagonal mean (between-class) (:func:`within_between`);
-- stiffness against the distance between examples (:func:`pairwise_distances`, :func:`stiffness_by_distance`) and the
-  stiff-domain size :math:`\xi`, where a least-squares line through (distance, stiffness) crosses zero
-  (:func:`critical_distance`);
-- the gradient coherence and diversity of a set (:func:`gradient_coherence`, :func:`gradient_diversity`);
-- class stiffness over every pair of a whole dataset, in memory independent of its size
-  (:func:`dataset_class_stiffness`).
-
-Positive stiffness between :math:`i` and :math:`j`: a small gradient step on :math:`i` also lowers the loss on
-:math:`j`. Entries that are not finite (NaN from an example with a zero gradient) are left out of every mean and fit.
+The public namespace :mod:`lightning_stiffness.functional` hands on the functions of ``__all__`` beside the Gram
+matrix, class stiffness over a whole dataset and layer outputs; its docstring gives the definitions. The sums
+(``class_pair_sums``, ``binned_sums``, ``line_sum_vector``, ...) are what :mod:`~lightning_stiffness.measures.metrics`
+accumulates over blocks of a Gram matrix.
 """
 
 from typing import Literal, NamedTuple
@@ -25,26 +11,19 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_stiffness.dataset import dataset_class_stiffness
-from lightning_stiffness.gram import METHODS, gradient_gram
 from lightning_stiffness.gram.validation import check_choice, check_int
 from lightning_stiffness.names import DISTANCE_METRICS
-from lightning_stiffness.representations import layer_outputs
 
 # The sums behind the measures (`class_pair_sums`, `binned_sums`, `line_sum_vector`, ...) are internals that
-# `lightning_stiffness.metrics` accumulates over blocks; they are not part of this public list.
+# `lightning_stiffness.measures.metrics` accumulates over blocks; they are not part of this public list.
 __all__ = [
-    "METHODS",
     "DistanceCurve",
     "class_stiffness",
     "cosine_stiffness",
     "critical_distance",
-    "dataset_class_stiffness",
     "distance_bin_edges",
     "gradient_coherence",
     "gradient_diversity",
-    "gradient_gram",
-    "layer_outputs",
     "pairwise_distances",
     "sign_stiffness",
     "stiffness_by_distance",
@@ -161,7 +140,7 @@ def class_pair_sums(
     """Per class pair (a, b): the float64 sum of the ``valid`` stiffness values and their count, both [C, C].
 
     The sums behind :func:`class_stiffness`; sums of disjoint blocks of pairs add (see
-    :class:`lightning_stiffness.metrics.ClassStiffness`).
+    :class:`lightning_stiffness.measures.metrics.ClassStiffness`).
     """
     values = torch.where(valid, stiffness, torch.zeros_like(stiffness)).double()
     rows = torch.nn.functional.one_hot(labels.long().to(stiffness.device), num_classes).double()

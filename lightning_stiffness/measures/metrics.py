@@ -1,8 +1,8 @@
 """torchmetrics metrics that accumulate stiffness over blocks of a Gram matrix.
 
-Beside the pure functions of :mod:`lightning_stiffness.functional`, as torchmetrics keeps ``functional`` beside its
-classes: each metric takes blocks of rows of a Gram matrix (with the squared gradient norms of the examples on both
-sides), adds per-class-pair or per-bin sums and counts to its states, and reduces them across processes in
+Beside the pure functions of :mod:`~lightning_stiffness.measures.functional`, as torchmetrics keeps ``functional``
+beside its classes: each metric takes blocks of rows of a Gram matrix (with the squared gradient norms of the examples
+on both sides), adds per-class-pair or per-bin sums and counts to its states, and reduces them across processes in
 ``compute()``. Any split of the pairs into blocks gives the result of the functional API on the whole matrix.
 """
 
@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_stiffness.functional import (
+from lightning_stiffness.gram.validation import check_choice, check_int
+from lightning_stiffness.measures.functional import (
     DistanceCurve,
     LineFitSums,
     binned_sums,
@@ -27,7 +28,6 @@ from lightning_stiffness.functional import (
     mean_or_nan,
     sign_stiffness,
 )
-from lightning_stiffness.gram.validation import check_choice, check_int
 from lightning_stiffness.names import KINDS
 
 
@@ -89,7 +89,7 @@ class ClassStiffness(_ShapedMetric):
     Example::
 
         >>> import torch
-        >>> from lightning_stiffness.metrics import ClassStiffness
+        >>> from lightning_stiffness.measures.metrics import ClassStiffness
         >>> g = torch.randn(6, 4)
         >>> gram, labels = g @ g.T, torch.tensor([0, 0, 1, 1, 2, 2])
         >>> metric = ClassStiffness(num_classes=3, kind="cosine")
@@ -150,7 +150,7 @@ class StiffnessByDistance(_ShapedMetric):
     r"""Mean stiffness in bins of distance, and the critical distance xi, accumulated over blocks of pairs.
 
     Per bin it keeps the sum and count of stiffness; for xi, the sums a least-squares line needs
-    (:class:`~lightning_stiffness.functional.LineFitSums`). ``compute()`` gives ``(curve, xi)``, equal to
+    (:class:`~lightning_stiffness.measures.functional.LineFitSums`). ``compute()`` gives ``(curve, xi)``, equal to
     :func:`~lightning_stiffness.functional.stiffness_by_distance` with the same edges and
     :func:`~lightning_stiffness.functional.critical_distance` over the same pairs.
 
@@ -161,7 +161,7 @@ class StiffnessByDistance(_ShapedMetric):
     Example::
 
         >>> import torch
-        >>> from lightning_stiffness.metrics import StiffnessByDistance
+        >>> from lightning_stiffness.measures.metrics import StiffnessByDistance
         >>> metric = StiffnessByDistance(edges=torch.linspace(0, 2, 5), kind="sign")
         >>> gram = torch.tensor([[1.0, 0.5], [0.5, 1.0]])
         >>> ids = torch.arange(2)
@@ -231,7 +231,7 @@ class GradientAlignment(_ShapedMetric):
     Example::
 
         >>> import torch
-        >>> from lightning_stiffness.metrics import GradientAlignment
+        >>> from lightning_stiffness.measures.metrics import GradientAlignment
         >>> g = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
         >>> gram, metric = g @ g.T, GradientAlignment()
         >>> for rows in (slice(0, 1), slice(1, 3)):

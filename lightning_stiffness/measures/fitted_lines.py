@@ -7,7 +7,7 @@ pairs at small distances weigh in the first. Both are saved in the raw results (
 
 import math
 
-from lightning_stiffness.functional import DistanceCurve, LineFitSums, critical_distance_from_sums
+from lightning_stiffness.measures.functional import DistanceCurve, LineFitSums, critical_distance_from_sums
 from lightning_stiffness.names import FITS
 
 

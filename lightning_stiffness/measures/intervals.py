@@ -30,6 +30,7 @@ row per (example, slot) with the column weights, and a weighted sum over its row
 import functools
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -42,6 +43,9 @@ from lightning_stiffness.names import (
     critical_distance_tag,
     kind_key,
 )
+
+if TYPE_CHECKING:
+    from lightning_stiffness.measures.result import StiffnessResult
 
 #: Coverage of the intervals.
 LEVEL = 0.95
@@ -192,7 +196,7 @@ def bootstrap_intervals(
     """95% percentile intervals of within/between-class stiffness (each pair and kind) and of each critical distance.
 
     Args:
-        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness matrix (as in :class:`~lightning_stiffness.measure.
+        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness matrix (as in :class:`~lightning_stiffness.measures.result.
             StiffnessResult`).
         distances: ``pair`` (input space) or ``"{pair}/{layer}"`` (a layer's representation) -> [N, M] distances;
             one critical distance interval each, fitted on ``xi_kind`` stiffness over same-class pairs.
@@ -375,7 +379,7 @@ def _pair_slots(
 
 
 def _bin_index(distances: Tensor, edges: Tensor) -> Tensor:
-    """Bin of each float64 distance as :func:`~lightning_stiffness.functional.binned_sums` finds it (``[e_k,
+    """Bin of each float64 distance as :func:`~lightning_stiffness.measures.functional.binned_sums` finds it (``[e_k,
     e_k+1)``, the last bin closed), int32, clamped into the bins. With equal-width edges (the curves') by arithmetic,
     and by the edges themselves where a distance lies near one."""
     num_bins = edges.numel() - 1
@@ -483,6 +487,7 @@ def _not_self(n: int, m: int, same_set: bool) -> Tensor:
 
 __all__ = [
     "LEVEL",
+    "add_intervals",
     "bin_mean_draws",
     "bootstrap_intervals",
     "bootstrap_weights",
@@ -505,3 +510,20 @@ def interval_series(results: list, tag_suffix: str) -> tuple[list[float], list[f
         lows.append(found[0] if math.isfinite(found[0]) else math.nan)
         highs.append(found[1] if math.isfinite(found[1]) else math.nan)
     return lows, highs
+
+
+def add_intervals(result: "StiffnessResult", num_draws: int, seed: int, prefix: str = PREFIX) -> None:
+    """Add to a probe's ``result`` (from its matrices) the bootstrap intervals of its scalars (keyed by their tags,
+    with ``prefix``) and the bands around its distance curves, from one set of ``num_draws`` draws for both.
+
+    The draws come from a generator seeded with ``seed`` and the probe's step, so a rerun gives the same intervals.
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + result.step) % 2**63)
+    weights = draw_weights(result.labels, num_draws, generator)  # one set of draws for both
+    distances = {**result.distances, **result.layer_distances}
+    result.intervals = bootstrap_intervals(
+        result.stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes,
+        num_draws, generator, prefix, weights=weights,
+    )  # fmt: skip
+    edges = {key: sides["within"].edges for key, sides in {**result.curves, **result.layer_curves}.items()}
+    result.curve_intervals = curve_bands(result.stiffness, distances, edges, result.labels, result.xi_kind, weights)

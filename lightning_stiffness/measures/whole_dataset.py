@@ -19,6 +19,8 @@ interact). The norms of a batch are used at once, so a shuffling loader is fine 
 """
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,8 +39,11 @@ from lightning_stiffness.gram.inputs import (
     tensors,
 )
 from lightning_stiffness.gram.validation import LossFn, check_int, default_loss_fn, select_parameters
+from lightning_stiffness.measures.batches import default_batch_to_xy
+from lightning_stiffness.measures.functional import within_between
+from lightning_stiffness.names import PREFIX, dataset_class_tag, dataset_raw_file_name
 
-__all__ = ["class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
+__all__ = ["DatasetResult", "class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
 
 
 def dataset_class_stiffness(
@@ -123,7 +128,7 @@ def dataset_class_sums(
     """
     check_int(num_classes, "num_classes")
     check_int(block_size, "block_size")
-    to_xy = batch_to_xy or _default_batch_to_xy
+    to_xy = batch_to_xy or default_batch_to_xy
     params = select_parameters(model, None)
     dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
     device = next(iter(params.values())).device
@@ -226,8 +231,25 @@ def _checked_labels(y: Any, count: int, num_classes: int) -> Tensor:
     return y.long()
 
 
-def _default_batch_to_xy(batch: Any) -> tuple[Inputs, Tensor]:
-    # Imported here: the probe module is the one place that knows batch layouts.
-    from lightning_stiffness.probe import default_batch_to_xy
+@dataclass
+class DatasetResult:
+    """Exact cosine class stiffness over every pair of the training set (:func:`dataset_class_stiffness`), measured
+    at the end of ``epoch`` (global step ``step``), in ``seconds``."""
 
-    return default_batch_to_xy(batch)
+    epoch: int
+    step: int
+    class_matrix: Tensor
+    seconds: float = float("nan")
+
+    def scalars(self, prefix: str = PREFIX) -> dict[str, float]:
+        within, between = within_between(self.class_matrix)
+        return {dataset_class_tag("within", prefix): within, dataset_class_tag("between", prefix): between}
+
+    def save(self, directory: Path) -> Path:
+        """``{directory}/dataset-epoch=E-step=S.pt`` (a dict of the fields; loads with ``weights_only=True``)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / dataset_raw_file_name(self.epoch, self.step)
+        partial = target.with_name(target.name + ".tmp")
+        torch.save(asdict(self), partial)
+        partial.replace(target)
+        return target
