@@ -10,6 +10,8 @@ blocks 32-64-128-256, BatchNorm in eval mode), 3 classes, N = 64.
 Each measurement runs in its own subprocess (peak resident memory above the process's baseline, after a warm-up on
 4 examples). The engines alternate, round after round, and the table gives medians: on a shared 2-core machine
 single runs move by up to 2x. ``x loop`` and ``x torch.func`` are how many times faster the default engine is.
+``one step s`` is one plain forward and backward of the summed loss over the same N examples (what a training step
+costs): every exact engine needs at least that, so ``loop s / one step s`` bounds what ``x loop`` can reach.
 
     python benchmarks/bench_hf.py                       # every model, 3 rounds
     python benchmarks/bench_hf.py --models bert --repeats 5
@@ -35,7 +37,7 @@ from tests.hf_models import Wrapper, class_loss  # noqa: E402
 
 T, CLASSES, IMAGE = 64, 3, 32
 VOCAB = {"bert": 30522, "gpt2": 50257, "llama": 32000}  # the families' own, as in the issue's table
-ENGINES = ("auto", "loop", "torch.func")
+ENGINES = ("auto", "loop", "torch.func", "step")
 TEXT = dict(num_labels=CLASSES, attn_implementation="eager", pad_token_id=0)
 
 
@@ -108,6 +110,8 @@ def run_case(name: str, n: int, engine: str) -> dict:
 
     torch.set_num_threads(2)
     model, inputs, targets = build(name, n)
+    if engine == "step":
+        return _one_step(model, inputs, targets)
     try:
         gradient_gram(model, _first(inputs, 4), targets[:4], loss_fn=class_loss, method=engine)
     except Exception as error:  # torch.func on a model vmap cannot batch
@@ -126,6 +130,23 @@ def run_case(name: str, n: int, engine: str) -> dict:
         result["params"] = total
         result["factored"] = sum(sizes[k].numel() for k in plan.forms if k not in plan.fallback) / total
     return result
+
+
+def _one_step(model: nn.Module, inputs, targets: torch.Tensor) -> dict:
+    """One forward and backward of the summed loss over all examples, after a warm-up on 4."""
+
+    def step(x, y) -> None:
+        outputs = model(**x) if isinstance(x, dict) else model(x)
+        class_loss(outputs, y).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    step(_first(inputs, 4), targets[:4])
+    _peak_rss_reset()
+    baseline = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    step(inputs, targets)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM") - baseline) / 1024, "trace": float("nan")}
 
 
 def _measure(name: str, n: int, engine: str) -> dict:
@@ -148,10 +169,10 @@ def main() -> None:
         return
     print(f"N = {args.n}, {args.repeats} rounds, torch {torch.__version__}, transformers {transformers.__version__}")
     print(
-        "| model | parameters | factored | default s | loop s | torch.func s | x loop | x torch.func "
+        "| model | parameters | factored | default s | loop s | torch.func s | one step s | x loop | x torch.func "
         "| peak MiB default / torch.func |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
         for _ in range(args.repeats):
@@ -180,9 +201,10 @@ def main() -> None:
                 mark = "" if agree < 1e-3 else f" (trace differs by {agree:.1e})"
                 cells.append((f"{other['seconds']:.2f}{mark}", f"{other['seconds'] / base['seconds']:.1f}x"))
         peak = "-" if "error" in median["torch.func"] else f"{base['peak']:.0f} / {median['torch.func']['peak']:.0f}"
+        step = median["step"].get("seconds", float("nan"))
         print(
             f"| {name} | {info.get('params', 0) / 1e6:.1f} M | {info.get('factored', 0):.0%} | "
-            f"{base.get('seconds', float('nan')):.2f} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+            f"{base.get('seconds', float('nan')):.2f} | {cells[0][0]} | {cells[1][0]} | {step:.2f} | {cells[0][1]} | "
             f"{cells[1][1]} | {peak} |",
             flush=True,
         )

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_stiffness.functional import gradient_gram
-from lightning_stiffness.gram import gram_plan, terms
+from lightning_stiffness.gram import factored, gradient_gram, gram_plan, terms
 from lightning_stiffness.gram.terms import BlockedTerm, GhostTerm, PerExampleTerm, sequence_term
 from tests.reference import reference_gram
 
@@ -289,3 +288,51 @@ def test_user_rule_registered_by_decorator(user_rules, layer):
     else:
         assert plan.forms["2.weight"] == "torch.func", str(plan)
         assert "per-example check" in plan.fallback["2.weight"], str(plan)
+
+
+@pytest.mark.parametrize("n", [5, 128, 129, 300, 1030])
+def test_symmetric_product_equals_the_plain_one(n):
+    rows = torch.randn(n, 7, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    torch.testing.assert_close(terms.self_gram(rows), rows @ rows.T, rtol=0, atol=1e-12)
+    flat, outer = terms.FlatTerm(rows), terms.OuterTerm(rows[:, :3], rows[:, 3:])
+    torch.testing.assert_close(flat.gram(flat), rows @ rows.T, rtol=0, atol=1e-12)
+    expected = (rows[:, :3] @ rows[:, :3].T) * (rows[:, 3:] @ rows[:, 3:].T)
+    torch.testing.assert_close(outer.gram(outer), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("total, chunk", [(64, 21), (5, 2), (7, 1), (2, 1), (1, 1), (1025, 512), (10, 512)])
+def test_chunks_are_even_and_never_one_example_alone(total, chunk):
+    spans = factored._even_spans(total, chunk)
+    sizes = [span.stop - span.start for span in spans]
+    assert sum(sizes) == total and [span.start for span in spans] == [sum(sizes[:k]) for k in range(len(sizes))]
+    assert max(sizes) - min(sizes) <= 1
+    assert max(sizes) <= max(chunk, 3)
+    assert total == 1 or min(sizes) >= 2
+
+
+class ClassToken(nn.Module):
+    """ViT's class token: one vector expanded over the examples (``expand(N, -1, -1)``) and put before the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.head(torch.tanh(self.proj(tokens))[:, 0])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 4])
+def test_a_class_token_stays_factored_whatever_the_chunks(caplog, chunk_size):
+    """64 examples in chunks of 21 left a last chunk of one, where ``expand(1, ...)`` broadcasts over nothing: the
+    class token's calls differed from the check's, and it went to torch.func for every example."""
+    torch.manual_seed(0)
+    model = ClassToken().double().eval()
+    x, y = torch.randn(5, 3, 4, dtype=torch.float64), _targets(5, 0)
+    with caplog.at_level("DEBUG", logger="lightning_stiffness.gram.factored"):
+        got = gradient_gram(model, x, y, method="factored", chunk_size=chunk_size)
+    torch.testing.assert_close(got, reference_gram(model, x, y))
+    plan = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gram plan")]
+    assert plan and "cls: flat" in plan[-1] and "differ" not in plan[-1], plan

@@ -3,7 +3,8 @@
 Products with a parameter wherever it sits (``x @ W.T``, ``W @ x``, ``torch.addmm`` on flattened positions as GPT-2's
 ``Conv1D``, ``bmm`` and ``einsum`` over heads, a scaled weight), grouped, depthwise and 3-D convolutions with stride
 and dilation, tensors computed from parameters alone and broadcast over the examples (position embeddings of [1, T]
-ids, a bias table indexed twice, keys tiled with ``repeat``), and operations with no factored form, whose parameters'
+ids, a bias table indexed twice, keys tiled with ``repeat``), convolutions over many positions (their per-example
+gradients from the convolution's own weight backward), and operations with no factored form, whose parameters'
 gradients come from their own vector-Jacobian product. Each must be exact, and none may leave the factored engine.
 """
 
@@ -95,6 +96,17 @@ def _conv_net(dims: int, **conv) -> nn.Module:
     return nn.Sequential(
         conv_cls(4, 6, 3, **conv), nn.Tanh(), conv_cls(6, 6, 3, groups=6, padding="same"), pool(1), nn.Flatten(),
         nn.Linear(6, CLASSES),
+    )  # fmt: skip
+
+
+def _wide_conv_net(dims: int) -> nn.Module:
+    """Ungrouped convolutions over 64 or more output positions (their per-example gradients from the convolution's
+    own weight backward): an even kernel with "same" padding (padded unequally), then stride 2 with dilation 2."""
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    pool = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[dims]
+    return nn.Sequential(
+        conv_cls(3, 5, 4, padding="same"), nn.Tanh(), conv_cls(5, 4, 3, stride=2, dilation=2), pool(1), nn.Flatten(),
+        nn.Linear(4, CLASSES),
     )  # fmt: skip
 
 
@@ -209,6 +221,9 @@ CASES = {
     "grouped_conv1d_stride_dilation": (lambda: _conv_net(1, stride=2, dilation=2, groups=2), (4, 13), {}),
     "grouped_conv2d_stride_dilation": (lambda: _conv_net(2, stride=2, dilation=2, groups=2), (4, 9, 9), {}),
     "grouped_conv3d_stride": (lambda: _conv_net(3, stride=(1, 2, 2), groups=2, padding=1), (4, 4, 6, 6), {}),
+    "wide_conv1d": (lambda: _wide_conv_net(1), (3, 140), {"0.weight": "F.conv1d", "2.weight": "F.conv1d"}),
+    "wide_conv2d": (lambda: _wide_conv_net(2), (3, 20, 20), {"0.weight": "F.conv2d", "2.weight": "F.conv2d"}),
+    "wide_conv3d": (lambda: _wide_conv_net(3), (3, 9, 9, 9), {"0.weight": "F.conv3d"}),
     "weight_norm_grouped_conv": (WeightNormGroupedConv, (4, 7), {"conv.parametrizations.weight.original0": "through"}),
     "broadcast_positions": (BroadcastPositions, TOKENS, {"positions.weight": "through"}),
     "bias_table_twice": (BiasTableTwice, SEQUENCE, {"table": "through"}),

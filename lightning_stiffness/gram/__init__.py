@@ -111,7 +111,8 @@ def gradient_gram(
         chunk_size: examples per block; bounds memory. For torch.func and the loop, examples per block of
             per-example gradients (default: from a memory budget of 2 GiB for the blocks held at once); for the
             factored engine, examples per batched forward/backward (default: as many as keep the recorded layer
-            inputs and outputs under 256 MiB, at most 512).
+            inputs and outputs under 128 MiB, at most 512), in spans of even sizes, never of one example alone
+            (two or three where ``chunk_size`` is 1 or 2).
         per_layer: return the Gram matrix of each layer's parameters instead of their sum (G = sum of the layers').
         progress: called as ``progress(done, total)`` as the computation advances.
         forward_fn: ``forward_fn(model, x) -> outputs`` for a model called otherwise than ``model(x)`` (a

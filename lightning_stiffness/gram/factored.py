@@ -372,8 +372,8 @@ def _capture(
     """The terms of the parameters in ``wanted`` over all ``inputs``, built chunk by chunk with the check's layout."""
     total = targets.shape[0]
     chunks: dict[str, ChunkFiller] = {}
-    for start in range(0, total, chunk):
-        x, y = take(inputs, slice(start, start + chunk)), targets[start : start + chunk]
+    for span in _even_spans(total, chunk):
+        x, y = take(inputs, span), targets[span]
         recording = record_uses(objective, modules, x, y)
         if [use.signature for use in recording.uses] != layout.signatures:
             wheres = _matched_wheres(recording, layout, wanted, plan)
@@ -383,6 +383,20 @@ def _capture(
             chunks.setdefault(name, ChunkFiller(total)).add(term)
         del recording  # frees this chunk's activations before the next forward
     return {name: filler.result() for name, filler in chunks.items() if name not in plan.fallback}
+
+
+def _even_spans(total: int, chunk: int) -> list[slice]:
+    """``total`` examples in as few spans of at most ``chunk`` as possible, their sizes differing by at most one, and
+    none of a single example unless ``total`` is one (then spans of 2 or 3 where ``chunk`` is 1 or 2).
+
+    A span of one example makes some models call differently (ViT's ``cls_token.expand(1, -1, -1)`` broadcasts over
+    nothing, a squeeze drops the batch dimension), and its parameters would leave the factored engine for its sake.
+    """
+    count = -(-total // max(1, chunk))
+    if count > 1 and total // count < 2:
+        count = total // 2
+    bounds = [total * k // count for k in range(count + 1)] if total else [0]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _matched_wheres(recording: Recording, layout: _Layout, wanted: set[str], plan: GramPlan) -> list[Where | None]:

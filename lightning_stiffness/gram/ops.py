@@ -186,6 +186,53 @@ def conv_patches(
     return x.reshape(n, -1, c * math.prod(kernel))
 
 
+def conv_weight_per_example(
+    x: Tensor,
+    grads: Tensor,
+    weight_shape: torch.Size,
+    stride: tuple[int, ...],
+    padding: tuple,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> Tensor:
+    """Per-example weight gradients of a convolution [n, numel], from its input [n, C_in, *spatial] and its output
+    gradients [n, L, C_out] (L output positions), by the convolution's own weight backward.
+
+    The n examples become n groups of one convolution (input [1, n C_in, ...], output gradients [1, n C_out, ...],
+    n * groups groups), so the backward sums over each example's positions only (Rochette, Manoel and Tramel,
+    "Efficient per-example gradient computations in convolutional neural networks", 2019). No patches are formed.
+    """
+    pads = [side for before_after in reversed(padding) for side in before_after]
+    x = F.pad(x, pads) if any(pads) else x
+    n, c_out, spatial = x.shape[0], weight_shape[0], len(weight_shape) - 2
+    out_shape = _conv_output_shape(x.shape[2:], weight_shape[2:], stride, dilation)
+    grad_output = grads.transpose(1, 2).reshape(1, n * c_out, *out_shape)
+    weight = x.new_empty(()).expand(n * c_out, *weight_shape[1:])  # its shape only: no memory
+    _, rows, _ = torch.ops.aten.convolution_backward(
+        grad_output.contiguous(),
+        x.reshape(1, -1, *x.shape[2:]),
+        weight,
+        None,
+        list(stride),
+        [0] * spatial,
+        list(dilation),
+        False,
+        [0] * spatial,
+        n * groups,
+        [False, True, False],
+    )
+    return rows.reshape(n, -1)
+
+
+def _conv_output_shape(size, kernel, stride, dilation) -> tuple[int, ...]:
+    return tuple((s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(size, kernel, stride, dilation, strict=True))
+
+
+#: Output positions from which an ungrouped convolution's per-example gradients come from its own weight backward
+#: rather than its patches: measured on 2 CPU cores (N = 64 and 1024, 3x3 kernels), the backward took 0.2-0.7x the
+#: time of unfolded patches times output gradients from 8 x 8 positions on, and up to 2.4x for 4 x 4 or fewer.
+CONV_BACKWARD_POSITIONS = 64
+
 #: Entries of a grouped convolution's weight up to which its per-example gradients are formed directly (one product
 #: per group); above, each group's positions become positions of the whole weight, with zeros outside its block.
 GROUPED_ROWS_NUMEL = 1 << 20
@@ -231,17 +278,23 @@ class ConvolutionRule(OpRule):
         def patches(x: Tensor) -> Tensor:
             return conv_patches(x, kernel, bound["stride"], bound["padding"], bound["dilation"])
 
+        def gradients(x: Tensor, grads: Tensor) -> Tensor:
+            return conv_weight_per_example(
+                x, grads, weight.shape, bound["stride"], bound["padding"], bound["dilation"], groups
+            )
+
         source = bound["input"].detach()
         grads = backprop.reshape(backprop.shape[0], backprop.shape[1], -1).transpose(1, 2)  # [N, L, C_out]
         out: dict[str, Factors] = {"bias": Rows(grads.sum(dim=1))}
-        if groups == 1:
-            out["weight"] = Positions(LazyPositions(source, patches), grads)
-            return out
         n, length, c_out = grads.shape
+        if groups == 1:
+            formed = gradients if length >= CONV_BACKWARD_POSITIONS else None
+            out["weight"] = Positions(LazyPositions(source, patches, formed), grads)
+            return out
         if weight.numel() <= GROUPED_ROWS_NUMEL:
-            x = patches(source).reshape(n, length, groups, -1)
-            rows = torch.einsum("nlgk,nlgo->ngok", x, grads.reshape(n, length, groups, c_out // groups))
-            out["weight"] = Rows(rows.reshape(n, -1))
+            # Depthwise and grouped: the backward beat the patches' per-group products at every size measured
+            # (0.15-0.8x, 7x7 depthwise kernels on 2 CPU cores), and its rows are the weight's, in its order.
+            out["weight"] = Rows(gradients(source, grads))
             return out
 
         def group_positions(x: Tensor) -> Tensor:  # [n, L * groups, C_in / groups * prod(kernel)]
