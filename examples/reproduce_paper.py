@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits import DigitsDataModule, PaperNet
 
-from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.measures.result import StiffnessResult
+from lightning_stiffness import StiffnessCallback, StiffnessResult
 from lightning_stiffness.report import load_run, write_report
 
 #: The hidden layers' ReLU outputs in PaperNet's fully connected net (Flatten, then Linear/ReLU pairs).
