@@ -17,9 +17,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import digits  # noqa: E402
 
 from lightning_stiffness import StiffnessResult  # noqa: E402
-from lightning_stiffness.figures import Painter  # noqa: E402
+from lightning_stiffness.images.drawing import Painter  # noqa: E402
+from lightning_stiffness.images.specs import probe_specs  # noqa: E402
 from lightning_stiffness.names import class_matrix_tag, distance_curve_tag  # noqa: E402
-from lightning_stiffness.plots import probe_specs  # noqa: E402
 
 
 def main() -> None:

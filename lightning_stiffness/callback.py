@@ -8,7 +8,8 @@ class stiffness matrices, within/between-class stiffness and stiffness-against-d
 
 The callback is Lightning glue: it validates its arguments, keeps the schedule and the probe examples (its state),
 and delegates the rest: probe sets to :mod:`~lightning_stiffness.probe`, measuring to
-:mod:`~lightning_stiffness.probing`, writing to :mod:`~lightning_stiffness.outputs`.
+:mod:`~lightning_stiffness.probing`, writing to :mod:`~lightning_stiffness.outputs` and
+:mod:`~lightning_stiffness.images.image_writer`.
 
 """
 
@@ -26,17 +27,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stiffness.compat import lightning_classes
 from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
 from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.exceptions import is_expected, strict_default
 from lightning_stiffness.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
 from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import check_choice, check_int, default_loss_fn
+from lightning_stiffness.images.image_writer import ImageWriter
+from lightning_stiffness.lightning_compat import lightning_classes
 from lightning_stiffness.measures.representations import check_layer_names
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
-from lightning_stiffness.outputs import ImageWriter, RawWriter, ScalarWriter, run_directory
+from lightning_stiffness.outputs import RawWriter, ScalarWriter, run_directory
 from lightning_stiffness.probe import (
     SET_WORDS,
     ProbeSets,

@@ -18,13 +18,13 @@ from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
 from lightning_stiffness.distributed import Communicator
 from lightning_stiffness.exceptions import is_expected
 from lightning_stiffness.gram.validation import check_int
+from lightning_stiffness.images.specs import dataset_specs
 from lightning_stiffness.measures.batches import default_batch_to_xy
 from lightning_stiffness.measures.groups import ClassGroups, add_group_measures, check_class_groups, resolve_groups
 from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.measures.whole_dataset import DatasetResult, class_sums_to_matrix, dataset_class_sums
 from lightning_stiffness.names import PREFIX
-from lightning_stiffness.plots import dataset_specs
 
 #: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
 #: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%

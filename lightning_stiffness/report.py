@@ -31,6 +31,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_stiffness.exceptions import ReportError
+from lightning_stiffness.images.specs import STIFFNESS_CMAP, new_figure
 from lightning_stiffness.measures.intervals import interval_series
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import (
@@ -47,7 +48,6 @@ from lightning_stiffness.names import (
     layer_key,
     probe_label,
 )
-from lightning_stiffness.plots import STIFFNESS_CMAP, new_figure
 
 
 @dataclass

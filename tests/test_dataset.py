@@ -21,8 +21,8 @@ from lightning_stiffness.functional import (
     gradient_gram,
     within_between,
 )
+from lightning_stiffness.images.specs import dataset_specs
 from lightning_stiffness.names import dataset_class_matrix_tag, dataset_class_tag
-from lightning_stiffness.plots import dataset_specs
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 from tests.reference import reference_gradients
 

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from lightning_stiffness.extra_measures import ExtraMeasures
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
     gradient_coherence,
     gradient_diversity,
 )
-
-from lightning_stiffness.extra_measures import ExtraMeasures
 from lightning_stiffness.measures.groups import add_group_measures, group_matrix, group_means, resolve_groups
 from lightning_stiffness.measures.metrics import GradientAlignment
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
@@ -148,8 +148,8 @@ def test_metric_over_blocks_and_the_result_tags():
 
 
 def test_group_matrix_image_is_drawn():
+    from lightning_stiffness.images.specs import probe_images
     from lightning_stiffness.names import group_matrix_tag
-    from lightning_stiffness.plots import probe_images
 
     grads, labels = _gradients()
     gram = grads @ grads.T

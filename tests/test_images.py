@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import seed_everything
-from lightning_stiffness.functional import critical_distance
 from matplotlib.legend import Legend
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.extra_measures import ExtraMeasures
-from lightning_stiffness.figures import STIFFNESS_RANGE, CurveSpec, Line, Painter
+from lightning_stiffness.functional import critical_distance
+from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, Painter
+from lightning_stiffness.images.render_worker import Renderer
+from lightning_stiffness.images.specs import probe_specs
 from lightning_stiffness.measures.fitted_lines import observed_range
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
-from lightning_stiffness.plots import probe_specs
-from lightning_stiffness.rendering import Renderer
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 TAG = class_matrix_tag("train-val", "cosine")

@@ -23,13 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.figures import CurveSpec, Line, MatrixSpec, Painter
+from lightning_stiffness.images.drawing import CurveSpec, Line, MatrixSpec, Painter
 from lightning_stiffness.names import class_matrix_tag, class_tag, distance_curve_tag
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = class_matrix_tag("train-val", "cosine")
-WORKER = "lightning_stiffness.figures import serve"
+WORKER = "lightning_stiffness.images.drawing import serve"
 
 
 def _callback(**kwargs) -> StiffnessCallback:

@@ -3,8 +3,8 @@
 Drawing with matplotlib holds the GIL, so a thread in the training process would slow training as much as drawing
 in place; a separate interpreter does not. The worker is started on first use with ``python -c`` (not
 ``multiprocessing``: a spawned child would re-import the user's ``__main__`` script) and imports only
-:mod:`~lightning_stiffness.figures`, NumPy and matplotlib, never torch. Two daemon threads move pickles through its
-pipes; they block on I/O and so release the GIL. The training thread only pickles specs (a few kilobytes) and,
+:mod:`~lightning_stiffness.images.drawing`, NumPy and matplotlib, never torch. Two daemon threads move pickles through
+its pipes; they block on I/O and so release the GIL. The training thread only pickles specs (a few kilobytes) and,
 at the next hook, picks up finished images.
 
 When the worker cannot be started, or ``background=False``, specs are drawn in this process when submitted.
@@ -22,12 +22,12 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
-from lightning_stiffness.figures import Painter, render_all
+from lightning_stiffness.images.drawing import Painter, render_all
 
 #: ``(context, answer)``: ``answer`` is ``{tag: png bytes}``, or the error text when rendering failed.
 Finished = tuple[Any, dict[str, bytes] | str]
 
-_WORKER_CODE = "from lightning_stiffness.figures import serve; serve()"
+_WORKER_CODE = "from lightning_stiffness.images.drawing import serve; serve()"
 
 
 class Renderer:
@@ -171,9 +171,9 @@ def _reap(process: subprocess.Popen, receiver: threading.Thread | None) -> None:
 
 
 def _start_worker() -> subprocess.Popen:
-    """``python -c`` importing only :mod:`lightning_stiffness.figures`, from where this package was imported."""
+    """``python -c`` importing only :mod:`lightning_stiffness.images.drawing`, from where this package was imported."""
     env = dict(os.environ, MPLBACKEND="Agg")
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding lightning_stiffness/
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     # A session (process group) of its own: Ctrl+C at a terminal, or a signal sent to the training's process group,
     # reaches the training process, which then hands out every image still being drawn (the worker ignores SIGINT

@@ -1,8 +1,8 @@
 """Figures from plain data (NumPy arrays, floats, strings) to PNG bytes, with matplotlib's object API.
 
-This module imports neither torch nor Lightning: the render worker (``python -m lightning_stiffness.figures``, started
-by :mod:`~lightning_stiffness.rendering`) imports only it, NumPy, matplotlib and Pillow. A probe draws nine images or
-more, so each must cost milliseconds, not the quarter second of a figure drawn from scratch:
+This module imports neither torch nor Lightning: the render worker (``python -m lightning_stiffness.images.drawing``,
+started by :mod:`~lightning_stiffness.images.render_worker`) imports only it, NumPy, matplotlib and Pillow. A probe
+draws nine images or more, so each must cost milliseconds, not the quarter second of a figure drawn from scratch:
 
 - templates: a figure of the same shape (same classes, same pair) is built once and later only gets new data, at
   positions computed once from its size and labels (no layout engine);

@@ -1,5 +1,6 @@
 """A probe's figures: its result turned into plain figure specs (NumPy and strings), drawn by
-:mod:`~lightning_stiffness.figures`, usually in the render worker of :mod:`~lightning_stiffness.rendering`.
+:mod:`~lightning_stiffness.images.drawing`, usually in the render worker of
+:mod:`~lightning_stiffness.images.render_worker`.
 
 No pyplot: figures are :class:`matplotlib.figure.Figure` objects on an Agg canvas, so nothing depends on a display.
 """
@@ -12,7 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lightning_stiffness.figures import (
+from lightning_stiffness.images.drawing import (
     DPI,
     STIFFNESS_CMAP,
     CurveSpec,

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning_stiffness.compat import lightning_classes
+from lightning_stiffness.lightning_compat import lightning_classes
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
