@@ -137,6 +137,14 @@ def _tensors(term: Any) -> list[Tensor]:
     return found
 
 
+def _empty_rows_like(t: Tensor, total: int) -> Tensor:
+    """An empty tensor of ``total`` rows shaped like ``t``'s rows, its dimensions laid out in memory as ``t``'s are (a
+    convolution's output gradients [N, L, C] are a transposed view of [N, C, L]): copying into it is then a plain
+    copy, and the view's consumers find the layout they expect."""
+    order = sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+    return torch.empty_permuted((total, *t.shape[1:]), (0, *order), dtype=t.dtype, device=t.device)
+
+
 class ChunkFiller:
     """A parameter's terms over all ``total`` examples, from the terms of consecutive chunks.
 
@@ -152,8 +160,11 @@ class ChunkFiller:
 
     def add(self, term: Any) -> None:
         count = term.num_examples
+        if self.full is None and not self.parts and count == self.total:  # one chunk: nothing to join, nor copy
+            self.full, self.filled = term, count
+            return
         if self.full is None and not self.parts:
-            self.full = term.map_rows(lambda t: t.new_empty((self.total, *t.shape[1:])))
+            self.full = term.map_rows(lambda t: _empty_rows_like(t, self.total))
         if self.full is not None and self._fits(term):
             for target, source in zip(_tensors(self.full), _tensors(term), strict=True):
                 target[self.filled : self.filled + count].copy_(source)
