@@ -13,10 +13,10 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_stiffness.functional import class_stiffness, within_between
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.functional import class_stiffness, within_between
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import (
     KINDS,

@@ -7,9 +7,9 @@ import math
 
 import torch
 from lightning.pytorch import seed_everything
-from lightning_stiffness.functional import cosine_stiffness, distance_bin_edges, pairwise_distances
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.functional import cosine_stiffness, distance_bin_edges, pairwise_distances
 from lightning_stiffness.measures.intervals import (
     bin_mean_draws,
     bootstrap_intervals,

@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-from lightning_stiffness.functional import gradient_gram
 from torch import Tensor, nn
 
+from lightning_stiffness.functional import gradient_gram
 from lightning_stiffness.gram import gram_plan
 from lightning_stiffness.measures.representations import layer_outputs
 from tests.layouts import LAYOUTS, MUTATING, random_model

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from lightning_stiffness.functional import class_stiffness, cosine_stiffness, critical_distance, within_between
 
+from lightning_stiffness.functional import class_stiffness, cosine_stiffness, critical_distance, within_between
 from lightning_stiffness.measures.intervals import (
     bootstrap_intervals,
     bootstrap_weights,

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
@@ -15,7 +16,6 @@ from lightning_stiffness.functional import (
     sign_stiffness,
     stiffness_by_distance,
 )
-
 from lightning_stiffness.measures.metrics import ClassStiffness, StiffnessByDistance
 
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning_stiffness.functional import layer_outputs, pairwise_distances
 from torch import nn
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.functional import layer_outputs, pairwise_distances
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer

@@ -12,6 +12,12 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import (
     dataset_class_stiffness,
     distance_bin_edges,
@@ -19,12 +25,6 @@ from lightning_stiffness.functional import (
     gradient_diversity,
     gradient_gram,
 )
-from PIL import Image
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.measures.intervals import bootstrap_intervals, curve_bands, draw_weights
 from lightning_stiffness.measures.result import StiffnessResult
 from tests.helpers import digits_tensors, events, raw_results, trainer
