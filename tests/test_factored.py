@@ -336,3 +336,22 @@ def test_a_class_token_stays_factored_whatever_the_chunks(caplog, chunk_size):
     torch.testing.assert_close(got, reference_gram(model, x, y))
     plan = [record.getMessage() for record in caplog.records if record.getMessage().startswith("gram plan")]
     assert plan and "cls: flat" in plan[-1] and "differ" not in plan[-1], plan
+
+
+def test_every_form_satisfies_the_term_protocol():
+    rows = torch.randn(3, 4, dtype=torch.float64)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 2]])
+    forms = [
+        terms.OuterTerm(rows, rows),
+        terms.FlatTerm(rows),
+        PerExampleTerm(rows),
+        GhostTerm(rows[:, None], rows[:, None]),
+        BlockedTerm(rows[:, None], rows[:, None]),
+        terms.TokenTerm(ids, torch.randn(3, 2, 4, dtype=torch.float64), 5),
+        terms.SlicedTerm([((0, 1), terms.FlatTerm(rows))], 4, 4),
+    ]
+    for term in forms:
+        assert isinstance(term, terms.Term), type(term)
+        joined = type(term).concat([term, term])
+        assert joined.num_examples == 6 and joined.gram(joined).shape == (6, 6)
+        torch.testing.assert_close(term.gram(term), term.per_example() @ term.per_example().T)

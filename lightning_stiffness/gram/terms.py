@@ -20,7 +20,7 @@ memory budget, so one layer's working set stays bounded.
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -492,5 +492,35 @@ class SlicedTerm:
         return cls(parts, terms[0].row_numel, terms[0].numel)
 
 
-#: Any factored term.
-Term = OuterTerm | FlatTerm | PerExampleTerm | GhostTerm | BlockedTerm | TokenTerm | SlicedTerm
+@runtime_checkable
+class Term(Protocol):
+    """What every factored form provides (:class:`OuterTerm`, :class:`FlatTerm`, :class:`PerExampleTerm`,
+    :class:`GhostTerm`, :class:`BlockedTerm`, :class:`TokenTerm`, :class:`SlicedTerm`, and a user rule's own).
+
+    Attributes:
+        form: the form's name, as :class:`~lightning_stiffness.gram.GramPlan` reports it.
+    """
+
+    form: str
+
+    @property
+    def num_examples(self) -> int:
+        """N, the examples along dim 0 of every tensor the term holds."""
+        ...
+
+    def gram(self, other: Any) -> Tensor:
+        """<g_i, g'_j> [N, M] against a term of the same form over M examples (itself for a square matrix)."""
+        ...
+
+    def per_example(self) -> Tensor:
+        """The per-example gradients [N, numel], flattened like the parameter (the check, mixed forms)."""
+        ...
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> Any:
+        """The same term with ``fn`` applied to each tensor indexed by example (slicing, gathering)."""
+        ...
+
+    @classmethod
+    def concat(cls, terms: list[Any]) -> Any:
+        """One term of this form over the examples of ``terms`` (consecutive chunks), in order."""
+        ...
