@@ -228,10 +228,13 @@ def _conv_output_shape(size, kernel, stride, dilation) -> tuple[int, ...]:
     return tuple((s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(size, kernel, stride, dilation, strict=True))
 
 
-#: Output positions from which an ungrouped convolution's per-example gradients come from its own weight backward
-#: rather than its patches: measured on 2 CPU cores (N = 64 and 1024, 3x3 kernels), the backward took 0.2-0.7x the
-#: time of unfolded patches times output gradients from 8 x 8 positions on, and up to 2.4x for 4 x 4 or fewer.
+#: An ungrouped convolution's per-example gradients come from its own weight backward rather than its patches from
+#: this many output positions on, or at any number for at most :data:`CONV_BACKWARD_CHANNELS` input channels. Measured
+#: on 2 CPU cores (N = 64 and 512, 3x3 kernels): the backward took 0.1-0.8x the time of unfolded patches times output
+#: gradients from 8 x 8 positions on and with up to 32 input channels at 4 x 4 to 7 x 7; with 64-256 channels below
+#: 8 x 8 positions it took up to 2.4x.
 CONV_BACKWARD_POSITIONS = 64
+CONV_BACKWARD_CHANNELS = 32
 
 #: Entries of a grouped convolution's weight up to which its per-example gradients are formed directly (one product
 #: per group); above, each group's positions become positions of the whole weight, with zeros outside its block.
@@ -288,7 +291,8 @@ class ConvolutionRule(OpRule):
         out: dict[str, Factors] = {"bias": Rows(grads.sum(dim=1))}
         n, length, c_out = grads.shape
         if groups == 1:
-            formed = gradients if length >= CONV_BACKWARD_POSITIONS else None
+            backward = length >= CONV_BACKWARD_POSITIONS or weight.shape[1] <= CONV_BACKWARD_CHANNELS
+            formed = gradients if backward else None
             out["weight"] = Positions(LazyPositions(source, patches, formed), grads)
             return out
         if weight.numel() <= GROUPED_ROWS_NUMEL:
