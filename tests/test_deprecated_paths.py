@@ -59,6 +59,7 @@ def test_the_public_paths_need_no_warning():
         from lightning_stiffness.report import load_run, write_report
 
     assert StiffnessResult is result.StiffnessResult and from_the_package is StiffnessCallback
+    assert StiffnessCallback.__module__ == "lightning_stiffness.callback.callback"  # as ddp_spawn pickles it
     assert callable(load_run) and callable(write_report)
     for name in functional.__all__:
         assert getattr(functional, name) is not None, name

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import seed_everything
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.distributed import Communicator, row_span
+from lightning_stiffness.callback.distributed import Communicator, row_span
 from lightning_stiffness.exceptions import FailedElsewhere, ProbeSkipped, is_expected
 from lightning_stiffness.measures.result import StiffnessResult
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_stiffness.extra_measures import ExtraMeasures
+from lightning_stiffness.callback.extra_measures import ExtraMeasures
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,

@@ -12,7 +12,7 @@ from matplotlib.legend import Legend
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.extra_measures import ExtraMeasures
+from lightning_stiffness.callback.extra_measures import ExtraMeasures
 from lightning_stiffness.functional import critical_distance
 from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, Painter
 from lightning_stiffness.images.render_worker import Renderer

@@ -10,9 +10,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.context import progress_bar
+from lightning_stiffness.callback.progress import progress_bar
+from lightning_stiffness.callback.schedule import ProbeSchedule
 from lightning_stiffness.names import class_tag
-from lightning_stiffness.schedule import ProbeSchedule
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 TAG = class_tag("train-val", "cosine", "within")

@@ -7,12 +7,13 @@ Measures gradient stiffness (Fort et al., arXiv 1901.09491) on fixed probe examp
 class stiffness matrices, within/between-class stiffness and stiffness-against-distance curves.
 
 The callback is Lightning glue: it validates its arguments, keeps the schedule and the probe examples (its state),
-and delegates the rest: probe sets to :mod:`~lightning_stiffness.probe`, measuring to
-:mod:`~lightning_stiffness.probing`, writing to :mod:`~lightning_stiffness.outputs` and
+and delegates the rest: probe sets to :mod:`~lightning_stiffness.callback.probe_sets`, measuring to
+:mod:`~lightning_stiffness.callback.probing`, writing to :mod:`~lightning_stiffness.callback.writers` and
 :mod:`~lightning_stiffness.images.image_writer`.
 
 """
 
+import importlib
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,10 +28,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
-from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.callback.distributed import Communicator
+from lightning_stiffness.callback.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
+from lightning_stiffness.callback.isolation import eval_mode, preserved_rng
+from lightning_stiffness.callback.probe_sets import (
+    SET_WORDS,
+    ProbeSets,
+    build_probe_sets,
+    find_collate_fn,
+    find_datasets,
+)
+from lightning_stiffness.callback.probing import ProbeOptions, measure_probe
+from lightning_stiffness.callback.progress import progress_bar
+from lightning_stiffness.callback.schedule import ProbeSchedule
+from lightning_stiffness.callback.writers import RawWriter, ScalarWriter, run_directory
 from lightning_stiffness.exceptions import is_expected, strict_default
-from lightning_stiffness.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
 from lightning_stiffness.gram import METHODS
 from lightning_stiffness.gram.validation import check_choice, check_int, default_loss_fn
 from lightning_stiffness.images.image_writer import ImageWriter
@@ -38,17 +50,6 @@ from lightning_stiffness.lightning_compat import lightning_classes
 from lightning_stiffness.measures.representations import check_layer_names
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
-from lightning_stiffness.outputs import RawWriter, ScalarWriter, run_directory
-from lightning_stiffness.probe import (
-    SET_WORDS,
-    ProbeSets,
-    build_probe_sets,
-    find_collate_fn,
-    find_datasets,
-    resolve_callable,
-)
-from lightning_stiffness.probing import ProbeOptions, measure_probe
-from lightning_stiffness.schedule import ProbeSchedule
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
@@ -427,6 +428,22 @@ def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[s
             what = SET_WORDS[name]
             warn_once(what, f"StiffnessCallback: several {what} dataloaders; probing the first one's dataset.")
     return {name: datasets[0] for name, datasets in found.items() if datasets}
+
+
+def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Callable[..., Any] | None:
+    """A callable given directly or as an import path ``"package.module.function"``."""
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, str) or "." not in value:
+        raise ValueError(f"`{name}` must be a callable or an import path 'package.module.function', got {value!r}.")
+    module_name, _, attribute = value.rpartition(".")
+    try:
+        resolved = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"`{name}`: cannot import {value!r} ({err}).") from err
+    if not callable(resolved):
+        raise ValueError(f"`{name}`: {value!r} is not callable.")
+    return resolved
 
 
 def _check_kinds(kinds: list[str] | None) -> tuple[str, ...]:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stiffness.context import eval_mode, preserved_rng, progress_bar
-from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.callback.distributed import Communicator
+from lightning_stiffness.callback.isolation import eval_mode, preserved_rng
+from lightning_stiffness.callback.progress import progress_bar
 from lightning_stiffness.exceptions import is_expected
 from lightning_stiffness.gram.validation import check_int
 from lightning_stiffness.images.specs import dataset_specs

@@ -1,15 +1,15 @@
 """Probe sets: the fixed examples whose gradients a probe compares, drawn once, stratified by class.
 
 The probe examples of all sets are batched together with the training dataloader's own ``collate_fn`` (so padding
-collates pad them to one length), then turned into ``(x, y)`` by :func:`default_batch_to_xy` (tuples, lists, dicts)
-or a user's ``batch_to_xy``, exactly as a training batch would be. ``x`` may be a tensor, a tuple or a dict of tensors
-with the examples along dim 0 (:mod:`lightning_stiffness.gram.inputs`). Sampling uses only the generator it is given,
-never the global random state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and their
+collates pad them to one length), then turned into ``(x, y)`` by
+:func:`~lightning_stiffness.measures.batches.default_batch_to_xy` (tuples, lists, dicts) or a user's ``batch_to_xy``,
+exactly as a training batch would be. ``x`` may be a tensor, a tuple or a dict of tensors with the examples along
+dim 0 (:mod:`lightning_stiffness.gram.inputs`). Sampling uses only the generator it is given, never the global random
+state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and their
 ``collate_fn`` (:func:`find_collate_fn`), and :func:`build_probe_sets` draws each probe set or restores it from a
 checkpoint's indices.
 """
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,22 +26,6 @@ BatchToXY = Callable[[Any], tuple[Any, Any]]
 Collate = Callable[[list[Any]], Any]
 #: Items collated at a time when labels must be read from the items themselves.
 LABEL_CHUNK = 256
-
-
-def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Callable[..., Any] | None:
-    """A callable given directly or as an import path ``"package.module.function"``."""
-    if value is None or callable(value):
-        return value
-    if not isinstance(value, str) or "." not in value:
-        raise ValueError(f"`{name}` must be a callable or an import path 'package.module.function', got {value!r}.")
-    module_name, _, attribute = value.rpartition(".")
-    try:
-        resolved = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"`{name}`: cannot import {value!r} ({err}).") from err
-    if not callable(resolved):
-        raise ValueError(f"`{name}`: {value!r} is not callable.")
-    return resolved
 
 
 def _label_value(y: Any, where: str) -> int:

@@ -1,15 +1,15 @@
-"""Context managers around a probe: eval mode for every submodule, random states restored, a progress bar."""
+"""What a probe leaves as it found it: every submodule's mode and the random states (torch, CUDA, Python, NumPy).
+
+Parameters, ``.grad`` and buffers are the Gram engines' to keep (:mod:`lightning_stiffness.gram`); the callback wraps
+each probe in these context managers, so that training with the callback is bitwise the training without it.
+"""
 
 import random
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
-Progress = Callable[[int, int], None]
 
 
 @contextmanager
@@ -45,23 +45,3 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-
-
-@contextmanager
-def progress_bar(enabled: bool, description: str) -> Iterator[Progress | None]:
-    """A transient tqdm bar updated with ``(done, total)`` blocks; ``None`` when not ``enabled`` or when stderr is
-    not a terminal (a log file or CI output would collect its escape codes)."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    bar = tqdm(desc=description, leave=False, dynamic_ncols=True, file=sys.stderr, unit="block")
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        yield update
-    finally:
-        bar.close()

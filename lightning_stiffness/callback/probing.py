@@ -1,7 +1,7 @@
 """Measuring one probe: the probe sets' losses checked, this process's rows of the Gram matrix, one result.
 
-Pure PyTorch apart from the :class:`~lightning_stiffness.distributed.Communicator`, which is an identity with one
-process: the callback calls :func:`measure_probe` inside its context managers (eval mode, random states kept, a
+Pure PyTorch apart from the :class:`~lightning_stiffness.callback.distributed.Communicator`, which is an identity with
+one process: the callback calls :func:`measure_probe` inside its context managers (eval mode, random states kept, a
 progress bar) and writes the :class:`~lightning_stiffness.measures.result.StiffnessResult` it returns.
 """
 
@@ -11,15 +11,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_stiffness.context import Progress
-from lightning_stiffness.distributed import Communicator
+from lightning_stiffness.callback.distributed import Communicator
+from lightning_stiffness.callback.probe_sets import ProbeSet
+from lightning_stiffness.callback.progress import Progress
 from lightning_stiffness.exceptions import ProbeSkipped
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take, tensors
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.representations import forward_with_outputs
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.probe import ProbeSet
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
