@@ -53,15 +53,16 @@ class StiffnessResult:
         layer_curves: ``"{pair}/{layer}"`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve`.
         line_fits: ``pair`` or ``"{pair}/{layer}"`` -> fit (``"pairs"``: the paper's, whose zero crossing is the
             critical distance; ``"bins"``: through the bin means) -> ``intercept``, ``slope``, ``xi``, ``low``,
-            ``high`` (see :mod:`~lightning_stiffness.lines`).
+            ``high`` (see :mod:`~lightning_stiffness.measures.fitted_lines`).
         gradient_coherence, gradient_diversity: probe set -> float (:mod:`lightning_stiffness.functional`).
         intervals: scalar tag (as logged) -> ``(low, high)``, 95% bootstrap intervals
-            (:mod:`lightning_stiffness.intervals`); empty when not measured.
+            (:mod:`lightning_stiffness.measures.intervals`); empty when not measured.
         curve_intervals: ``pair`` or ``"{pair}/{layer}"`` (the keys of ``curves`` and ``layer_curves``) ->
             {``"within"``, ``"between"``} -> ``(low, high)``, float64 [bins] each: the 95% bootstrap band of each
             bin's mean, from the same draws as ``intervals`` (NaN for a bin without pairs); empty when not measured.
         group_names: the class groups (with ``class_groups``), in order.
-        group_matrices: ``"{pair}/{kind}"`` -> [G, G] stiffness between groups (:mod:`lightning_stiffness.groups`).
+        group_matrices: ``"{pair}/{kind}"`` -> [G, G] stiffness between groups
+            (:mod:`lightning_stiffness.measures.groups`).
         between_class_within_group, between_groups: ``"{pair}/{kind}"`` -> float.
     """
 
