@@ -36,9 +36,9 @@ from bench_gram import paper_fc
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import gradient_gram
-from lightning_stiffness.measure import measure_stiffness
-from lightning_stiffness.outputs import ImageWriter
-from lightning_stiffness.plots import probe_images
+from lightning_stiffness.images.image_writer import ImageWriter
+from lightning_stiffness.images.specs import probe_images
+from lightning_stiffness.measures.probe_measures import measure_stiffness
 
 
 class PaperFC(LightningModule):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_callback import PaperFC, probe_once
 
-from lightning_stiffness.intervals import bootstrap_intervals, curve_bands, draw_weights
+from lightning_stiffness.measures.intervals import bootstrap_intervals, curve_bands, draw_weights
 
 
 def main() -> None:
