@@ -30,7 +30,9 @@ from lightning_stiffness.gram.rules import Term
 from lightning_stiffness.gram.torchfunc import torchfunc_per_example
 from lightning_stiffness.gram.validation import (
     LossFn,
+    check_choice,
     check_examples,
+    check_int,
     check_loss_fn,
     check_model_mode,
     default_loss_fn,
@@ -147,10 +149,9 @@ def gradient_gram(
         >>> gradient_gram(model, x, y).shape
         torch.Size([5, 5])
     """
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    check_choice(method, "method", METHODS)
+    if chunk_size is not None:
+        check_int(chunk_size, "chunk_size", alternative="or None")
     if (inputs2 is None) != (targets2 is None):
         raise ValueError("`inputs2` and `targets2` must be given together (both or neither).")
     if inputs2 is None and gather_columns is not None:
