@@ -4,8 +4,9 @@ Products with a parameter wherever it sits (``x @ W.T``, ``W @ x``, ``torch.addm
 ``Conv1D``, ``bmm`` and ``einsum`` over heads, a scaled weight), grouped, depthwise and 3-D convolutions with stride
 and dilation, tensors computed from parameters alone and broadcast over the examples (position embeddings of [1, T]
 ids, a bias table indexed twice, keys tiled with ``repeat``), convolutions over many positions (their per-example
-gradients from the convolution's own weight backward), and operations with no factored form, whose parameters'
-gradients come from their own vector-Jacobian product. Each must be exact, and none may leave the factored engine.
+gradients from the convolution's own weight backward), outputs written in place, and operations with no factored
+form, whose parameters' gradients come from their own vector-Jacobian product. Each must be exact, and none may leave
+the factored engine.
 """
 
 import pytest
@@ -182,6 +183,25 @@ class TiledKeys(nn.Module):
         return self.head(torch.tanh(scores).view(n, H, T, 2 * T).mean(dim=2).flatten(1))
 
 
+class InPlaceOutputs(nn.Module):
+    """Funnel's attention: a Linear's output (a view of its [N * T, p] product when it has a bias) and an einsum's
+    output (a permuted view) written in place (``mul_``, ``+=``) before anything else reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.heads = nn.Parameter(torch.randn(D, H, 2) / 2)
+        self.head = nn.Linear(H * 2, CLASSES)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h.mul_(0.5)
+        h += x
+        per_head = torch.einsum("ntd,dhe->nthe", torch.tanh(h), self.heads)
+        per_head.add_(1.0)
+        return self.head(torch.tanh(per_head).mean(dim=1).flatten(1))
+
+
 class NoFactoredForm(nn.Module):
     """Operations with a parameter operand and no rule: ``torch.atan2`` and ``torch.cdist``."""
 
@@ -228,6 +248,7 @@ CASES = {
     "broadcast_positions": (BroadcastPositions, TOKENS, {"positions.weight": "through"}),
     "bias_table_twice": (BiasTableTwice, SEQUENCE, {"table": "through"}),
     "tiled_keys": (TiledKeys, SEQUENCE, {"positions": "through", "key.weight": "through"}),
+    "in_place_outputs": (InPlaceOutputs, SEQUENCE, {"proj.weight": "F.linear", "heads": "torch.einsum"}),
     "no_factored_form": (NoFactoredForm, SEQUENCE, {"phase": "(its own vjp)", "centres": "(its own vjp)"}),
     "prelu": (PReLUNet, SEQUENCE, {"act.weight": "F.prelu"}),
 }

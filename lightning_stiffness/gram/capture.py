@@ -64,6 +64,24 @@ class Use:
             self.hooked = grad.detach()
 
         self.output.register_hook(keep)
+        base = self.output._base
+        if base is not None and base.requires_grad:
+            # F.linear with a bias on [N, T, d] returns a view of its [N * T, p] result. A view written in place
+            # (``h += x``, ``h.mul_(s)``) is rebased onto its base and loses its own hooks; the base's hook still sees
+            # the gradient before the change, read here through the view's geometry.
+            size, stride = self.output.size(), self.output.stride()
+            offset = self.output.storage_offset() - base.storage_offset()
+            base_size, base_stride = base.size(), base.stride()
+
+            def keep_through_base(grad: Tensor) -> None:
+                if self.hooked is not None:  # the view's own hook fired: it was not written in place
+                    return
+                if grad.stride() != base_stride:
+                    laid = torch.empty_strided(base_size, base_stride, dtype=grad.dtype, device=grad.device)
+                    grad = laid.copy_(grad)
+                self.hooked = grad.detach().as_strided(size, stride, offset)
+
+            base.register_hook(keep_through_base)
 
     @property
     def signature(self) -> tuple:
