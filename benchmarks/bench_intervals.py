@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_callback import PaperFC, probe_once
 
 from lightning_stiffness.measures.intervals import bootstrap_intervals, curve_bands, draw_weights
+from lightning_stiffness.names import MODEL
 
 
 def main() -> None:
@@ -61,19 +62,28 @@ def main() -> None:
         print(f"| {draws} | {cells} | {sum(fastest):.3f} | {sum(fastest) / probe:.1%} |")
 
 
+def _by_structure(result):
+    """The probe's stiffness matrices (pair -> kind) and distances (pair -> space), as the interval functions take
+    them."""
+    classes = result.classes
+    stiffness = {pair: {kind: m[MODEL].stiffness for kind, m in by_kind.items()} for pair, by_kind in classes.items()}
+    distances = {pair: {space: m.distances for space, m in spaces.items()} for pair, spaces in result.spaces.items()}
+    return stiffness, distances
+
+
 def _intervals(result, weights) -> None:
-    distances = {**result.distances, **result.layer_distances}
+    stiffness, distances = _by_structure(result)
     draws = next(iter(weights.values())).shape[0]
     bootstrap_intervals(
-        result.stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes, draws, None,
+        stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes, draws, None,
         weights=weights,
     )  # fmt: skip
 
 
 def _bands(result, weights) -> None:
-    distances = {**result.distances, **result.layer_distances}
-    edges = {key: sides["within"].edges for key, sides in {**result.curves, **result.layer_curves}.items()}
-    curve_bands(result.stiffness, distances, edges, result.labels, result.xi_kind, weights)
+    stiffness, distances = _by_structure(result)
+    edges = {pair: {space: m.curves["within"].edges for space, m in by.items()} for pair, by in result.spaces.items()}
+    curve_bands(stiffness, distances, edges, result.labels, result.xi_kind, weights)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DigitsDataModule, PaperNet
 
 from lightning_stiffness import StiffnessCallback, StiffnessResult
+from lightning_stiffness.names import MODEL
 from lightning_stiffness.report import load_run, write_report
 
 #: The hidden layers' ReLU outputs in PaperNet's fully connected net (Flatten, then Linear/ReLU pairs).
@@ -74,23 +75,23 @@ def _epochs_trained(result: StiffnessResult) -> int:
 def summarise(run_dir: Path, lr: float) -> dict:
     run = load_run(run_dir)
     first, last = run.results[0], run.results[-1]
-    within = [r.within_class["train-train/cosine"] for r in run.results]
+    within = [r.classes["train-train"]["cosine"][MODEL].within for r in run.results]
     val_losses = [v for _, v in run.losses.get("val_loss", [])]
     best = int(np.argmin(val_losses)) if val_losses else -1
 
     def at(result: StiffnessResult) -> dict:
+        classes = {pair: {kind: m[MODEL] for kind, m in by_kind.items()} for pair, by_kind in result.classes.items()}
         values = {
             "epochs_trained": _epochs_trained(result),
-            "within_train": result.within_class["train-train/cosine"],
-            "between_train": result.between_class["train-train/cosine"],
-            "within_val": result.within_class["val-val/cosine"],
-            "between_val": result.between_class["val-val/cosine"],
-            "within_train_val": result.within_class["train-val/cosine"],
-            "sign_within_train_val": result.within_class["train-val/sign"],
-            "xi_input": result.critical_distance["train-train"],
+            "within_train": classes["train-train"]["cosine"].within,
+            "between_train": classes["train-train"]["cosine"].between,
+            "within_val": classes["val-val"]["cosine"].within,
+            "between_val": classes["val-val"]["cosine"].between,
+            "within_train_val": classes["train-val"]["cosine"].within,
+            "sign_within_train_val": classes["train-val"]["sign"].within,
         }
-        for layer in result.representation_layers:
-            values[f"xi_{layer}"] = result.layer_critical_distance[f"train-train/{layer}"]
+        for space, measures in result.spaces["train-train"].items():
+            values[f"xi_{space}"] = measures.critical_distance  # xi_input, then each layer's
         return values
 
     return {

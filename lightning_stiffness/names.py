@@ -22,6 +22,13 @@ SETS = ("train", "val")
 PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}
 #: Pairs of examples of the same class, and of different classes.
 SIDES = ("within", "between")
+#: The distance space of the inputs themselves: a layer like those whose outputs give representation distances
+#: (``layers``), first in a result's ``spaces`` and in the tags (``critical_distance/input``).
+INPUT = "input"
+#: The Gram matrix of all parameters, first in a result's ``classes`` beside each layer's own (``per_layer``): ``""`` is
+#: what ``named_modules()`` calls the model itself, and no layer's Gram matrix is named so (a parameter registered on
+#: the model itself is named by the parameter).
+MODEL = ""
 #: Metrics of distances between representations (input distances are always cosine).
 DISTANCE_METRICS = ("cosine", "euclidean")
 #: The first part of every logged tag and the folder of raw results under the logger's ``log_dir``, by default.
@@ -34,6 +41,9 @@ FITS = ("pairs", "bins")
 INITIALISATION = "initialisation"
 #: Raw result files of one run, ``epoch=E-step=S.pt``.
 RAW_FILE_PATTERN = "epoch=*-step=*.pt"
+#: The layout of the raw files written now: nested by structure, pair -> kind -> layer and pair -> space (2); files of
+#: version 1 (flat ``"{pair}/{kind}"`` keys, intervals keyed by tags) still load.
+RAW_FORMAT_VERSION = 2
 
 
 def xi_kind(kinds: Sequence[str]) -> str:
@@ -42,20 +52,22 @@ def xi_kind(kinds: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ raw-result keys
+# Version 2 files nest by structure (pair, kind, layer, side): their keys are the names above and the layers' names.
+# The flat keys of version 1 (and of the deprecated attributes that show results that way) are built here.
 
 
 def kind_key(pair: str, kind: str) -> str:
-    """Key of a pair's per-kind values in a result (``stiffness``, ``class_matrices``, ``within_class``, ...)."""
+    """Version-1 key of a pair's per-kind values (``stiffness``, ``class_matrices``, ``within_class``, ...)."""
     return f"{pair}/{kind}"
 
 
 def layer_key(pair: str, layer: str) -> str:
-    """Key of a pair's values in one layer's representation (``layer_distances``, ``layer_curves``, ...)."""
+    """Version-1 key of a pair's values in one layer's representation (``layer_distances``, ``layer_curves``, ...)."""
     return f"{pair}/{layer}"
 
 
 def layer_kind_key(pair: str, kind: str, layer: str) -> str:
-    """Key of a pair's per-kind values from one layer's own gradients (``layer_within_class``, ...)."""
+    """Version-1 key of a pair's per-kind values from one layer's own gradients (``layer_within_class``, ...)."""
     return f"{pair}/{kind}/{layer}"
 
 
@@ -79,19 +91,23 @@ def image_file(tag: str, epoch: int, step: int) -> str:
 # ----------------------------------------------------------------------------------------------------- logged tags
 
 
-def class_tag(pair: str, kind: str, side: str, prefix: str = PREFIX) -> str:
-    """Scalar: within-class (``side="within"``) or between-class stiffness."""
+def class_tag(pair: str, kind: str, side: str, prefix: str = PREFIX, layer: str = MODEL) -> str:
+    """Scalar: within-class (``side="within"``) or between-class stiffness, of all parameters (``layer=MODEL``) or
+    of one layer's own gradients (``per_layer``)."""
+    if layer != MODEL:
+        return f"{prefix}/{pair}/{kind}/by_layer/{layer}/{side}_class"
     return f"{prefix}/{pair}/{kind}/{side}_class"
 
 
 def critical_distance_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) -> str:
-    """Scalar: critical distance xi in input space (``layer=None``) or in a layer's representation."""
-    return f"{prefix}/{pair}/critical_distance/{layer or 'input'}"
+    """Scalar: critical distance xi in input space (``layer=None`` or :data:`INPUT`) or in a layer's
+    representation."""
+    return f"{prefix}/{pair}/critical_distance/{layer or INPUT}"
 
 
 def layer_class_tag(pair: str, kind: str, layer: str, side: str, prefix: str = PREFIX) -> str:
-    """Scalar: within/between-class stiffness of one layer's own gradients."""
-    return f"{prefix}/{pair}/{kind}/by_layer/{layer}/{side}_class"
+    """Scalar: within/between-class stiffness of one layer's own gradients (:func:`class_tag` with ``layer``)."""
+    return class_tag(pair, kind, side, prefix, layer)
 
 
 def probe_seconds_tag(prefix: str = PREFIX) -> str:
@@ -105,8 +121,8 @@ def class_matrix_tag(pair: str, kind: str, prefix: str = PREFIX) -> str:
 
 
 def distance_curve_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) -> str:
-    """Image: stiffness against input distance (``layer=None``) or against distance in a layer."""
-    return f"{prefix}/{pair}/distance_curve" + (f"/{layer}" if layer else "")
+    """Image: stiffness against input distance (``layer=None`` or :data:`INPUT`) or against distance in a layer."""
+    return f"{prefix}/{pair}/distance_curve" + (f"/{layer}" if layer not in (None, INPUT) else "")
 
 
 def by_layer_tag(pair: str, prefix: str = PREFIX) -> str:

@@ -11,6 +11,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_stiffness.names import PREFIX
 
+#: A raw file of format version 1, written by the code before version 2 (TinyNet on digits, 2 examples a class,
+#: ``per_layer``, ``layers=["net.1"]``, class groups, 20 bootstrap draws), and the scalars that code logged for it.
+FIXTURE_V1 = Path(__file__).parent / "data" / "raw_format_v1.pt"
+FIXTURE_V1_SCALARS = Path(__file__).parent / "data" / "raw_format_v1_scalars.json"
+
 
 def digits_tensors(n: int = 400):
     digits = load_digits()

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.gram.inputs import take
+from lightning_stiffness.measures.result import StiffnessResult
+from lightning_stiffness.names import MODEL
 from tests.helpers import raw_results, trainer
 
 VOCAB, PAD, CLASSES = 12, 0, 3
@@ -122,7 +124,7 @@ def _check_against_loop(callback, network, atol):
     probe = callback._probes.sets["train"]
     assert set(probe.inputs) == {"input_ids", "attention_mask"}  # the collate's padding and mask reached the model
     assert (~probe.inputs["attention_mask"]).any(), "the probe examples should include padded ones"
-    got = callback.last_result.stiffness["train-train/cosine"].double()
+    got = callback.last_result.classes["train-train"]["cosine"][MODEL].stiffness.double()
     want = _reference_cosine(network, probe.inputs, probe.labels)
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
@@ -150,7 +152,7 @@ def test_true_precisions_probe_and_match_float64(tmp_path, precision, atol):
     run.fit(module, datamodule=SentenceData())
     assert callback._probes_done == 1
     expected = torch.float64 if precision == "64-true" else torch.float32  # bf16 accumulates in float32
-    assert callback.last_result.stiffness["train-train/cosine"].dtype == expected
+    assert callback.last_result.classes["train-train"]["cosine"][MODEL].stiffness.dtype == expected
     # The reference runs a float64 copy of the trained (bf16 or float64) weights on the same padded examples.
     _check_against_loop(callback, module.encoder, atol=atol)
 
@@ -199,5 +201,9 @@ def test_ddp_probe_of_dict_batches_equals_one_process(tmp_path, module_class):
     """Dict inputs under 2-process DDP: token terms gathered across processes, the GRU's loop engine on each."""
     single = _raw_run(tmp_path / "single", module_class)
     ddp = _raw_run(tmp_path / "ddp", module_class, strategy="ddp_spawn", accelerator="cpu", devices=2)
-    for key, matrix in single["stiffness"].items():
-        torch.testing.assert_close(ddp["stiffness"][key], matrix, rtol=1e-5, atol=1e-5)
+    single, ddp = StiffnessResult.from_dict(single), StiffnessResult.from_dict(ddp)
+    assert single.pairs == ddp.pairs and single.pairs
+    for pair, by_kind in single.classes.items():
+        for kind, by_layer in by_kind.items():
+            matrix = by_layer[MODEL].stiffness
+            torch.testing.assert_close(ddp.classes[pair][kind][MODEL].stiffness, matrix, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,7 @@ from lightning.pytorch import seed_everything
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import cosine_stiffness, distance_bin_edges, pairwise_distances
+from lightning_stiffness.measures.functional import DistanceCurve
 from lightning_stiffness.measures.intervals import (
     bin_mean_draws,
     bootstrap_intervals,
@@ -17,9 +18,10 @@ from lightning_stiffness.measures.intervals import (
     draw_weights,
     percentile_interval,
 )
+from lightning_stiffness.measures.records import DistanceMeasures
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import PAIRS
-from tests.helpers import DigitsData, TinyNet, raw_results, trainer
+from lightning_stiffness.names import INPUT, PAIRS
+from tests.helpers import FIXTURE_V1, DigitsData, TinyNet, raw_results, trainer
 
 
 def _brute_force_band(values, distances, edges, labels_r, labels_c, w_rows, w_cols, same_set):
@@ -50,7 +52,8 @@ def _brute_force_band(values, distances, edges, labels_r, labels_c, w_rows, w_co
 
 def _small_probe(seed: int = 0):
     """Train (14) and val (11) examples of 3 classes, every pair of sets; gradients with class structure; distances
-    with a gap (an empty bin), pairs on and just below edges, and one example with no gradient (NaN stiffness)."""
+    with a gap (an empty bin), pairs on and just below edges, and one example with no gradient (NaN stiffness).
+    Stiffness by pair and kind, distances and edges by pair and space (input, and ``layer`` of train-train)."""
     generator = torch.Generator().manual_seed(seed)
     labels = {"train": torch.tensor([0] * 5 + [1] * 4 + [2] * 5), "val": torch.tensor([0] * 4 + [1] * 4 + [2] * 3)}
     means = torch.randn(3, 6, generator=generator, dtype=torch.float64)
@@ -59,22 +62,23 @@ def _small_probe(seed: int = 0):
     stiffness, distances, edges = {}, {}, {}
     for pair, (rows, cols) in PAIRS.items():
         a, b = grads[rows], grads[cols]
-        stiffness[f"{pair}/cosine"] = cosine_stiffness(a @ b.T, (a * a).sum(1), (b * b).sum(1))
+        stiffness[pair] = {"cosine": cosine_stiffness(a @ b.T, (a * a).sum(1), (b * b).sum(1))}
         near = torch.rand(len(a), len(b), generator=generator, dtype=torch.float64) * 0.3
         far = 0.7 + torch.rand(len(a), len(b), generator=generator, dtype=torch.float64) * 0.3
         space = torch.where(torch.rand(len(a), len(b), generator=generator) < 0.5, near, far)
         if rows == cols:
             space = space.triu(1) + space.triu(1).T
         mask = ~torch.eye(len(a), len(b), dtype=torch.bool) if rows == cols else None
-        edges[pair] = distance_bin_edges(space, mask, 5)
+        edges[pair] = {INPUT: distance_bin_edges(space, mask, 5)}
         # On an edge (in the upper bin) and a hair below one; within a set, (i, j) and (j, i) then differ.
         for (i, j), edge, below in (((1, 6), 1, False), ((2, 7), 1, True), ((4, 8), 4, False), ((5, 9), 4, True)):
-            value = edges[pair][edge]
+            value = edges[pair][INPUT][edge]
             space[i, j] = torch.nextafter(value, value - 1) if below else value
-        distances[pair] = space
+        distances[pair] = {INPUT: space}
     # A layer's distances binned by quantiles (edges of unequal width).
-    edges["train-train/layer"] = distance_bin_edges(distances["train-train"] * 3, None, 4, binning="quantile")
-    distances["train-train/layer"] = distances["train-train"] * 3
+    layer = distances["train-train"][INPUT] * 3
+    edges["train-train"]["layer"] = distance_bin_edges(layer, None, 4, binning="quantile")
+    distances["train-train"]["layer"] = layer
     return stiffness, distances, edges, labels
 
 
@@ -82,24 +86,24 @@ def test_bands_equal_a_brute_force_loop_over_draws_and_pairs():
     stiffness, distances, edges, labels = _small_probe()
     weights = draw_weights(labels, 60, torch.Generator().manual_seed(4))
     bands = curve_bands(stiffness, distances, edges, labels, "cosine", weights)
-    assert set(bands) == set(distances)
-    for key, space in distances.items():
-        pair = key.partition("/")[0]
+    assert {p: set(s) for p, s in bands.items()} == {p: set(s) for p, s in distances.items()}
+    for pair, by_space in distances.items():
         rows, cols = pair.split("-")
-        args = (stiffness[f"{pair}/cosine"], space, edges[key], labels[rows], labels[cols])
-        args += (weights[rows], weights[cols], rows == cols)
-        draws, expected = _brute_force_band(*args)
-        torch.testing.assert_close(bin_mean_draws(*args), draws, atol=1e-6, rtol=0, equal_nan=True)
-        for index, side in enumerate(("within", "between")):
-            low, high = bands[key][side]
-            assert low.dtype == torch.float64 and low.shape == (len(edges[key]) - 1,)
-            torch.testing.assert_close(low, expected[index, :, 0], atol=1e-6, rtol=0, equal_nan=True)
-            torch.testing.assert_close(high, expected[index, :, 1], atol=1e-6, rtol=0, equal_nan=True)
+        for space, matrix in by_space.items():
+            args = (stiffness[pair]["cosine"], matrix, edges[pair][space], labels[rows], labels[cols])
+            args += (weights[rows], weights[cols], rows == cols)
+            draws, expected = _brute_force_band(*args)
+            torch.testing.assert_close(bin_mean_draws(*args), draws, atol=1e-6, rtol=0, equal_nan=True)
+            for index, side in enumerate(("within", "between")):
+                low, high = bands[pair][space][side]
+                assert low.dtype == torch.float64 and low.shape == (len(edges[pair][space]) - 1,)
+                torch.testing.assert_close(low, expected[index, :, 0], atol=1e-6, rtol=0, equal_nan=True)
+                torch.testing.assert_close(high, expected[index, :, 1], atol=1e-6, rtol=0, equal_nan=True)
     # The gap between 0.3 and 0.7 leaves the middle input-space bin empty: NaN ends on both sides.
     for pair in ("train-train", "train-val"):
         for side in ("within", "between"):
-            assert torch.isnan(torch.stack(bands[pair][side])[:, 2]).all()
-            assert torch.isfinite(torch.stack(bands[pair][side])[:, [0, 4]]).all()
+            assert torch.isnan(torch.stack(bands[pair][INPUT][side])[:, 2]).all()
+            assert torch.isfinite(torch.stack(bands[pair][INPUT][side])[:, [0, 4]]).all()
 
 
 def test_one_set_of_draws_serves_the_intervals_and_the_bands():
@@ -113,11 +117,12 @@ def test_one_set_of_draws_serves_the_intervals_and_the_bands():
 def test_constant_stiffness_gives_a_zero_width_band():
     generator = torch.Generator().manual_seed(1)
     labels = {"train": torch.arange(4).repeat_interleave(6)}
-    distances = {"train-train": pairwise_distances(torch.randn(24, 5, generator=generator))}
-    stiffness = {"train-train/cosine": torch.full((24, 24), 0.5)}
-    edges = {"train-train": distance_bin_edges(distances["train-train"], ~torch.eye(24, dtype=torch.bool), 6)}
+    distances = {"train-train": {INPUT: pairwise_distances(torch.randn(24, 5, generator=generator))}}
+    stiffness = {"train-train": {"cosine": torch.full((24, 24), 0.5)}}
+    mask = ~torch.eye(24, dtype=torch.bool)
+    edges = {"train-train": {INPUT: distance_bin_edges(distances["train-train"][INPUT], mask, 6)}}
     weights = draw_weights(labels, 100, generator)
-    bands = curve_bands(stiffness, distances, edges, labels, "cosine", weights)["train-train"]
+    bands = curve_bands(stiffness, distances, edges, labels, "cosine", weights)["train-train"][INPUT]
     for low, high in bands.values():
         filled = ~torch.isnan(low)
         assert filled.any() and torch.equal(low[filled], high[filled])
@@ -135,7 +140,7 @@ def _population(classes: int = 3, per_class: int = 300, seed: int = 0):
 
 def test_bands_shrink_as_examples_per_class_grow():
     grads, inputs, labels = _population()
-    edges = {"train-train": torch.linspace(0, 2, 5, dtype=torch.float64)}
+    edges = {"train-train": {INPUT: torch.linspace(0, 2, 5, dtype=torch.float64)}}
     widths = {}
     for per_class in (8, 64):
         generator = torch.Generator().manual_seed(7)
@@ -143,10 +148,10 @@ def test_bands_shrink_as_examples_per_class_grow():
         for _ in range(6):
             picks = torch.cat([c * 300 + torch.randperm(300, generator=generator)[:per_class] for c in range(3)])
             g, y = grads[picks], labels[picks]
-            stiffness = {"train-train/cosine": cosine_stiffness(g @ g.T)}
-            distances = {"train-train": pairwise_distances(inputs[picks])}
+            stiffness = {"train-train": {"cosine": cosine_stiffness(g @ g.T)}}
+            distances = {"train-train": {INPUT: pairwise_distances(inputs[picks])}}
             weights = draw_weights({"train": y}, 100, generator)
-            bands = curve_bands(stiffness, distances, edges, {"train": y}, "cosine", weights)["train-train"]
+            bands = curve_bands(stiffness, distances, edges, {"train": y}, "cosine", weights)["train-train"][INPUT]
             for low, high in bands.values():
                 width = (high - low)[torch.isfinite(high - low)]
                 total, bins = total + float(width.sum()), bins + width.numel()
@@ -156,25 +161,32 @@ def test_bands_shrink_as_examples_per_class_grow():
 
 def test_round_trip_through_the_raw_dict_and_old_files_load():
     band = (torch.tensor([0.1, math.nan], dtype=torch.float64), torch.tensor([0.3, math.nan], dtype=torch.float64))
+    curve = DistanceCurve(torch.tensor([0.0, 0.5, 1.0]), torch.tensor([0.2, math.nan]), torch.tensor([3, 0]))
+
+    def space(bands):
+        return DistanceMeasures(torch.zeros(2, 2), {"within": curve, "between": curve}, 0.7, bands=bands)
+
     result = StiffnessResult(
         epoch=0, step=3, kinds=("cosine",), xi_kind="cosine", num_classes=2,
         labels={"train": torch.tensor([0, 1])}, indices={"train": torch.tensor([5, 9])},
-        curve_intervals={"train-train": {"within": band, "between": band}, "train-train/net.1": {"within": band}},
+        spaces={"train-train": {INPUT: space({"within": band, "between": band}), "net.1": space({"within": band})}},
     )  # fmt: skip
     buffer = io.BytesIO()
     torch.save(result.to_dict(), buffer)
     buffer.seek(0)
     loaded = StiffnessResult.from_dict(torch.load(buffer, weights_only=True))
-    assert set(loaded.curve_intervals) == {"train-train", "train-train/net.1"}
-    for key, sides in result.curve_intervals.items():
-        for side, (low, high) in sides.items():
-            got = loaded.curve_intervals[key][side]
+    assert set(loaded.spaces["train-train"]) == {INPUT, "net.1"}
+    for name, measures in result.spaces["train-train"].items():
+        assert set(loaded.spaces["train-train"][name].bands) == set(measures.bands)
+        for side, (low, high) in measures.bands.items():
+            got = loaded.spaces["train-train"][name].bands[side]
             assert isinstance(got, tuple)
             torch.testing.assert_close(got[0], low, equal_nan=True)
             torch.testing.assert_close(got[1], high, equal_nan=True)
-    old = result.to_dict()
+    # A version-1 file written before the bands: every space loads without them.
+    old = torch.load(FIXTURE_V1, weights_only=True)
     del old["curve_intervals"]
-    assert StiffnessResult.from_dict(old).curve_intervals == {}
+    assert all(not m.bands for by_space in StiffnessResult.from_dict(old).spaces.values() for m in by_space.values())
 
 
 def test_a_run_saves_a_band_for_every_curve(tmp_path):
@@ -185,14 +197,14 @@ def test_a_run_saves_a_band_for_every_curve(tmp_path):
     assert raw
     for data in raw.values():
         result = StiffnessResult.from_dict(data)
-        curves = {**result.curves, **result.layer_curves}
-        assert set(result.curve_intervals) == set(curves) == {f"{p}{s}" for p in result.pairs for s in ("", "/net.1")}
-        for key, sides in curves.items():
-            assert set(result.curve_intervals[key]) == {"within", "between"}
-            for side, curve in sides.items():
-                low, high = result.curve_intervals[key][side]
-                assert low.shape == high.shape == curve.mean.shape and low.dtype == torch.float64
-                # NaN ends exactly where the probe's bin is empty (50 draws all missing a filled bin: negligible).
-                assert torch.equal(torch.isnan(low), curve.count == 0)
-                assert torch.equal(torch.isnan(high), curve.count == 0)
-                assert torch.all(low[curve.count > 0] <= high[curve.count > 0])
+        assert {p: list(s) for p, s in result.spaces.items()} == {p: [INPUT, "net.1"] for p in result.pairs}
+        for by_space in result.spaces.values():
+            for measures in by_space.values():
+                assert set(measures.bands) == {"within", "between"}
+                for side, curve in measures.curves.items():
+                    low, high = measures.bands[side]
+                    assert low.shape == high.shape == curve.mean.shape and low.dtype == torch.float64
+                    # NaN ends exactly where the probe's bin is empty (50 draws all missing a filled bin: negligible).
+                    assert torch.equal(torch.isnan(low), curve.count == 0)
+                    assert torch.equal(torch.isnan(high), curve.count == 0)
+                    assert torch.all(low[curve.count > 0] <= high[curve.count > 0])

@@ -14,7 +14,7 @@ from lightning_stiffness.measures.intervals import (
     weighted_class_sums,
     xi_draws,
 )
-from lightning_stiffness.names import class_tag, critical_distance_tag
+from lightning_stiffness.names import INPUT
 
 
 def _population(classes: int = 3, per_class: int = 300, dim: int = 12, seed: int = 0):
@@ -73,9 +73,9 @@ def _probe_intervals(grads, labels, per_class, generator, draws=200):
     members = [torch.nonzero(labels == c).flatten() for c in range(3)]
     picks = torch.cat([m[torch.randperm(len(m), generator=generator)[:per_class]] for m in members])
     g, y = grads[picks], labels[picks]
-    stiffness = {"train-train/cosine": cosine_stiffness(g @ g.T)}
+    stiffness = {"train-train": {"cosine": cosine_stiffness(g @ g.T)}}
     intervals = bootstrap_intervals(stiffness, {}, {"train": y}, ("cosine",), "cosine", 3, draws, generator)
-    return intervals, within_between(class_stiffness(stiffness["train-train/cosine"], y, num_classes=3))
+    return intervals, within_between(class_stiffness(stiffness["train-train"]["cosine"], y, num_classes=3))
 
 
 def test_intervals_cover_the_population_value_at_about_the_nominal_rate():
@@ -86,7 +86,7 @@ def test_intervals_cover_the_population_value_at_about_the_nominal_rate():
     for _ in range(trials):
         intervals, _ = _probe_intervals(grads, labels, 20, generator)
         for index, side in enumerate(("within", "between")):
-            low, high = intervals[class_tag("train-train", "cosine", side)]
+            low, high = intervals.classes["train-train"]["cosine"][side]
             hits[index] += low <= exact[index] <= high
     rates = [h / trials for h in hits]
     # Nominal 95%; the percentile bootstrap of a mean over pairs runs a little narrow with 20 examples a class.
@@ -99,8 +99,8 @@ def test_intervals_shrink_as_examples_grow_and_are_reproducible():
     for per_class in (8, 64):
         generator = torch.Generator().manual_seed(7)
         runs = [_probe_intervals(grads, labels, per_class, generator, draws=100)[0] for _ in range(10)]
-        tag = class_tag("train-train", "cosine", "within")
-        widths[per_class] = sum(r[tag][1] - r[tag][0] for r in runs) / len(runs)
+        ends = [r.classes["train-train"]["cosine"]["within"] for r in runs]
+        widths[per_class] = sum(high - low for low, high in ends) / len(runs)
     assert widths[64] < widths[8] / 2.5, widths
     one = _probe_intervals(grads, labels, 10, torch.Generator().manual_seed(3))[0]
     two = _probe_intervals(grads, labels, 10, torch.Generator().manual_seed(3))[0]
@@ -114,25 +114,25 @@ def test_every_scalar_gets_an_interval_around_its_estimate():
     distances = (distances + distances.T) / 2
     distances.fill_diagonal_(0)
     cos = cosine_stiffness(grads @ grads.T)
-    stiffness = {"train-train/cosine": cos, "train-train/sign": torch.sign(grads @ grads.T)}
+    stiffness = {"train-train": {"cosine": cos, "sign": torch.sign(grads @ grads.T)}}
     intervals = bootstrap_intervals(
         stiffness,
-        {"train-train": distances, "train-train/net.1": distances * 2},
+        {"train-train": {INPUT: distances, "net.1": distances * 2}},
         {"train": labels},
         ("cosine", "sign"),
         "cosine",
         3,
         300,
         generator,
-        prefix="custom",
     )
-    expected_tags = {
-        class_tag("train-train", k, s, "custom") for k in ("cosine", "sign") for s in ("within", "between")
+    sides = {"within", "between"}
+    assert {kind: set(ends) for kind, ends in intervals.classes["train-train"].items()} == {
+        "cosine": sides,
+        "sign": sides,
     }
-    expected_tags |= {critical_distance_tag("train-train", layer, "custom") for layer in (None, "net.1")}
-    assert set(intervals) == expected_tags
+    assert set(intervals.critical_distances) == {"train-train"}
+    assert list(intervals.critical_distances["train-train"]) == [INPUT, "net.1"]
     within, between = within_between(class_stiffness(cos, labels, num_classes=3))
-    for tag, value in ((class_tag("train-train", "cosine", "within", "custom"), within),
-                       (class_tag("train-train", "cosine", "between", "custom"), between)):  # fmt: skip
-        low, high = intervals[tag]
+    for side, value in (("within", within), ("between", between)):
+        low, high = intervals.classes["train-train"]["cosine"][side]
         assert low <= value <= high

@@ -27,9 +27,15 @@ from lightning_stiffness.functional import (
 )
 from lightning_stiffness.measures.intervals import bootstrap_intervals, curve_bands, draw_weights
 from lightning_stiffness.measures.result import StiffnessResult
+from lightning_stiffness.names import INPUT, SIDES, class_tag, critical_distance_tag
 from tests.helpers import digits_tensors, events, raw_results, trainer
 
 PAIRS = {"train-train": ("train", "train"), "train-val": ("train", "val"), "val-val": ("val", "val")}
+
+
+def _input_space(by_pair):
+    """Pair -> a value of input space, as pair -> space -> value (the layout of curve_bands and bootstrap_intervals)."""
+    return {pair: {INPUT: value} for pair, value in by_pair.items()}
 
 
 # --------------------------------------------------------------------------------------------- float64 references
@@ -464,7 +470,9 @@ def test_quantile_edges_bands_against_a_loop():
         edges[pair] = distance_bin_edges(distances[pair], mask, 4, binning="quantile")
     weights = draw_weights(labels, 60, torch.Generator().manual_seed(1))
     _weights_are_within_class_resamples(weights, labels)
-    bands = curve_bands(stiffness, distances, edges, labels, "cosine", weights)
+    nested = {pair: {"cosine": stiffness[f"{pair}/cosine"]} for pair in PAIRS}
+    bands = curve_bands(nested, _input_space(distances), _input_space(edges), labels, "cosine", weights)
+    bands = {pair: by_space[INPUT] for pair, by_space in bands.items()}
     for pair, (r, c) in PAIRS.items():
         means = torch.stack(
             [
@@ -964,12 +972,20 @@ def test_bands_and_intervals_of_large_probe_sets_against_vectorised_definitions(
     feats = torch.randn(n, 5, generator=g, dtype=torch.float64) + labels["train"][:, None].double()
     cos = cos64(grads, grads)
     dist = input_distance64(feats, feats).clamp_min(0)
-    stiffness, distances = {"train-train/cosine": cos}, {"train-train": dist}
+    distances = {"train-train": dist}
     mask = ~torch.eye(n, dtype=torch.bool)
     edges = {"train-train": distance_bin_edges(dist, mask, 20)}
     weights = draw_weights(labels, 3, torch.Generator().manual_seed(2))
-    bands = curve_bands(stiffness, distances, edges, labels, "cosine", weights)
-    intervals = bootstrap_intervals(stiffness, distances, labels, ("cosine",), "cosine", 10, 3, None, weights=weights)
+    nested = {"train-train": {"cosine": cos}}
+    bands = curve_bands(nested, _input_space(distances), _input_space(edges), labels, "cosine", weights)
+    bands = {pair: by_space[INPUT] for pair, by_space in bands.items()}
+    found = bootstrap_intervals(
+        nested, _input_space(distances), labels, ("cosine",), "cosine", 10, 3, None, weights=weights
+    )
+    intervals = {
+        class_tag("train-train", "cosine", side): found.classes["train-train"]["cosine"][side] for side in SIDES
+    }
+    intervals[critical_distance_tag("train-train")] = found.critical_distances["train-train"][INPUT]
     y = labels["train"]
     k = torch.bucketize(dist, edges["train-train"][1:-1], right=True).clamp_max(19)
     side = (y[:, None] != y[None, :]).long()

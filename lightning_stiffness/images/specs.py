@@ -26,6 +26,8 @@ from lightning_stiffness.images.drawing import (
 from lightning_stiffness.measures.functional import DistanceCurve, within_between
 from lightning_stiffness.names import (
     FITS,
+    INPUT,
+    MODEL,
     PAIRS,
     PREFIX,
     by_layer_tag,
@@ -34,9 +36,6 @@ from lightning_stiffness.names import (
     dataset_class_matrix_tag,
     distance_curve_tag,
     group_matrix_tag,
-    kind_key,
-    layer_key,
-    layer_kind_key,
     probe_label,
 )
 
@@ -77,15 +76,11 @@ def _band(bands: dict[str, tuple[Any, Any]] | None, side: str) -> tuple[np.ndarr
     return low.double().numpy(), high.double().numpy()
 
 
-def _curve_spec(
-    result: "StiffnessResult", key: str, layer: str | None, xlim: tuple[float, float], when: str
-) -> CurveSpec:
-    """The distance curve of ``key`` (a pair, or ``"{pair}/{layer}"``) with its fitted lines and bootstrap band."""
-    curves = result.layer_curves[key] if layer else result.curves[key]
-    within, between = curves["within"], curves["between"]
-    fits = result.line_fits.get(key) or {}
-    bands = result.curve_intervals.get(key)
-    pair = key.partition("/")[0]
+def _curve_spec(result: "StiffnessResult", pair: str, space: str, xlim: tuple[float, float], when: str) -> CurveSpec:
+    """The distance curve of one pair in one space (input or a layer) with its fitted lines and bootstrap band."""
+    measures = result.spaces[pair][space]
+    within, between = measures.curves["within"], measures.curves["between"]
+    layer = None if space == INPUT else space
     stiffness = f"{result.xi_kind} stiffness"
     return CurveSpec(
         edges=within.edges.double().numpy(),
@@ -93,24 +88,24 @@ def _curve_spec(
         within_count=within.count.numpy(),
         between_mean=between.mean.double().numpy(),
         between_count=between.count.numpy(),
-        fit=_line(fits.get(FITS[0])),
-        bin_fit=_line(fits.get(FITS[1])),
+        fit=_line(measures.line_fits.get(FITS[0])),
+        bin_fit=_line(measures.line_fits.get(FITS[1])),
         title=f"{stiffness} against {f'distance in {layer}' if layer else 'input distance'}, {pair} ({when})",
         xlabel=f"{result.distance_metric} distance between outputs of {layer}" if layer else "input distance (1 − cos)",
         ylabel=f"mean {stiffness}",
-        within_band=_band(bands, "within"),
-        between_band=_band(bands, "between"),
+        within_band=_band(measures.bands, "within"),
+        between_band=_band(measures.bands, "between"),
         xlim=xlim,
     )
 
 
 def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[str, ...], when: str) -> MatrixSpec:
     rows, cols = PAIRS[pair]
-    within, between = result.within_class[kind_key(pair, kind)], result.between_class[kind_key(pair, kind)]
+    whole = result.classes[pair][kind][MODEL]
     return MatrixSpec(
-        matrix=result.class_matrices[kind_key(pair, kind)].double().numpy(),
+        matrix=whole.matrix.double().numpy(),
         class_names=names,
-        title=f"{kind} stiffness, {pair} ({when}): within {within:.2f}, between {between:.2f}",
+        title=f"{kind} stiffness, {pair} ({when}): within {whole.within:.2f}, between {whole.between:.2f}",
         row_label=f"class of the {rows} example (rows: {rows} set)",
         col_label=f"class of the {cols} example (columns: {cols} set)",
     )
@@ -122,32 +117,25 @@ def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: s
     names = tuple(str(name) for name in class_names)
     specs: dict[str, Any] = {}
     # The curves of one distance space share their axis: pairs compare at a glance, and the worker draws the axis once.
-    ranges = {None: _shared_range([result.curves[pair] for pair in result.pairs])} if result.pairs else {}
-    for layer in result.representation_layers:
-        ranges[layer] = _shared_range([result.layer_curves[layer_key(pair, layer)] for pair in result.pairs])
+    spaces = list(next(iter(result.spaces.values()), {}))
+    ranges = {space: _shared_range([result.spaces[pair][space].curves for pair in result.pairs]) for space in spaces}
     for pair in result.pairs:
         for kind in result.kinds:
             specs[class_matrix_tag(pair, kind, prefix)] = _matrix_spec(result, pair, kind, names, when)
-        specs[distance_curve_tag(pair, prefix=prefix)] = _curve_spec(result, pair, None, ranges[None], when)
-        for layer in result.representation_layers:
-            key = layer_key(pair, layer)
-            specs[distance_curve_tag(pair, layer, prefix)] = _curve_spec(result, key, layer, ranges[layer], when)
-        if result.representation_layers:
-            layers = result.representation_layers
+        for space in spaces:
+            specs[distance_curve_tag(pair, space, prefix)] = _curve_spec(result, pair, space, ranges[space], when)
+        if len(spaces) > 1:
             specs[critical_distance_by_layer_tag(pair, prefix)] = XiBarsSpec(
-                names=("input", *layers),
-                values=(
-                    result.critical_distance[pair],
-                    *[result.layer_critical_distance[layer_key(pair, x)] for x in layers],
-                ),
+                names=tuple(spaces),
+                values=tuple(result.spaces[pair][space].critical_distance for space in spaces),
                 title=f"stiff-domain size by layer, {pair} ({when})",
             )
-        if result.gram_layers and "cosine" in result.kinds:
-            keys = [layer_kind_key(pair, "cosine", layer) for layer in result.gram_layers]
+        own = {layer: m for layer, m in result.classes[pair].get("cosine", {}).items() if layer != MODEL}
+        if own:
             specs[by_layer_tag(pair, prefix)] = LayersSpec(
-                layers=tuple(result.gram_layers),
-                within=tuple(result.layer_within_class[key] for key in keys),
-                between=tuple(result.layer_between_class[key] for key in keys),
+                layers=tuple(own),
+                within=tuple(m.within for m in own.values()),
+                between=tuple(m.between for m in own.values()),
                 title=f"cosine stiffness by layer, {pair} ({when})",
             )
     specs.update(group_specs(result, when, prefix))
@@ -180,15 +168,16 @@ def dataset_specs(
 def group_specs(result: "StiffnessResult", when: str, prefix: str = PREFIX) -> dict[str, MatrixSpec]:
     """With class groups: each pair and kind's group x group stiffness matrix (self-pairs excluded), by tag."""
     specs = {}
-    for key, matrix in result.group_matrices.items():
-        pair, kind = key.split("/")
+    for pair, by_kind in result.groups.items():
         rows, cols = PAIRS[pair]
-        inside, between = result.between_class_within_group[key], result.between_groups[key]
-        specs[group_matrix_tag(pair, kind, prefix)] = MatrixSpec(
-            matrix=matrix.double().numpy(),
-            class_names=tuple(result.group_names),
-            title=f"{kind} stiffness by group, {pair} ({when}): classes in a group {inside:.2f}, groups {between:.2f}",
-            row_label=f"group of the {rows} example (rows: {rows} set)",
-            col_label=f"group of the {cols} example (columns: {cols} set)",
-        )
+        for kind, groups in by_kind.items():
+            inside, between = groups.between_class_within_group, groups.between_groups
+            specs[group_matrix_tag(pair, kind, prefix)] = MatrixSpec(
+                matrix=groups.matrix.double().numpy(),
+                class_names=tuple(result.group_names),
+                title=f"{kind} stiffness by group, {pair} ({when}): classes in a group {inside:.2f}, "
+                f"groups {between:.2f}",
+                row_label=f"group of the {rows} example (rows: {rows} set)",
+                col_label=f"group of the {cols} example (columns: {cols} set)",
+            )
     return specs

@@ -2,7 +2,8 @@
 
 - :mod:`.functional`: the measures as pure functions of tensors (the public ``lightning_stiffness.functional``);
 - :mod:`.metrics`: torchmetrics classes that accumulate them over blocks of a Gram matrix, across processes;
-- :mod:`.result`: :class:`~.result.StiffnessResult`, everything one probe measured;
+- :mod:`.result`: :class:`~.result.StiffnessResult`, everything one probe measured, nested by structure; its parts
+  in :mod:`.records`; raw files of version 1 read by :mod:`.result_v1`;
 - :mod:`.probe_measures`: one probe's measures, from its Gram rows to a result;
 - :mod:`.fitted_lines`: the fitted lines behind the critical distance ξ;
 - :mod:`.intervals`: bootstrap intervals and curve bands; :mod:`.groups`: stiffness between groups of classes;

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from lightning_stiffness.measures.functional import class_stiffness
-from lightning_stiffness.names import PAIRS, kind_key
+from lightning_stiffness.measures.records import GroupMeasures
+from lightning_stiffness.names import MODEL, PAIRS
 
 if TYPE_CHECKING:
     from lightning_stiffness.measures.result import StiffnessResult
@@ -145,11 +146,10 @@ def add_group_measures(result: "StiffnessResult", class_groups: ClassGroups) -> 
     groups = resolve_groups(class_groups, result.num_classes)
     result.group_names = groups.names
     for pair, (rows, cols) in PAIRS.items():
-        if pair not in result.distances:
+        if pair not in result.classes:
             continue
+        labels2 = None if rows == cols else result.labels[cols]
         for kind in result.kinds:
-            key = kind_key(pair, kind)
-            labels2 = None if rows == cols else result.labels[cols]
-            result.group_matrices[key] = group_matrix(result.stiffness[key], result.labels[rows], labels2, groups)
-            means = group_means(result.class_matrices[key], groups)
-            result.between_class_within_group[key], result.between_groups[key] = means
+            whole = result.classes[pair][kind][MODEL]
+            matrix = group_matrix(whole.stiffness, result.labels[rows], labels2, groups)
+            result.groups.setdefault(pair, {})[kind] = GroupMeasures(matrix, *group_means(whole.matrix, groups))

@@ -30,19 +30,12 @@ row per (example, slot) with the column weights, and a weighted sum over its row
 import functools
 import math
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_stiffness.names import (
-    PAIRS,
-    PREFIX,
-    SIDES,
-    class_tag,
-    critical_distance_tag,
-    kind_key,
-)
+from lightning_stiffness.names import MODEL, PAIRS, SIDES
 
 if TYPE_CHECKING:
     from lightning_stiffness.measures.result import StiffnessResult
@@ -181,35 +174,45 @@ def _class_counts(w_rows: Tensor, w_cols: Tensor, labels_r: Tensor, labels_c: Te
     return counts
 
 
+class Intervals(NamedTuple):
+    """A probe's 95% intervals, by structure.
+
+    Attributes:
+        classes: pair -> kind -> side (``"within"``, ``"between"``) -> ``(low, high)`` of within/between-class
+            stiffness.
+        critical_distances: pair -> space (``"input"`` or a layer) -> ``(low, high)`` of xi.
+    """
+
+    classes: dict[str, dict[str, dict[str, tuple[float, float]]]]
+    critical_distances: dict[str, dict[str, tuple[float, float]]]
+
+
 def bootstrap_intervals(
-    stiffness: dict[str, Tensor],
-    distances: dict[str, Tensor],
+    stiffness: dict[str, dict[str, Tensor]],
+    distances: dict[str, dict[str, Tensor]],
     labels: dict[str, Tensor],
     kinds: tuple[str, ...],
     xi_kind: str,
     num_classes: int,
     num_draws: int,
     generator: torch.Generator | None,
-    prefix: str = PREFIX,
     weights: dict[str, Tensor] | None = None,
-) -> dict[str, tuple[float, float]]:
+) -> Intervals:
     """95% percentile intervals of within/between-class stiffness (each pair and kind) and of each critical distance.
 
     Args:
-        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness matrix (as in :class:`~lightning_stiffness.measures.result.
-            StiffnessResult`).
-        distances: ``pair`` (input space) or ``"{pair}/{layer}"`` (a layer's representation) -> [N, M] distances;
-            one critical distance interval each, fitted on ``xi_kind`` stiffness over same-class pairs.
+        stiffness: pair -> kind -> [N, M] stiffness matrix (a result's ``classes[pair][kind][MODEL].stiffness``).
+        distances: pair -> space (``"input"`` or a layer) -> [N, M] distances; one critical distance interval each,
+            fitted on ``xi_kind`` stiffness over same-class pairs.
         labels: probe set -> [n] labels.
         kinds, xi_kind, num_classes: as in the result.
         num_draws: bootstrap draws B (at least 2).
         generator: the source of the draws (the same draws for the same seed, on every process).
-        prefix: the tags' first part.
         weights: the draws already made (:func:`draw_weights`, ``num_draws`` each), to share them with
             :func:`curve_bands`; default: drawn here from ``generator``.
 
     Returns:
-        Scalar tag (as logged) -> ``(low, high)``.
+        The intervals of each pair present in ``stiffness`` and ``labels``, by structure.
     """
     if weights is None:
         weights = draw_weights(labels, num_draws, generator)
@@ -219,27 +222,32 @@ def bootstrap_intervals(
     order = {name: torch.argsort(y, stable=True) for name, y in labels.items()}
     classes = torch.unique(torch.cat(list(labels.values())))
     layouts = {name: _class_layout(labels[name], classes, weights[name]) for name in labels}
-    tags, draws = [], []
+    keys, draws = [], []
     for pair, (rows, cols) in PAIRS.items():
-        if rows not in labels or cols not in labels:
+        if rows not in labels or cols not in labels or pair not in stiffness:
             continue
         labels_c, w_c = labels[cols][order[cols]], weights[cols][:, order[cols]]
-        for kind, sides in _class_draws(stiffness, pair, kinds, labels[rows], labels_c, order[cols],
+        for kind, sides in _class_draws(stiffness[pair], pair, kinds, labels[rows], labels_c, order[cols],
                                         weights[rows], w_c, num_classes).items():  # fmt: skip
-            tags += [class_tag(pair, kind, side, prefix) for side in SIDES]
+            keys += [("classes", pair, kind, side) for side in SIDES]
             draws += list(sides)
-        values = stiffness[kind_key(pair, xi_kind)].cpu()
-        for key, space in distances.items():
-            owner, _, layer = key.partition("/")
-            if owner != pair:
-                continue
-            line = _same_class_line_sums(values, space.cpu(), layouts[rows], layouts[cols], rows == cols)
-            tags.append(critical_distance_tag(pair, layer or None, prefix))
+        values = stiffness[pair][xi_kind].cpu()
+        for space, matrix in distances.get(pair, {}).items():
+            line = _same_class_line_sums(values, matrix.cpu(), layouts[rows], layouts[cols], rows == cols)
+            keys.append(("critical_distances", pair, space))
             draws.append(xi_draws(line))
-    if not tags:
-        return {}
+    out = Intervals({}, {})
+    if not keys:
+        return out
     low, high = _percentile_bounds(torch.stack([d.double() for d in draws], dim=1))
-    return {tag: ends for tag, ends in zip(tags, zip(low.tolist(), high.tolist(), strict=True), strict=True)}
+    for key, ends in zip(keys, zip(low.tolist(), high.tolist(), strict=True), strict=True):
+        field, pair, *rest = key
+        target = getattr(out, field).setdefault(pair, {})
+        if field == "classes":
+            target.setdefault(rest[0], {})[rest[1]] = ends
+        else:
+            target[rest[0]] = ends
+    return out
 
 
 def _class_draws(
@@ -253,13 +261,14 @@ def _class_draws(
     w_c: Tensor,
     num_classes: int,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each kind's within- and between-class draws [B] for one pair; its columns taken in the order ``order_c``
+    """Each kind's within- and between-class draws [B] for one pair (``stiffness``: kind -> its [N, M] matrix); its
+    columns taken in the order ``order_c``
     (``labels_c`` and ``w_c`` already in it). Where every pair but the self-pairs is finite, the weighted counts come
     from the class totals of the weights instead of a product with the whole matrix."""
     rows, cols = PAIRS[pair]
     n, m = labels_r.numel(), labels_c.numel()
     in_order = torch.equal(order_c, torch.arange(m))
-    matrices = {kind: stiffness[kind_key(pair, kind)].cpu() for kind in kinds}
+    matrices = {kind: stiffness[kind].cpu() for kind in kinds}
     # A sum is finite only if every entry is (stiffness is bounded: no overflow).
     finite = {kind: bool(torch.isfinite(values.sum())) for kind, values in matrices.items()}
     forms = torch.empty(len(kinds) + sum(not f for f in finite.values()), n, m)
@@ -298,37 +307,38 @@ def _class_draws(
 
 
 def curve_bands(
-    stiffness: dict[str, Tensor],
-    distances: dict[str, Tensor],
-    edges: dict[str, Tensor],
+    stiffness: dict[str, dict[str, Tensor]],
+    distances: dict[str, dict[str, Tensor]],
+    edges: dict[str, dict[str, Tensor]],
     labels: dict[str, Tensor],
     xi_kind: str,
     weights: dict[str, Tensor],
-) -> dict[str, dict[str, tuple[Tensor, Tensor]]]:
+) -> dict[str, dict[str, dict[str, tuple[Tensor, Tensor]]]]:
     """95% percentile bands around each distance curve: in each bin, the interval of the draws' bin means.
 
     Args:
-        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness matrix (the curves are of ``xi_kind``).
-        distances: ``pair`` (input space) or ``"{pair}/{layer}"`` -> [N, M] distances, one curve each.
-        edges: the same keys -> the curve's bin edges (``curves[key]["within"].edges``).
+        stiffness: pair -> kind -> [N, M] stiffness matrix (the curves are of ``xi_kind``).
+        distances: pair -> space (``"input"`` or a layer) -> [N, M] distances, one curve each.
+        edges: pair -> space -> the curve's bin edges (``spaces[pair][space].curves["within"].edges``).
         labels: probe set -> [n] labels.
         xi_kind: the kind of stiffness the curves show.
         weights: probe set -> [B, n] weights of the draws (:func:`draw_weights`).
 
     Returns:
-        Curve key -> ``{"within": (low, high), "between": (low, high)}``, float64 CPU tensors [bins]: NaN ends where
-        no draw has a pair in the bin (a bin empty in the probe).
+        Pair -> space -> ``{"within": (low, high), "between": (low, high)}``, float64 CPU tensors [bins]: NaN ends
+        where no draw has a pair in the bin (a bin empty in the probe).
     """
     out = {}
-    for key, space in distances.items():
-        pair = key.partition("/")[0]
+    for pair, by_space in distances.items():
         rows, cols = PAIRS[pair]
-        values = stiffness[kind_key(pair, xi_kind)]
-        draws = bin_mean_draws(
-            values, space, edges[key], labels[rows], labels[cols], weights[rows], weights[cols], rows == cols
-        )
-        low, high = _percentile_bounds(draws)  # [2, bins] each
-        out[key] = {side: (low[index], high[index]) for index, side in enumerate(SIDES)}
+        values = stiffness[pair][xi_kind]
+        for space, matrix in by_space.items():
+            draws = bin_mean_draws(
+                values, matrix, edges[pair][space], labels[rows], labels[cols], weights[rows], weights[cols],
+                rows == cols,
+            )  # fmt: skip
+            low, high = _percentile_bounds(draws)  # [2, bins] each
+            out.setdefault(pair, {})[space] = {side: (low[index], high[index]) for index, side in enumerate(SIDES)}
     return out
 
 
@@ -487,6 +497,7 @@ def _not_self(n: int, m: int, same_set: bool) -> Tensor:
 
 __all__ = [
     "LEVEL",
+    "Intervals",
     "add_intervals",
     "bin_mean_draws",
     "bootstrap_intervals",
@@ -500,30 +511,49 @@ __all__ = [
 ]
 
 
-def interval_series(results: list, tag_suffix: str) -> tuple[list[float], list[float]]:
-    """Lower and upper ends of one scalar's interval across probes (``results``: their ``intervals`` dicts' owners),
-    found by the tag without its prefix (``class_tag(pair, kind, side, prefix="")``); NaN where a probe has none,
-    and where an end is infinite (so that a band drawn through them leaves a gap there)."""
+def interval_series(intervals: list[tuple[float, float] | None]) -> tuple[list[float], list[float]]:
+    """Lower and upper ends of one scalar's interval across probes (``intervals``: each probe's, None where it has
+    none); NaN where a probe has none, and where an end is infinite (so that a band drawn through them leaves a gap
+    there)."""
     lows, highs = [], []
-    for result in results:
-        found = next((v for k, v in result.intervals.items() if k.endswith(tag_suffix)), (math.nan, math.nan))
+    for found in intervals:
+        found = found or (math.nan, math.nan)
         lows.append(found[0] if math.isfinite(found[0]) else math.nan)
         highs.append(found[1] if math.isfinite(found[1]) else math.nan)
     return lows, highs
 
 
-def add_intervals(result: "StiffnessResult", num_draws: int, seed: int, prefix: str = PREFIX) -> None:
-    """Add to a probe's ``result`` (from its matrices) the bootstrap intervals of its scalars (keyed by their tags,
-    with ``prefix``) and the bands around its distance curves, from one set of ``num_draws`` draws for both.
+def add_intervals(result: "StiffnessResult", num_draws: int, seed: int, prefix: str | None = None) -> None:
+    """Add to a probe's ``result`` (from its stiffness matrices) the bootstrap intervals of its within/between-class
+    stiffness and critical distances and the bands around its distance curves, from one set of ``num_draws`` draws
+    for both (``prefix``: ignored, intervals are kept by structure; accepted for the callers of version 1).
 
     The draws come from a generator seeded with ``seed`` and the probe's step, so a rerun gives the same intervals.
     """
     generator = torch.Generator().manual_seed((seed * 1_000_003 + result.step) % 2**63)
     weights = draw_weights(result.labels, num_draws, generator)  # one set of draws for both
-    distances = {**result.distances, **result.layer_distances}
-    result.intervals = bootstrap_intervals(
-        result.stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes,
-        num_draws, generator, prefix, weights=weights,
+    stiffness = {
+        pair: {kind: layers[MODEL].stiffness for kind, layers in by_kind.items()}
+        for pair, by_kind in result.classes.items()
+    }
+    distances = {
+        pair: {space: m.distances for space, m in by_space.items()} for pair, by_space in result.spaces.items()
+    }
+    found = bootstrap_intervals(
+        stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes, num_draws, generator,
+        weights=weights,
     )  # fmt: skip
-    edges = {key: sides["within"].edges for key, sides in {**result.curves, **result.layer_curves}.items()}
-    result.curve_intervals = curve_bands(result.stiffness, distances, edges, result.labels, result.xi_kind, weights)
+    for pair, by_kind in found.classes.items():
+        for kind, sides in by_kind.items():
+            result.classes[pair][kind][MODEL].intervals = sides
+    for pair, by_space in found.critical_distances.items():
+        for space, ends in by_space.items():
+            result.spaces[pair][space].interval = ends
+    edges = {
+        pair: {space: m.curves["within"].edges for space, m in by_space.items()}
+        for pair, by_space in result.spaces.items()
+    }
+    bands = curve_bands(stiffness, distances, edges, result.labels, result.xi_kind, weights)
+    for pair, by_space in bands.items():
+        for space, sides in by_space.items():
+            result.spaces[pair][space].bands = sides

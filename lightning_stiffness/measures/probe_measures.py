@@ -25,8 +25,9 @@ from lightning_stiffness.measures.metrics import (
     StiffnessByDistance,
     block_stiffness,
 )
+from lightning_stiffness.measures.records import ClassMeasures, DistanceMeasures
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import KINDS, PAIRS, SIDES, kind_key, layer_key, layer_kind_key, xi_kind
+from lightning_stiffness.names import INPUT, KINDS, MODEL, PAIRS, SIDES, xi_kind
 
 
 @dataclass
@@ -162,10 +163,11 @@ def measure_stiffness(
         num_classes=num_classes,
         labels={k: v.cpu() for k, v in labels.items()},
         indices={k: v.cpu() for k, v in indices.items()},
-        gram_layers=list(layer_grams or {}),
-        representation_layers=list(next(iter(representations.values()), {})) if representations else [],
         distance_metric=distance_metric,
     )
+    layers = list(next(iter(representations.values()), {})) if representations else []
+    if INPUT in layers:
+        raise ValueError(f"`representations` may not name a layer {INPUT!r}: that is input space's name.")
     layer_rows = {
         layer: g if isinstance(g, GramRows) else GramRows.whole(g) for layer, g in (layer_grams or {}).items()
     }
@@ -177,8 +179,8 @@ def measure_stiffness(
             block = _PairBlock(
                 pair, offsets[rows], offsets[cols], mine, ids, all_labels[ids], all_labels[offsets[cols]]
             )
-            _class_measures(result, block, rows_of, layer_rows, full, settings)
-            _distance_measures(result, block, rows_of, inputs, representations or {}, settings)
+            result.classes[pair] = _class_measures(block, rows_of, layer_rows, full, settings)
+            result.spaces[pair] = _distance_measures(block, rows_of, inputs, representations or {}, layers, settings)
     for name, span in offsets.items():
         mine = (rows_of.rows >= span.start) & (rows_of.rows < span.stop)
         alignment = settings.metric(GradientAlignment)
@@ -196,56 +198,51 @@ def _class_matrix(block: _PairBlock, source: GramRows, kind: str, settings: _Set
 
 
 def _class_measures(
-    result: StiffnessResult,
     block: _PairBlock,
     gram: GramRows,
     layer_rows: dict[str, GramRows],
     full: Tensor | None,
     settings: _Settings,
-) -> None:
-    """Class matrices, within/between-class stiffness (whole and per layer), and the stiffness matrices (from the
-    whole Gram matrix ``full``, on the CPU, when given)."""
-    pair = block.pair
+) -> dict[str, dict[str, ClassMeasures]]:
+    """Kind -> layer -> class matrix and within/between-class stiffness of one pair: all parameters' (with the
+    stiffness matrix, from the whole Gram matrix ``full`` on the CPU, when given), then each layer's own."""
     norms = torch.diagonal(full) if full is not None else None
+    out = {}
     for kind in settings.kinds:
-        key = kind_key(pair, kind)
-        result.class_matrices[key] = _class_matrix(block, gram, kind, settings)
-        result.within_class[key], result.between_class[key] = within_between(result.class_matrices[key])
+        matrix = _class_matrix(block, gram, kind, settings)
+        whole = ClassMeasures(*within_between(matrix), matrix=matrix)
         if full is not None:
             values = full[block.rows, block.cols]
-            result.stiffness[key] = block_stiffness(kind, values, norms[block.rows], norms[block.cols])
+            whole.stiffness = block_stiffness(kind, values, norms[block.rows], norms[block.cols])
+        out[kind] = {MODEL: whole}
         for layer, source in layer_rows.items():
             matrix = _class_matrix(block, source, kind, settings)
-            key = layer_kind_key(pair, kind, layer)
-            result.layer_within_class[key], result.layer_between_class[key] = within_between(matrix)
+            out[kind][layer] = ClassMeasures(*within_between(matrix), matrix=matrix)
+    return out
 
 
 def _distance_measures(
-    result: StiffnessResult,
     block: _PairBlock,
     gram: GramRows,
     inputs: dict[str, Tensor],
     representations: dict[str, dict[str, Tensor]],
+    layers: list[str],
     settings: _Settings,
-) -> None:
-    """Distances, stiffness-against-distance curves and critical distances, in input space and in each layer."""
-    pair, (rows, cols) = block.pair, PAIRS[block.pair]
+) -> dict[str, DistanceMeasures]:
+    """Space -> distances, stiffness-against-distance curves and critical distance of one pair: input space, then
+    each of ``layers``."""
+    rows, cols = PAIRS[block.pair]
     dtype = gram.values.dtype
     # Distances are cheap and known to every process: compute them whole, then take this process's rows.
-    spaces = {None: pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(settings.device)}
-    result.distances[pair] = spaces[None].to(dtype).cpu()
-    for layer in result.representation_layers:
+    spaces = {INPUT: pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(settings.device)}
+    for layer in layers:
         a, b = representations[rows][layer].detach(), representations[cols][layer].detach()
         spaces[layer] = pairwise_distances(a, b, metric=settings.distance_metric).to(settings.device)
-        result.layer_distances[layer_key(pair, layer)] = spaces[layer].to(dtype).cpu()
-    for layer, space in spaces.items():
-        curves, xi, sums = _curves(block, gram, space, result.xi_kind, settings)
-        result.line_fits[pair if layer is None else layer_key(pair, layer)] = line_fits(sums, curves["within"])
-        if layer is None:
-            result.critical_distance[pair], result.curves[pair] = xi, curves
-        else:
-            result.layer_critical_distance[layer_key(pair, layer)] = xi
-            result.layer_curves[layer_key(pair, layer)] = curves
+    out = {}
+    for space, distances in spaces.items():
+        curves, xi, sums = _curves(block, gram, distances, xi_kind(settings.kinds), settings)
+        out[space] = DistanceMeasures(distances.to(dtype).cpu(), curves, xi, line_fits(sums, curves["within"]))
+    return out
 
 
 def _curves(

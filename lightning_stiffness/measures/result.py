@@ -3,33 +3,53 @@
 The callback computes it (:func:`~lightning_stiffness.measures.probe_measures.measure_stiffness`) and writes it
 out; the offline report reads it back from disk with :meth:`StiffnessResult.from_dict`. Plain data: this module
 needs neither the metrics nor the Gram engines.
+
+A result is nested by structure, as its tags are built (:mod:`lightning_stiffness.names`): class stiffness by pair,
+kind and layer (:data:`~lightning_stiffness.names.MODEL`, all parameters, then each layer's own Gram matrix),
+stiffness against distance by pair and space (:data:`~lightning_stiffness.names.INPUT`, then each layer whose
+outputs were recorded), group stiffness by pair and kind. Files of version 1 (flat ``"{pair}/{kind}"`` keys) load
+into the same structure (:mod:`~lightning_stiffness.measures.result_v1`), and the flat attributes of version 1
+(``result.within_class``, ...) still read, with a ``DeprecationWarning``, for one release.
+
+Example::
+
+    >>> from lightning_stiffness.names import INPUT, MODEL
+    >>> result.classes["train-val"]["cosine"][MODEL].within  # doctest: +SKIP
+    0.41
+    >>> result.spaces["train-train"][INPUT].critical_distance  # doctest: +SKIP
+    0.63
 """
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
 
-from lightning_stiffness.measures.functional import DistanceCurve
+from lightning_stiffness.measures.records import ClassMeasures, DistanceMeasures, GroupMeasures
+from lightning_stiffness.measures.result_v1 import DEPRECATED, flat_view, read_v1
 from lightning_stiffness.names import (
     GROUP_SIDES,
+    INPUT,
+    MODEL,
     PREFIX,
+    RAW_FORMAT_VERSION,
     SIDES,
     class_tag,
     critical_distance_tag,
     gradient_coherence_tag,
     gradient_diversity_tag,
     group_tag,
-    kind_key,
-    layer_class_tag,
-    layer_key,
-    layer_kind_key,
 )
+
+#: How each nested field of a result is saved and read back: its record type.
+_NESTED = {"classes": (ClassMeasures, 3), "spaces": (DistanceMeasures, 2), "groups": (GroupMeasures, 2)}
 
 
 @dataclass
 class StiffnessResult:
-    """Everything one probe measured. Matrices are on the CPU; ``"{pair}/{kind}"`` keys index per-kind values.
+    """Everything one probe measured. Tensors are on the CPU; pairs are ``"train-train"``, ``"train-val"``,
+    ``"val-val"`` (those whose probe sets exist), in that order.
 
     Attributes:
         epoch: the epoch the probe ran at (0 for the probe at initialisation).
@@ -38,32 +58,19 @@ class StiffnessResult:
         xi_kind: the kind the critical distances are fitted on (cosine when measured, else sign).
         num_classes: C, the size of the class matrices.
         labels, indices: per probe set (``"train"``, ``"val"``), the examples' labels and dataset indices.
-        stiffness: ``"{pair}/{kind}"`` -> [N, M] stiffness between the pair's examples.
-        distances: ``pair`` -> [N, M] input-space cosine distances.
-        class_matrices: ``"{pair}/{kind}"`` -> [C, C] class stiffness matrix.
-        within_class, between_class: ``"{pair}/{kind}"`` -> float.
-        critical_distance: ``pair`` -> xi over same-class pairs, input-space cosine distance.
-        curves: ``pair`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve` (shared bin edges).
-        gram_layers: the layers whose own gradients were measured (per-layer Gram matrices), in network order.
-        layer_within_class, layer_between_class: ``"{pair}/{kind}/{layer}"`` -> float, from each layer's own Gram.
-        representation_layers: the layers whose outputs distances were measured in, in network order.
-        distance_metric: the metric of those distances (``cosine``: 1 - cos, or ``euclidean``).
-        layer_distances: ``"{pair}/{layer}"`` -> [N, M] distances between the examples' outputs of that layer.
-        layer_critical_distance: ``"{pair}/{layer}"`` -> xi in that layer's representation (same-class pairs).
-        layer_curves: ``"{pair}/{layer}"`` -> {``"within"``, ``"between"``} -> :class:`DistanceCurve`.
-        line_fits: ``pair`` or ``"{pair}/{layer}"`` -> fit (``"pairs"``: the paper's, whose zero crossing is the
-            critical distance; ``"bins"``: through the bin means) -> ``intercept``, ``slope``, ``xi``, ``low``,
-            ``high`` (see :mod:`~lightning_stiffness.measures.fitted_lines`).
+        classes: pair -> kind -> layer -> :class:`~lightning_stiffness.measures.records.ClassMeasures`: the class
+            matrix, within/between-class stiffness and their intervals; layer :data:`~lightning_stiffness.names.MODEL`
+            (``""``, all parameters) first, with the [N, M] stiffness matrix, then, with ``per_layer``, each layer's
+            own gradients in network order.
+        spaces: pair -> space -> :class:`~lightning_stiffness.measures.records.DistanceMeasures`: distances, the
+            stiffness-against-distance curves, xi with its fitted lines, interval and bands; space
+            :data:`~lightning_stiffness.names.INPUT` (``"input"``, cosine distance of the inputs) first, then each
+            layer whose outputs were recorded (``layers``), in network order.
+        distance_metric: the metric of the layers' distances (``cosine``: 1 - cos, or ``euclidean``).
         gradient_coherence, gradient_diversity: probe set -> float (:mod:`lightning_stiffness.functional`).
-        intervals: scalar tag (as logged) -> ``(low, high)``, 95% bootstrap intervals
-            (:mod:`lightning_stiffness.measures.intervals`); empty when not measured.
-        curve_intervals: ``pair`` or ``"{pair}/{layer}"`` (the keys of ``curves`` and ``layer_curves``) ->
-            {``"within"``, ``"between"``} -> ``(low, high)``, float64 [bins] each: the 95% bootstrap band of each
-            bin's mean, from the same draws as ``intervals`` (NaN for a bin without pairs); empty when not measured.
         group_names: the class groups (with ``class_groups``), in order.
-        group_matrices: ``"{pair}/{kind}"`` -> [G, G] stiffness between groups
-            (:mod:`lightning_stiffness.measures.groups`).
-        between_class_within_group, between_groups: ``"{pair}/{kind}"`` -> float.
+        groups: pair -> kind -> :class:`~lightning_stiffness.measures.records.GroupMeasures` (with
+            ``class_groups``; :mod:`lightning_stiffness.measures.groups`).
     """
 
     epoch: int
@@ -73,50 +80,48 @@ class StiffnessResult:
     num_classes: int
     labels: dict[str, Tensor]
     indices: dict[str, Tensor]
-    stiffness: dict[str, Tensor] = field(default_factory=dict)
-    distances: dict[str, Tensor] = field(default_factory=dict)
-    class_matrices: dict[str, Tensor] = field(default_factory=dict)
-    within_class: dict[str, float] = field(default_factory=dict)
-    between_class: dict[str, float] = field(default_factory=dict)
-    critical_distance: dict[str, float] = field(default_factory=dict)
-    curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
-    gram_layers: list[str] = field(default_factory=list)
-    layer_within_class: dict[str, float] = field(default_factory=dict)
-    layer_between_class: dict[str, float] = field(default_factory=dict)
-    representation_layers: list[str] = field(default_factory=list)
+    classes: dict[str, dict[str, dict[str, ClassMeasures]]] = field(default_factory=dict)
+    spaces: dict[str, dict[str, DistanceMeasures]] = field(default_factory=dict)
     distance_metric: str = "cosine"
-    layer_distances: dict[str, Tensor] = field(default_factory=dict)
-    layer_critical_distance: dict[str, float] = field(default_factory=dict)
-    layer_curves: dict[str, dict[str, DistanceCurve]] = field(default_factory=dict)
-    line_fits: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     gradient_coherence: dict[str, float] = field(default_factory=dict)
     gradient_diversity: dict[str, float] = field(default_factory=dict)
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    curve_intervals: dict[str, dict[str, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     group_names: list[str] = field(default_factory=list)
-    group_matrices: dict[str, Tensor] = field(default_factory=dict)
-    between_class_within_group: dict[str, float] = field(default_factory=dict)
-    between_groups: dict[str, float] = field(default_factory=dict)
+    groups: dict[str, dict[str, GroupMeasures]] = field(default_factory=dict)
 
     @property
     def pairs(self) -> list[str]:
-        return list(self.distances)
+        """The pairs of probe sets measured."""
+        return list(self.classes)
+
+    @property
+    def gram_layers(self) -> list[str]:
+        """The layers whose own gradients were measured (``per_layer``), in network order."""
+        by_layer = next((by_layer for by_kind in self.classes.values() for by_layer in by_kind.values()), {})
+        return [layer for layer in by_layer if layer != MODEL]
+
+    @property
+    def representation_layers(self) -> list[str]:
+        """The layers whose outputs distances were measured in (``layers``), in network order."""
+        return [space for space in next(iter(self.spaces.values()), {}) if space != INPUT]
+
+    @property
+    def has_stiffness(self) -> bool:
+        """Whether the result holds the [N, M] stiffness matrices (intervals and groups are computed from them)."""
+        return any(m[MODEL].stiffness is not None for by_kind in self.classes.values() for m in by_kind.values())
 
     def scalars(self, prefix: str = PREFIX) -> dict[str, float]:
         """The logged scalars, by tag (see the README's table); ``prefix`` replaces the tags' first part."""
         out = {}
         for pair in self.pairs:
             for kind in self.kinds:
-                values = zip(SIDES, (self.within_class, self.between_class), strict=True)
-                out.update({class_tag(pair, kind, side, prefix): v[kind_key(pair, kind)] for side, v in values})
-            out[critical_distance_tag(pair, prefix=prefix)] = self.critical_distance[pair]
-            for layer in self.representation_layers:
-                out[critical_distance_tag(pair, layer, prefix)] = self.layer_critical_distance[layer_key(pair, layer)]
+                whole = self.classes[pair][kind][MODEL]
+                out.update({class_tag(pair, kind, side, prefix): whole.value(side) for side in SIDES})
+            for space, measures in self.spaces[pair].items():
+                out[critical_distance_tag(pair, space, prefix)] = measures.critical_distance
             for kind in self.kinds:
-                for layer in self.gram_layers:
-                    key = layer_kind_key(pair, kind, layer)
-                    out[layer_class_tag(pair, kind, layer, "within", prefix)] = self.layer_within_class[key]
-                    out[layer_class_tag(pair, kind, layer, "between", prefix)] = self.layer_between_class[key]
+                for layer, own in self.classes[pair][kind].items():
+                    if layer != MODEL:
+                        out.update({class_tag(pair, kind, side, prefix, layer): own.value(side) for side in SIDES})
         return {**out, **self._extra_scalars(prefix)}
 
     def _extra_scalars(self, prefix: str) -> dict[str, float]:
@@ -125,36 +130,64 @@ class StiffnessResult:
         for name in self.gradient_coherence:
             out[gradient_coherence_tag(name, prefix)] = self.gradient_coherence[name]
             out[gradient_diversity_tag(name, prefix)] = self.gradient_diversity[name]
-        for key in self.between_groups:
-            pair, kind = key.split("/")
-            values = (self.between_class_within_group[key], self.between_groups[key])
-            out.update({group_tag(pair, kind, side, prefix): v for side, v in zip(GROUP_SIDES, values, strict=True)})
+        for pair, by_kind in self.groups.items():
+            for kind, measures in by_kind.items():
+                out.update({group_tag(pair, kind, side, prefix): getattr(measures, side) for side in GROUP_SIDES})
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dicts, lists, floats and tensors, for ``torch.save`` (loads with ``weights_only=True``)."""
-        data = asdict(self)
-        data["kinds"] = list(self.kinds)
-        for name in ("curves", "layer_curves"):
-            data[name] = {
-                key: {side: curve._asdict() for side, curve in sides.items()}
-                for key, sides in getattr(self, name).items()
-            }
-        data["format_version"] = 1
+        """Plain dicts, lists, floats and tensors, for ``torch.save`` (loads with ``weights_only=True``): the fields
+        by name, nested as they are, and ``format_version`` (:data:`~lightning_stiffness.names.RAW_FORMAT_VERSION`)."""
+        data: dict[str, Any] = {"format_version": RAW_FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _NESTED:
+                value = _nested(value, _NESTED[f.name][1], lambda record: record.to_dict())
+            data[f.name] = list(value) if f.name == "kinds" else value
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StiffnessResult":
-        """Inverse of :meth:`to_dict`."""
-        data = {k: v for k, v in data.items() if k != "format_version"}
-        data["kinds"] = tuple(data["kinds"])
-        for name in ("curves", "layer_curves"):
-            data[name] = {
-                key: {side: DistanceCurve(**curve) for side, curve in sides.items()}
-                for key, sides in data.get(name, {}).items()
-            }
-        data["curve_intervals"] = {  # absent from files written before the bands
-            key: {side: tuple(ends) for side, ends in sides.items()}
-            for key, sides in data.get("curve_intervals", {}).items()
-        }
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; also reads the dicts of version-1 files (flat keys).
+
+        Raises:
+            ValueError: for a ``format_version`` this version of the package does not know (a newer file).
+        """
+        version = data.get("format_version", 1)
+        if version == 1:
+            return cls(**read_v1(data))
+        if version != RAW_FORMAT_VERSION:
+            raise ValueError(
+                f"raw results of format_version {version!r} are newer than this lightning-stiffness reads "
+                f"(versions 1 and {RAW_FORMAT_VERSION}); upgrade the package to read them."
+            )
+        kwargs = {k: v for k, v in data.items() if k != "format_version"}
+        kwargs["kinds"] = tuple(kwargs["kinds"])
+        for name, (record, depth) in _NESTED.items():
+            kwargs[name] = _nested(kwargs.get(name, {}), depth, record.from_dict)
+        return cls(**kwargs)
+
+
+def _nested(tree: dict[str, Any], depth: int, leaf: Any) -> dict[str, Any]:
+    """``tree`` with ``leaf`` applied to the values ``depth`` dicts down."""
+    if depth == 0:
+        return leaf(tree)
+    return {key: _nested(value, depth - 1, leaf) for key, value in tree.items()}
+
+
+def _deprecated(name: str, replacement: str) -> property:
+    def read(self: StiffnessResult) -> Any:
+        warnings.warn(
+            f"StiffnessResult.{name} is deprecated and will be removed in the next release; read "
+            f"result.{replacement} (MODEL and INPUT from lightning_stiffness.names). It is a copy in the flat "
+            "layout of version 1: changing it changes nothing.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return flat_view(self)[name]
+
+    return property(read, doc=f"Deprecated (version 1's flat layout, read-only): use ``{replacement}``.")
+
+
+for _name, _replacement in DEPRECATED.items():
+    setattr(StiffnessResult, _name, _deprecated(_name, _replacement))

@@ -7,14 +7,7 @@ from pathlib import Path
 
 from lightning_stiffness.exceptions import ReportError
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import (
-    FITS,
-    INITIALISATION,
-    PREFIX,
-    kind_key,
-    layer_key,
-    probe_label,
-)
+from lightning_stiffness.names import FITS, INITIALISATION, INPUT, MODEL, PREFIX, probe_label
 from lightning_stiffness.report.figures import class_matrices_figure, lr_figure, stiffness_figure, xi_figure
 from lightning_stiffness.report.runs import Run, find_runs, load_run
 
@@ -125,15 +118,16 @@ def _run_section(
     header = ["probe", "step", f"{kind} within", f"{kind} between", "ξ input", "ξ bins input"]
     rows = [[*header, *[f"ξ {x}" for x in layers]]]
     for r in run.results:
+        whole, spaces = r.classes[pair][kind][MODEL], r.spaces[pair]
         rows.append(
             [
                 probe_label(r.epoch, r.step),
                 str(r.step),
-                _fmt(r.within_class[kind_key(pair, kind)]),
-                _fmt(r.between_class[kind_key(pair, kind)]),
-                _fmt(r.critical_distance[pair]),
-                _fmt(r.line_fits.get(pair, {}).get(FITS[1], {}).get("xi", math.nan)),
-                *[_fmt(r.layer_critical_distance.get(layer_key(pair, layer), math.nan)) for layer in layers],
+                _fmt(whole.within),
+                _fmt(whole.between),
+                _fmt(spaces[INPUT].critical_distance),
+                _fmt(spaces[INPUT].line_fits.get(FITS[1], {}).get("xi", math.nan)),
+                *[_fmt(spaces[layer].critical_distance if layer in spaces else math.nan) for layer in layers],
             ]
         )
     lr = run.hparams.get(lr_key)

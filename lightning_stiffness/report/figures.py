@@ -11,16 +11,7 @@ from matplotlib.figure import Figure
 from lightning_stiffness.images.specs import STIFFNESS_CMAP, new_figure
 from lightning_stiffness.measures.intervals import interval_series
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import (
-    KINDS,
-    PAIRS,
-    SIDES,
-    class_tag,
-    critical_distance_tag,
-    kind_key,
-    layer_key,
-    probe_label,
-)
+from lightning_stiffness.names import INPUT, KINDS, MODEL, PAIRS, SIDES, probe_label
 from lightning_stiffness.report.runs import Run
 
 
@@ -38,7 +29,7 @@ def class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, ki
         image = None
         for i, result in enumerate(chosen):
             axes = figure.add_subplot(1, len(chosen), i + 1)
-            matrix = result.class_matrices[kind_key(pair, kind)].double().numpy()
+            matrix = result.classes[pair][kind][MODEL].matrix.double().numpy()
             image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
             ticks = range(result.num_classes)
             axes.set_xticks(ticks)
@@ -76,9 +67,10 @@ def stiffness_figure(run: Run, pair: str, path: Path) -> None:
             if kind not in run.results[-1].kinds:
                 continue
             for side, colour in zip(SIDES, ("tab:blue", "tab:red"), strict=True):
-                values = [getattr(r, f"{side}_class")[kind_key(pair, kind)] for r in run.results]
+                measures = [r.classes[pair][kind][MODEL] for r in run.results]
+                values = [m.value(side) for m in measures]
                 axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
-                low, high = interval_series(run.results, class_tag(pair, kind, side, prefix=""))  # 95% bootstrap
+                low, high = interval_series([m.intervals.get(side) for m in measures])  # 95% bootstrap
                 axes.fill_between(xs, low, high, color=colour, alpha=0.12, linewidth=0)
         _losses_axes(run, axes)
         axes.axhline(0, color="grey", linewidth=0.8)
@@ -90,10 +82,17 @@ def stiffness_figure(run: Run, pair: str, path: Path) -> None:
 
 
 def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
-    series = {"input": [r.critical_distance[pair] for r in run.results]}
-    for layer in run.results[-1].representation_layers:
-        series[layer] = [r.layer_critical_distance.get(layer_key(pair, layer), math.nan) for r in run.results]
-    return series
+    """Space (input, then the last probe's layers) -> xi at each probe (NaN where a probe lacks the space)."""
+    spaces = [INPUT, *run.results[-1].representation_layers]
+    return {
+        space: [_space_value(r, pair, space, "critical_distance", math.nan) for r in run.results] for space in spaces
+    }
+
+
+def _space_value(result: StiffnessResult, pair: str, space: str, name: str, missing):
+    """One field of a probe's measures in ``space``, or ``missing`` where the probe has none there."""
+    measures = result.spaces[pair].get(space)
+    return missing if measures is None else getattr(measures, name)
 
 
 def xi_figure(run: Run, pair: str, path: Path) -> None:
@@ -102,7 +101,7 @@ def xi_figure(run: Run, pair: str, path: Path) -> None:
         axes = figure.add_subplot()
         for name, values in _xi_series(run, pair).items():
             (line,) = axes.plot(run.steps, values, marker="o", markersize=3, label=name)
-            low, high = interval_series(run.results, critical_distance_tag(pair, None if name == "input" else name, ""))
+            low, high = interval_series([_space_value(r, pair, name, "interval", None) for r in run.results])
             axes.fill_between(run.steps, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
         title = f"stiff-domain size against training, {pair} (same-class pairs)"
         _label_xi_axes(axes, "global step (0: initialisation)", title)
