@@ -5,8 +5,8 @@ Products with a parameter wherever it sits (``x @ W.T``, ``W @ x``, ``torch.addm
 and dilation, tensors computed from parameters alone and broadcast over the examples (position embeddings of [1, T]
 ids, a bias table indexed twice, keys tiled with ``repeat``), convolutions over many positions (their per-example
 gradients from the convolution's own weight backward), outputs written in place, and operations with no factored
-form, whose parameters' gradients come from their own vector-Jacobian product. Each must be exact, and none may leave
-the factored engine.
+form, whose parameters' gradients come from their own vector-Jacobian product (their examples along a dimension or
+flattened in one). Each must be exact, and none may leave the factored engine.
 """
 
 import pytest
@@ -202,6 +202,23 @@ class InPlaceOutputs(nn.Module):
         return self.head(torch.tanh(per_head).mean(dim=1).flatten(1))
 
 
+class FlattenedLookups(nn.Module):
+    """Operations without a rule on examples flattened with positions: a table looked up by ``index_select`` with
+    ids flattened to [N * T], and ``torch.atan2`` of a [N * T, d] reshape against a parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(11, D))
+        self.phase = nn.Parameter(torch.randn(D))
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, ids):
+        n, t = ids.shape
+        rows = torch.index_select(self.table, 0, ids.reshape(-1))  # [N * T, D]
+        angles = torch.atan2(rows, self.phase).reshape(n, t, D)
+        return self.head(torch.tanh(angles).mean(dim=1))
+
+
 class NoFactoredForm(nn.Module):
     """Operations with a parameter operand and no rule: ``torch.atan2`` and ``torch.cdist``."""
 
@@ -249,6 +266,11 @@ CASES = {
     "bias_table_twice": (BiasTableTwice, SEQUENCE, {"table": "through"}),
     "tiled_keys": (TiledKeys, SEQUENCE, {"positions": "through", "key.weight": "through"}),
     "in_place_outputs": (InPlaceOutputs, SEQUENCE, {"proj.weight": "F.linear", "heads": "torch.einsum"}),
+    "flattened_lookups": (
+        FlattenedLookups,
+        TOKENS,
+        {"table": "torch.index_select (its own vjp)", "phase": "torch.atan2 (its own vjp)"},
+    ),
     "no_factored_form": (NoFactoredForm, SEQUENCE, {"phase": "(its own vjp)", "centres": "(its own vjp)"}),
     "prelu": (PReLUNet, SEQUENCE, {"act.weight": "F.prelu"}),
 }

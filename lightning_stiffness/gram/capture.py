@@ -292,7 +292,7 @@ class _Recorder(TorchFunctionMode):
                 self.recording.derived.append(leaf)
                 derived[role] = Derived(len(self.recording.derived) - 1, self.sources(leaf))
         if params or derived:
-            bound.update(func=func, inplace=_is_inplace(func))
+            bound.update(func=func, inplace=_is_inplace(func), result=output.detach())  # its shape, for the layout
             use = Use(OPERATION_VJP, bound, params, output, output._version, derived=derived, op=_qualified(func))
             self.recording.uses.append(use)
         return output

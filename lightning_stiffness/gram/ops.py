@@ -815,7 +815,8 @@ def masked_vjp(output: Tensor, variables: list[Tensor], backprop: Tensor, dim: i
 
 
 class OperationVjp(OpRule):
-    """Any other operation with a parameter operand, its examples along a dimension of its output: each example's
+    """Any other operation with a parameter operand, its examples along a dimension of its output (or flattened in
+    one with other positions): each example's
     gradient from a vector-Jacobian product of this one operation, with the output gradient of that example alone.
 
     The operation is recomputed from its recorded arguments (the others detached), so its cost is that of its own
@@ -830,6 +831,11 @@ class OperationVjp(OpRule):
     def example_dims(self, bound, output, count, roles):
         return [dim for dim in range(output.dim()) if output.shape[dim] == count]
 
+    def flattened(self, bound, output, roles):
+        # Any dimension of the output may flatten the examples with other positions (``index_select`` of a table by
+        # ids flattened to [N * T], a result reshaped to [N * T, d]); which order, if any, autograd confirms.
+        return "result", list(range(output.dim()))
+
     def factors(self, bound, output, backprop, dim, roles):
         func = bound["func"]
         leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in bound["leaves"]]
@@ -842,6 +848,8 @@ class OperationVjp(OpRule):
         args, kwargs = tree_unflatten(leaves, bound["spec"])
         with torch.enable_grad():
             recomputed = func(*args, **kwargs)
+            if recomputed.shape != backprop.shape:  # the examples unflattened from one of its dimensions
+                recomputed = recomputed.reshape(backprop.shape)
         grads = masked_vjp(recomputed, list(variables.values()), backprop, dim)
         return {
             role: Rows(grad.reshape(grad.shape[0], -1))
