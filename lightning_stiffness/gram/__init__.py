@@ -26,6 +26,7 @@ from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
 from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, take
 from lightning_stiffness.gram.loop import loop_per_example
 from lightning_stiffness.gram.objective import Objective
+from lightning_stiffness.gram.options import GramOptions
 from lightning_stiffness.gram.rules import Term
 from lightning_stiffness.gram.torchfunc import torchfunc_per_example
 from lightning_stiffness.gram.validation import (
@@ -62,7 +63,7 @@ def full_float32_precision() -> Iterator[None]:
 #: The values ``method`` accepts.
 METHODS = ("auto", "factored", "torch.func", "loop")
 
-__all__ = ["METHODS", "GramPlan", "gradient_gram", "gram_plan"]
+__all__ = ["METHODS", "GramOptions", "GramPlan", "gradient_gram", "gradient_gram_with", "gram_plan"]
 
 
 def gradient_gram(
@@ -149,30 +150,42 @@ def gradient_gram(
         >>> gradient_gram(model, x, y).shape
         torch.Size([5, 5])
     """
-    check_choice(method, "method", METHODS)
-    if chunk_size is not None:
-        check_int(chunk_size, "chunk_size", alternative="or None")
+    options = GramOptions(loss_fn, forward_fn, params, method, chunk_size, per_layer, progress, gather_columns)
+    return gradient_gram_with(options, model, inputs, targets, inputs2, targets2)
+
+
+def gradient_gram_with(
+    options: GramOptions,
+    model: nn.Module,
+    inputs: Inputs,
+    targets: Tensor,
+    inputs2: Inputs | None = None,
+    targets2: Tensor | None = None,
+) -> Tensor | dict[str, Tensor]:
+    """:func:`gradient_gram` with its keywords as one :class:`~lightning_stiffness.gram.options.GramOptions`: the
+    form the rest of the package calls. Arguments, result and errors as for :func:`gradient_gram`."""
+    check_choice(options.method, "method", METHODS)
+    if options.chunk_size is not None:
+        check_int(options.chunk_size, "chunk_size", alternative="or None")
     if (inputs2 is None) != (targets2 is None):
         raise ValueError("`inputs2` and `targets2` must be given together (both or neither).")
-    if inputs2 is None and gather_columns is not None:
+    if inputs2 is None and options.gather_columns is not None:
         raise ValueError("`gather_columns` needs `inputs2` and `targets2`: all the examples of the columns.")
-    setup = _Setup(model, params, loss_fn, forward_fn)
+    setup = _Setup(model, options)
     inputs, targets = setup.examples(inputs, targets, "inputs", "targets")
     if inputs2 is not None:
         inputs2, targets2 = setup.examples(inputs2, targets2, "inputs2", "targets2")
     with setup.objective(inputs, targets) as objective:
-        if method in ("auto", "factored"):
-            grams, _ = factored_grams(
-                objective, inputs, targets, inputs2, targets2, chunk_size, setup.dtype, progress, gather_columns
-            )
+        if options.method in ("auto", "factored"):
+            grams, _ = factored_grams(objective, inputs, targets, inputs2, targets2, options, setup.dtype)
         else:
-            engine = torchfunc_per_example if method == "torch.func" else loop_per_example
-            groups = {name: owner(name) for name in setup.chosen} if per_layer else None
+            engine = torchfunc_per_example if options.method == "torch.func" else loop_per_example
+            groups = {name: owner(name) for name in setup.chosen} if options.per_layer else None
             grams = blocked_gram(
-                engine(objective, list(setup.chosen)), setup.chosen, inputs, targets, inputs2, targets2, chunk_size,
-                setup.dtype, progress, groups,
+                engine(objective, list(setup.chosen)), setup.chosen, inputs, targets, inputs2, targets2,
+                options.chunk_size, setup.dtype, options.progress, groups,
             )  # fmt: skip
-    if per_layer:
+    if options.per_layer:
         order = list(dict.fromkeys(owner(name) for name in setup.chosen))
         return {key: grams[key] for key in order}
     total = None
@@ -184,16 +197,17 @@ def gradient_gram(
 class _Setup:
     """The checked arguments every entry point shares: model, parameters, loss, forward, device and dtype."""
 
-    def __init__(self, model: nn.Module, params, loss_fn: LossFn | None, forward_fn: ForwardFn | None) -> None:
+    def __init__(self, model: nn.Module, options: GramOptions) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        forward_fn = options.forward_fn
         if forward_fn is not None and not callable(forward_fn):
             raise ValueError(f"`forward_fn` must be a callable (module, x) -> outputs, got {forward_fn!r}.")
         check_model_mode(model)
         self.model, self.forward_fn = model, forward_fn
-        self.chosen = select_parameters(model, params)
+        self.chosen = select_parameters(model, options.params)
         self.dtype = floating_dtype(self.chosen)
-        self.loss_fn = loss_fn or default_loss_fn
+        self.loss_fn = options.loss_fn or default_loss_fn
         self.device = next(iter(self.chosen.values())).device
 
     def examples(self, inputs: Inputs, targets: Tensor, inputs_name: str, targets_name: str):
@@ -242,9 +256,10 @@ def gram_plan(
         >>> gram_plan(bilinear, (torch.randn(3, 3), torch.randn(3, 3)), torch.tensor([0, 1, 0])).calls
         {'weight': ['F.bilinear (its own vjp)'], 'bias': ['F.bilinear (its own vjp)']}
     """
-    setup = _Setup(model, params, loss_fn, forward_fn)
+    options = GramOptions(loss_fn=loss_fn, forward_fn=forward_fn, params=params)
+    setup = _Setup(model, options)
     check_examples(inputs, targets, "inputs", "targets")
     few_x, few_y = setup.examples(take(inputs, slice(0, CHECK_EXAMPLES)), targets[:CHECK_EXAMPLES], "inputs", "targets")
     with setup.objective(few_x, few_y) as objective:
-        _, plan = factored_grams(objective, few_x, few_y, dtype=setup.dtype)
+        _, plan = factored_grams(objective, few_x, few_y, options=options, dtype=setup.dtype)
     return plan

@@ -28,7 +28,6 @@ import itertools
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +41,7 @@ from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, f
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
 from lightning_stiffness.gram.ops import OPERATION_VJP, Rows, batched_vjp, rows_per_example, transposed_factors
+from lightning_stiffness.gram.options import GramOptions
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
 
@@ -429,17 +429,18 @@ def factored_grams(
     targets: Tensor,
     inputs2: Inputs | None = None,
     targets2: Tensor | None = None,
-    chunk_size: int | None = None,
+    options: GramOptions | None = None,
     dtype: torch.dtype = torch.float32,
-    progress: Progress = None,
-    gather_columns: Callable[[Term], Term] | None = None,
 ) -> tuple[dict[str, Tensor], GramPlan]:
-    """Per-layer Gram matrices (key: :func:`owner` of the parameters) and the plan that produced them.
+    """Per-layer Gram matrices (key: :func:`owner` of the parameters) and the plan that produced them, with
+    ``options``' ``chunk_size``, ``progress`` and ``gather_columns`` (its other fields are the objective's).
 
     With ``gather_columns`` (distributed use), ``inputs`` are this process's rows and ``inputs2`` all examples: each
     term of the rows is passed to ``gather_columns``, which returns the same term over all examples (gathered from
     every process), instead of capturing the columns again; ``inputs2`` then serves the check and the fallback.
     """
+    options = options or GramOptions()
+    chunk_size, progress, gather_columns = options.chunk_size, options.progress, options.gather_columns
     plan = GramPlan()
     modules = _module_rules(objective.model, objective.params)
     n = targets.shape[0]
