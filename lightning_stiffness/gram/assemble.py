@@ -6,6 +6,9 @@ cheapest form is chosen for them all; rows add; an embedding's token uses concat
 embedding table tied to an output layer) are materialised as per-example gradients and added, where they fit.
 """
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -13,7 +16,6 @@ from lightning_stiffness.gram.ops import Factors, Positions, Rows, Tokens, facto
 from lightning_stiffness.gram.terms import (
     PER_EXAMPLE_BYTES,
     FlatTerm,
-    LazyPositions,
     OuterTerm,
     PerExampleTerm,
     Term,
@@ -31,13 +33,16 @@ def term_of(uses: list[Factors | Term], n: int, m: int) -> Term | None:
     """
     if len(uses) == 1 and not isinstance(uses[0], Positions | Rows | Tokens):
         return uses[0]
-    if all(isinstance(use, Positions) for use in uses):
-        return _positions_term(uses, n, m)
-    if all(isinstance(use, Rows) for use in uses):
-        return FlatTerm(torch.stack([use.rows for use in uses]).sum(dim=0) if len(uses) > 1 else uses[0].rows)
-    if all(isinstance(use, Tokens) for use in uses):
-        ids = torch.cat([use.ids for use in uses], dim=1)
-        return TokenTerm(ids, torch.cat([use.backprops for use in uses], dim=1), uses[0].num_embeddings)
+    positions = [use for use in uses if isinstance(use, Positions)]
+    if len(positions) == len(uses):
+        return _positions_term(positions, n, m)
+    rows = [use.rows for use in uses if isinstance(use, Rows)]
+    if len(rows) == len(uses):
+        return FlatTerm(torch.stack(rows).sum(dim=0) if len(rows) > 1 else rows[0])
+    tokens = [use for use in uses if isinstance(use, Tokens)]
+    if len(tokens) == len(uses):
+        ids = torch.cat([use.ids for use in tokens], dim=1)
+        return TokenTerm(ids, torch.cat([use.backprops for use in tokens], dim=1), tokens[0].num_embeddings)
     return _materialised(uses, n, m)
 
 
@@ -47,24 +52,32 @@ def _positions_term(uses: list[Positions], n: int, m: int) -> Term | None:
         if isinstance(a, Tensor) and a.shape[1] == 1:  # one vector per example: the outer form
             return OuterTerm(a[:, 0], b[:, 0])
         return sequence_term(a, b, n, m)
-    if any(isinstance(use.activations, LazyPositions) for use in uses):
+    activations = [use.activations for use in uses if isinstance(use.activations, Tensor)]
+    if len(activations) < len(uses):  # lazily formed patches: per-example gradients, use by use
         return _materialised(uses, n, m)
-    activations = torch.cat([use.activations for use in uses], dim=1)
-    return sequence_term(activations, torch.cat([use.backprops for use in uses], dim=1), n, m)
+    joined = torch.cat(activations, dim=1)
+    return sequence_term(joined, torch.cat([use.backprops for use in uses], dim=1), n, m)
 
 
-def _materialised(uses: list[Factors | Term], n: int, m: int) -> Term | None:
+def _materialised(uses: Sequence[Factors | Term], n: int, m: int) -> Term | None:
     """Per-example gradients of every use, added; None when they would take more than the per-example budget."""
     first = uses[0]
-    numel = first.per_example().shape[1] if hasattr(first, "per_example") else factors_numel(first)
+    numel = _rows(first).shape[1] if hasattr(first, "per_example") else factors_numel(cast(Factors, first))
     element = 8 if any(_dtype(use) == torch.float64 for use in uses) else 4
     if (n + m) * numel * element > PER_EXAMPLE_BYTES:
         return None
-    total = None
-    for use in uses:
-        rows = use.per_example() if hasattr(use, "per_example") else rows_per_example(use)
-        total = rows if total is None else total + rows
+    each = [_rows(use) for use in uses]
+    total = each[0]
+    for rows in each[1:]:
+        total = total + rows
     return PerExampleTerm(total)
+
+
+def _rows(use: Factors | Term) -> Tensor:
+    """A use's per-example gradients [N, numel]: a term's own (a module rule's too), or formed from factors."""
+    if hasattr(use, "per_example"):
+        return cast(Term, use).per_example()
+    return rows_per_example(cast(Factors, use))
 
 
 def _dtype(use: Factors | Term) -> torch.dtype | None:

@@ -19,7 +19,7 @@ DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 Progress = Callable[[int, int], None] | None
 Gradients = dict[str, Tensor]
 #: ``(inputs [B, ...], targets [B, ...]) -> name -> [B, *param.shape]``: per-example gradients of a block.
-PerExampleFn = Callable[[Tensor, Tensor], Gradients]
+PerExampleFn = Callable[[Inputs, Tensor], Gradients]
 
 
 def gram_of(rows: Gradients, cols: Gradients, names: list[str] | None = None) -> Tensor:
@@ -73,8 +73,8 @@ def blocked_gram(
         members.setdefault(groups[name] if groups is not None else "", []).append(name)
     block = chunk_size or default_chunk_size(params)
     panel = 3 * block
-    square = inputs2 is None
-    cols_x, cols_y = (inputs, targets) if square else (inputs2, targets2)
+    square = inputs2 is None or targets2 is None  # given together (checked by gradient_gram)
+    cols_x, cols_y = (inputs, targets) if inputs2 is None or targets2 is None else (inputs2, targets2)
     n, m = targets.shape[0], cols_y.shape[0]
     out = {group: torch.empty(n, m, dtype=dtype, device=targets.device) for group in members}
 

@@ -34,7 +34,9 @@ class BufferGuard:
         self._modules = [(module, dict(module._buffers)) for module in model.modules()]
         buffers = [buffer for _, slots in self._modules for buffer in slots.values() if buffer is not None]
         tensors = buffers + list(model.parameters())
-        self._copies = [[tensor, _version(tensor), tensor.detach().clone()] for tensor in tensors]
+        self._copies: list[tuple[Tensor, list[int], Tensor]] = [
+            (tensor, [_version(tensor)], tensor.detach().clone()) for tensor in tensors
+        ]
 
     def restore(self) -> None:
         """Put back every buffer a forward replaced, wrote to or registered (a slot that was ``None`` included), and
@@ -45,12 +47,11 @@ class BufferGuard:
             ):
                 module._buffers.clear()
                 module._buffers.update(slots)
-        for entry in self._copies:
-            buffer, version, copy = entry
-            if _version(buffer) != version:
+        for buffer, version, copy in self._copies:
+            if _version(buffer) != version[0]:
                 with torch.no_grad():
                     buffer.copy_(copy)
-                entry[1] = _version(buffer)
+                version[0] = _version(buffer)
 
 
 def _version(tensor: Tensor) -> int:

@@ -197,7 +197,7 @@ class _Recorder(TorchFunctionMode):
             return ParamSlice(name)
         base = value._base
         name = self.tracked.get(id(base)) if base is not None else None
-        if name is None or value.dim() != base.dim() or value.dim() == 0:
+        if base is None or name is None or value.dim() != base.dim() or value.dim() == 0:
             return None
         transposed = (
             value.dim() == 2

@@ -83,9 +83,9 @@ def fallback_engine(objective: Objective, names: list[str], reference: Reference
         if wrong:
             reason = f"torch.func gives other per-example gradients than autograd for {', '.join(wrong[:5])}"
     except Exception as error:  # vmap raises many error types for what it cannot batch
-        error = error.__cause__ or error  # vmap's own message, not the engine's advice around it
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        reason = f"torch.func cannot run the model ({type(error).__name__}: {first_line})"
+        cause = error.__cause__ or error  # vmap's own message, not the engine's advice around it
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        reason = f"torch.func cannot run the model ({type(cause).__name__}: {first_line})"
     if reason is None:
         return "torch.func", per_example
     modules = ", ".join(dict.fromkeys(name.rpartition(".")[0] or name for name in names))

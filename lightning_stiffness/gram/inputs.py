@@ -7,7 +7,7 @@ replaces the default call (a LightningModule without ``forward``, a model that n
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,10 +57,11 @@ def num_examples(x: Inputs, name: str = "inputs") -> int:
                 f"`{where}` has {value.shape[0]} rows along dim 0 but `{first}` has {count}: every tensor of "
                 f"`{name}` must hold the same examples along dim 0 (shape {tuple(value.shape)})."
             )
+    assert count is not None  # there is at least one leaf, and each is a tensor with dim 0
     return count
 
 
-def take(x: Inputs, index: slice) -> Inputs:
+def take(x: Inputs, index: slice | Tensor) -> Inputs:
     """The examples ``index`` of ``x``, in the same structure."""
     if isinstance(x, dict):
         return {key: value[index] for key, value in x.items()}
@@ -76,7 +77,7 @@ def concat(parts: list[Inputs]) -> Inputs:
         return {key: torch.cat([part[key] for part in parts]) for key in first}
     if isinstance(first, tuple | list):
         return type(first)(torch.cat([part[i] for part in parts]) for i in range(len(first)))
-    return torch.cat(parts)
+    return torch.cat(cast(list[Tensor], parts))
 
 
 def apply(x: Inputs, fn: Callable[[Tensor], Tensor]) -> Inputs:

@@ -19,7 +19,7 @@ function, write a subclass of :class:`OpRule` and register it with :func:`regist
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -665,7 +665,7 @@ class _ContractionRule(OpRule):
     either side, transposed or not (``x @ W.T``), batched over heads or not; any other operand carries the examples.
     """
 
-    roles = ("input", "other")
+    roles: tuple[str, ...] = ("input", "other")
 
     def contraction(self, bound: dict[str, Any], role: str) -> Contraction:
         """The product as an einsum with the parameter at ``role`` and the activation at the other operand."""
@@ -788,15 +788,18 @@ def batched_vjp(
     for start in range(0, count, block):
         stop = min(count, start + block)
         batch = cotangents(start, stop).to(output.dtype)
+        grads: tuple[Tensor | None, ...]
         try:
             grads = torch.autograd.grad(
                 output, variables, batch, retain_graph=True, allow_unused=True, is_grads_batched=True
             )
         except RuntimeError:  # no batching rule for a backward in the graph: one backward per cotangent
             each = [torch.autograd.grad(output, variables, c, retain_graph=True, allow_unused=True) for c in batch]
-            grads = tuple(None if g[0] is None else torch.stack(g) for g in zip(*each, strict=True))
+            grads = tuple(
+                None if g[0] is None else torch.stack(cast(list[Tensor], list(g))) for g in zip(*each, strict=True)
+            )
         parts.append(grads)
-    return [None if ps[0] is None else torch.cat(ps) for ps in zip(*parts, strict=True)]
+    return [None if ps[0] is None else torch.cat(cast(list[Tensor], list(ps))) for ps in zip(*parts, strict=True)]
 
 
 def masked_vjp(output: Tensor, variables: list[Tensor], backprop: Tensor, dim: int) -> list[Tensor | None]:

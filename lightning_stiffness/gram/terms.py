@@ -133,7 +133,12 @@ def join_chunks(parts: list[Any]) -> Any:
 def _tensors(term: Any) -> list[Tensor]:
     """The tensors of ``term`` indexed by example, in a fixed order."""
     found: list[Tensor] = []
-    term.map_rows(lambda t: found.append(t) or t)
+
+    def keep(t: Tensor) -> Tensor:
+        found.append(t)
+        return t
+
+    term.map_rows(keep)
     return found
 
 
@@ -141,7 +146,7 @@ def _empty_rows_like(t: Tensor, total: int) -> Tensor:
     """An empty tensor of ``total`` rows shaped like ``t``'s rows, its dimensions laid out in memory as ``t``'s are (a
     convolution's output gradients [N, L, C] are a transposed view of [N, C, L]): copying into it is then a plain
     copy, and the view's consumers find the layout they expect."""
-    order = sorted(range(1, t.dim()), key=lambda d: -t.stride(d))
+    order = sorted(range(1, t.dim()), key=lambda d: -t.stride()[d])
     return torch.empty_permuted((total, *t.shape[1:]), (0, *order), dtype=t.dtype, device=t.device)
 
 
@@ -294,15 +299,17 @@ class _PositionsTerm:
     def concat(cls, terms: list["_PositionsTerm"]) -> "_PositionsTerm":
         first = terms[0].activations
         if isinstance(first, LazyPositions):
-            activations = first.like(torch.cat([t.activations.source for t in terms]))
-            return cls(activations, torch.cat([t.backprops for t in terms]))
+            sources = [t.activations.source for t in terms if isinstance(t.activations, LazyPositions)]
+            return cls(first.like(torch.cat(sources)), torch.cat([t.backprops for t in terms]))
         # Chunks padded to their own longest example have different T: zero positions add nothing to sum_t b a^T.
-        return cls(_padded_cat([t.activations for t in terms]), _padded_cat([t.backprops for t in terms]))
+        activations = [t.activations for t in terms if isinstance(t.activations, Tensor)]
+        return cls(_padded_cat(activations), _padded_cat([t.backprops for t in terms]))
 
 
 class GhostTerm(_PositionsTerm):
     """g_i = sum_t b_it a_it^T, computed in the ghost form."""
 
+    activations: Tensor  # all positions at once (patches formed): the form multiplies them by blocks of rows
     form = "ghost"
 
     def gram(self, other: "GhostTerm") -> Tensor:
@@ -470,10 +477,10 @@ class SlicedTerm:
         return self.parts[0][1].num_examples
 
     def gram(self, other: "SlicedTerm") -> Tensor:
-        total = None
-        for (_, mine), (_, theirs) in zip(self.parts, other.parts, strict=True):
-            block = cross_gram(mine, theirs)
-            total = block if total is None else total.add_(block)
+        pairs = list(zip(self.parts, other.parts, strict=True))
+        total = cross_gram(pairs[0][0][1], pairs[0][1][1])
+        for (_, mine), (_, theirs) in pairs[1:]:
+            total.add_(cross_gram(mine, theirs))
         return total
 
     def per_example(self) -> Tensor:

@@ -113,7 +113,7 @@ def select_parameters(model: nn.Module, params: Sequence[str] | None) -> dict[st
     """
     named = dict(model.named_parameters())
     if params is None:
-        chosen = {name: p for name, p in named.items() if p.requires_grad}
+        chosen: dict[str, Tensor] = {name: p for name, p in named.items() if p.requires_grad}
         if not chosen:
             raise ValueError(
                 "`model` has no trainable parameters (none with requires_grad=True); pass `params` to choose some."
