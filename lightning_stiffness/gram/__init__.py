@@ -173,7 +173,7 @@ def gradient_gram_with(
         raise ValueError("`gather_columns` needs `inputs2` and `targets2`: all the examples of the columns.")
     setup = _Setup(model, options)
     inputs, targets = setup.examples(inputs, targets, "inputs", "targets")
-    if inputs2 is not None:
+    if inputs2 is not None and targets2 is not None:
         inputs2, targets2 = setup.examples(inputs2, targets2, "inputs2", "targets2")
     with setup.objective(inputs, targets) as objective:
         if options.method in ("auto", "factored"):
@@ -188,9 +188,10 @@ def gradient_gram_with(
     if options.per_layer:
         order = list(dict.fromkeys(owner(name) for name in setup.chosen))
         return {key: grams[key] for key in order}
-    total = None
-    for gram in grams.values():
-        total = gram if total is None else total.add_(gram)
+    layers = list(grams.values())
+    total = layers[0]
+    for gram in layers[1:]:
+        total.add_(gram)
     return total
 
 

@@ -156,9 +156,14 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
     bound = {key: _widened(value) for key, value in use.bound.items()}
     output, backprop, dim = _widened(use.output), _widened(use.backprop), where.dim
     if isinstance(use.rule, GramRule):
+        if use.module is None:
+            raise ValueError("a module rule's call was recorded without its module")
         return use.rule.fn(use.module, bound["input"], backprop, set(use.params), n, m)
     if where.split is not None:
-        name, _ = use.rule.flattened(use.bound, use.output, use.roles)
+        flattened = use.rule.flattened(use.bound, use.output, use.roles)
+        if flattened is None:
+            raise ValueError(f"{use.op} does not flatten its examples with other positions")
+        name = flattened[0]
         size = bound[name].shape[dim]
         if size % count:
             raise ValueError(f"a dimension of {size} cannot hold {count} examples")
@@ -350,8 +355,9 @@ def _passes(use: Use, where: Where, count: int, recording: Recording, reference:
     (its only call): how the order of a flattened layout is proven, not guessed."""
     try:
         parts = _use_parts(use, where, count, recording, n, m)
-        return bool(parts) and all(
-            reference.disagreement(name, term_of([part], n, m).per_example()) is None for name, _, part in parts
+        terms = [(name, term_of([part], n, m)) for name, _, part in parts]
+        return bool(terms) and all(
+            term is not None and reference.disagreement(name, term.per_example()) is None for name, term in terms
         )
     except Exception:  # this candidate does not fit the call's shapes
         return False
@@ -451,14 +457,16 @@ def factored_grams(
     # every process makes the same decisions.
     # The check takes the larger side of a cross Gram matrix: one example cannot tell the orders of a flattened layout.
     columns_larger = targets2 is not None and targets2.shape[0] > targets.shape[0]
-    check_x, check_y = (inputs2, targets2) if gather_columns is not None or columns_larger else (inputs, targets)
+    check_x, check_y = inputs, targets
+    if inputs2 is not None and targets2 is not None and (gather_columns is not None or columns_larger):
+        check_x, check_y = inputs2, targets2
     layout, reference = _check(objective, modules, check_x, check_y, plan, n, m)
     chunk = chunk_size or max(1, min(DEFAULT_FACTORED_CHUNK, CAPTURE_BYTES // max(1, layout.bytes_per_example)))
     covered = {name for name in objective.params if name not in plan.fallback}
     rows = _capture(objective, modules, layout, covered, inputs, targets, chunk, plan, n, m) if covered else {}
     if gather_columns is not None:
         cols = {name: gather_columns(rows[name]) for name in objective.params if name in rows}
-    elif inputs2 is None:
+    elif inputs2 is None or targets2 is None:
         cols = rows
     else:
         cols = _capture(objective, modules, layout, set(rows), inputs2, targets2, chunk, plan, n, m)

@@ -504,11 +504,12 @@ class Term(Protocol):
     """What every factored form provides (:class:`OuterTerm`, :class:`FlatTerm`, :class:`PerExampleTerm`,
     :class:`GhostTerm`, :class:`BlockedTerm`, :class:`TokenTerm`, :class:`SlicedTerm`, and a user rule's own).
 
-    Attributes:
-        form: the form's name, as :class:`~lightning_stiffness.gram.GramPlan` reports it.
     """
 
-    form: str
+    @property
+    def form(self) -> str:
+        """The form's name, as :class:`~lightning_stiffness.gram.GramPlan` reports it."""
+        ...
 
     @property
     def num_examples(self) -> int:
