@@ -83,9 +83,9 @@ class ExtraMeasures:
     def add(self, result: StiffnessResult) -> StiffnessResult:
         """Add the bootstrap intervals, the bands around its distance curves (the same draws) and the class-group
         measures to a probe's ``result`` (from its matrices)."""
-        if self.num_bootstrap > 0 and result.stiffness:
+        if self.num_bootstrap > 0 and result.has_stiffness:
             add_intervals(result, self.num_bootstrap, self.seed, self.prefix)
-        if self.class_groups is not None and result.stiffness:
+        if self.class_groups is not None and result.has_stiffness:
             add_group_measures(result, self.class_groups)
         return result
 
