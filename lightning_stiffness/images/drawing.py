@@ -25,7 +25,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from matplotlib import font_manager
@@ -117,6 +117,11 @@ class XiBarsSpec:
 # ------------------------------------------------------------------------------------------------------ templates
 
 
+def _agg(figure: Figure) -> FigureCanvasAgg:
+    """The figure's Agg canvas (every figure here gets one when it is made)."""
+    return cast(FigureCanvasAgg, figure.canvas)
+
+
 def _fixed_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(figure)
@@ -153,14 +158,14 @@ def _draw_text(image: Image.Image, text: Text) -> None:
         return
     x, y = text.get_transform().transform(text.get_unitless_position())
     y = image.height - y  # Pillow counts rows from the top
-    font = _font(text.get_fontproperties().copy(), text.get_fontsize() * DPI / 72)
+    font = _font(text.get_fontproperties().copy(), float(text.get_fontsize()) * DPI / 72)
     colour = tuple(round(255 * c) for c in to_rgba(text.get_color())[:3])
     if text.get_rotation() == 0:
         anchor = _HORIZONTAL[text.get_horizontalalignment()] + _VERTICAL[text.get_verticalalignment()]
         ImageDraw.Draw(image).text((x, y), text.get_text(), font=font, fill=colour, anchor=anchor)
         return
     left, top, right, bottom = font.getbbox(text.get_text(), anchor="ls")
-    mask = Image.new("L", (right - left, bottom - top))
+    mask = Image.new("L", (int(right - left), int(bottom - top)))
     ImageDraw.Draw(mask).text((-left, -top), text.get_text(), font=font, fill=255, anchor="ls")
     mask = mask.rotate(text.get_rotation(), expand=True)
     image.paste(colour, (round(x - mask.width / 2), round(y - mask.height / 2)), mask)
@@ -212,7 +217,7 @@ class _Blit:
         """The figure as drawn now, as an RGB image; ``key`` names the static part (its limits and labels),
         ``paint(rgba)`` may write into the canvas's [H, W, 4] pixels between the background and the artists."""
         self._animate(True)
-        canvas = self.figure.canvas
+        canvas = _agg(self.figure)
         if key not in self._backgrounds:
             canvas.draw()
             if len(self._backgrounds) >= self.KEEP:
@@ -280,6 +285,8 @@ class _MatrixTemplate:
 
     def _paint_cells(self, rgba: np.ndarray) -> None:
         """Each pixel whose centre lies inside the axes gets its cell's colour (nearest, as imshow draws it)."""
+        if self._cells is None:  # set by the call that paints (see render)
+            return
         rows, cols = self._cells.shape[:2]
         x0, y0, x1, y1 = self.axes.bbox.extents
         height = rgba.shape[0]
@@ -346,8 +353,10 @@ class _CurveTemplate:
         pad = 0.03 * (high - low or 1.0)
         self.axes.set_xlim(low - pad, high + pad)
         for artist, line in ((self.fit, spec.fit), (self.bin_fit, spec.bin_fit)):
-            visible = line is not None and math.isfinite(line.slope)
-            artist.set_data(([line.low, line.high], [line.at(line.low), line.at(line.high)]) if visible else ([], []))
+            if line is not None and math.isfinite(line.slope):
+                artist.set_data([line.low, line.high], [line.at(line.low), line.at(line.high)])
+            else:
+                artist.set_data([], [])
         self._mark_xi(spec.fit, low - pad, high + pad)
         self._legend(spec.within_band is not None or spec.between_band is not None)
         centre = (self.axes.get_position().x0 + self.axes.get_position().x1) / 2
@@ -496,8 +505,9 @@ class Painter:
         if isinstance(spec, CurveSpec):
             return self._template(("curve",), _CurveTemplate).render(spec)
         figure = self.figure(spec)
-        figure.canvas.draw()
-        return Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
+        canvas = _agg(figure)
+        canvas.draw()
+        return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
 def render_all(painter: Painter, specs: dict[str, Any]) -> dict[str, bytes]:

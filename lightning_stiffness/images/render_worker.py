@@ -44,7 +44,8 @@ class Renderer:
         self._process: subprocess.Popen | None = None
         self._outbox: queue.Queue = queue.Queue()
         self._finished: queue.Queue = queue.Queue()
-        self._pending: dict[int, tuple[Any, subprocess.Popen]] = {}  # job -> (context, the worker it was sent to)
+        # job -> (context, the worker it was sent to)
+        self._pending: dict[int, tuple[Any, subprocess.Popen | None]] = {}
         self._lock = threading.Lock()
         self._jobs = count()
         self._painter: Painter | None = None
@@ -55,7 +56,7 @@ class Renderer:
         return {"background": self.background, "warn": self._warn}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["background"], state["warn"])
+        Renderer.__init__(self, state["background"], state["warn"])
 
     @property
     def pending(self) -> int:
@@ -132,16 +133,19 @@ class Renderer:
 
     @staticmethod
     def _send(process: subprocess.Popen, outbox: queue.Queue) -> None:
+        stdin = process.stdin
+        if stdin is None:  # started with pipes: never
+            return
         while (frame := outbox.get()) is not None:
             try:
-                process.stdin.write(frame)
-                process.stdin.flush()
+                stdin.write(frame)
+                stdin.flush()
             except (OSError, ValueError):  # the worker is gone: the receiver reports its jobs as failed
                 return
-        process.stdin.close()
+        stdin.close()
 
     def _receive(self, process: subprocess.Popen) -> None:
-        while True:
+        while process.stdout is not None:
             try:
                 job, answer = pickle.load(process.stdout)
             except (EOFError, OSError, pickle.UnpicklingError, ValueError):
@@ -167,7 +171,8 @@ def _reap(process: subprocess.Popen, receiver: threading.Thread | None) -> None:
     if receiver is not None:
         receiver.join(timeout=10)
     for pipe in (process.stdin, process.stdout):
-        pipe.close()
+        if pipe is not None:
+            pipe.close()
 
 
 def _start_worker() -> subprocess.Popen:
@@ -178,7 +183,8 @@ def _start_worker() -> subprocess.Popen:
     # A session (process group) of its own: Ctrl+C at a terminal, or a signal sent to the training's process group,
     # reaches the training process, which then hands out every image still being drawn (the worker ignores SIGINT
     # too); the worker ends when the training process closes its pipe or exits.
-    group = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True}
+    windows = {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}  # the flag exists on Windows only
+    group = windows if os.name == "nt" else {"start_new_session": True}
     return subprocess.Popen(
         [sys.executable, "-c", _WORKER_CODE],
         stdin=subprocess.PIPE,

@@ -117,7 +117,7 @@ def class_stiffness(
     if same_set and n != m:
         raise ValueError(f"`labels2` is required for a non-square `stiffness` ({n} x {m}).")
     _check_labels(labels, "labels", n)
-    labels2 = labels if same_set else labels2
+    labels2 = labels if labels2 is None else labels2
     _check_labels(labels2, "labels2", m)
     highest = int(max(labels.max(), labels2.max()))
     if num_classes is None:
@@ -235,7 +235,7 @@ class DistanceCurve(NamedTuple):
 
     edges: Tensor
     mean: Tensor
-    count: Tensor
+    count: Tensor  # type: ignore[assignment]  # the field shadows tuple.count, as users have read it since 0.1
 
 
 def _bin_edges(values: Tensor, bins: int, binning: str) -> Tensor:

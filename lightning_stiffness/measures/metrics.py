@@ -100,6 +100,8 @@ class ClassStiffness(_ShapedMetric):
         torch.Size([3, 3])
     """
 
+    sums: Tensor  # states registered by add_state, declared for type checkers
+    counts: Tensor
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
@@ -171,6 +173,10 @@ class StiffnessByDistance(_ShapedMetric):
         [2, 0, 0, 0]
     """
 
+    edges: Tensor  # a buffer, and states registered by add_state, declared for type checkers
+    bin_sums: Tensor
+    bin_counts: Tensor
+    line_sums: Tensor
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
@@ -240,6 +246,9 @@ class GradientAlignment(_ShapedMetric):
         [0.6667, 0.5]
     """
 
+    total: Tensor  # states registered by add_state, declared for type checkers
+    trace: Tensor
+    count: Tensor
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
