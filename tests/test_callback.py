@@ -194,8 +194,13 @@ def test_dict_items_and_batch_to_xy_import_path(tmp_path):
     fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=2, log_images=False)], max_epochs=1)
     fit.fit(TinyNet(), datamodule=DigitsData(dict_items=True))
     assert len(raw_results(fit.log_dir)) == 2
-    callback = StiffnessCallback(samples_per_class=2, batch_to_xy="tests.test_callback.swap_xy", log_images=False)
-    assert callback._batch_to_xy is swap_xy
+    # An import path is resolved when the fit sets up (swap_xy takes the same entries as the default would).
+    path = "tests.test_callback.swap_xy"
+    callback = StiffnessCallback(samples_per_class=2, batch_to_xy=path, log_images=False, save_raw=False)
+    assert callback.batch_to_xy == path
+    again = trainer(tmp_path / "path", [callback], max_epochs=1)
+    again.fit(TinyNet(), datamodule=DigitsData(dict_items=True))
+    assert callback.last_result is not None and callback.last_result.step == again.global_step
 
 
 def swap_xy(item):
@@ -293,9 +298,10 @@ def test_two_callbacks_in_one_trainer_log_and_resume_their_own_examples(tmp_path
     assert not torch.equal(drawn["stiffness"], drawn["stiffness-sign"][:20])
 
 
-def test_same_prefix_twice_is_refused_by_lightning():
+def test_same_settings_twice_are_refused_by_lightning():
+    # The key holds prefix and kinds (tests/test_callback_settings.py): with both equal, Lightning refuses the second.
     with pytest.raises(RuntimeError, match="state_key` must be unique"):
-        trainer(Path("unused"), [StiffnessCallback(), StiffnessCallback(kinds=["sign"])])
+        trainer(Path("unused"), [StiffnessCallback(), StiffnessCallback(kinds=["sign", "cosine"], log_images=False)])
 
 
 class _BuggyProbe(TinyNet):

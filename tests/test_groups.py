@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_stiffness.callback.extra_measures import ExtraMeasures
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
     gradient_coherence,
     gradient_diversity,
 )
-from lightning_stiffness.measures.groups import add_group_measures, group_matrix, group_means, resolve_groups
+from lightning_stiffness.measures.groups import (
+    add_group_measures,
+    check_class_groups,
+    group_matrix,
+    group_means,
+    resolve_groups,
+)
 from lightning_stiffness.measures.metrics import GradientAlignment
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
@@ -43,7 +48,7 @@ def test_resolve_groups_from_a_list_or_a_dict():
     assert resolve_groups(list(coarse), 4).of_class.tolist() == [0, 0, 1, 1]
     assert resolve_groups({"a": coarse[:2] * 0 + np.arange(2), "b": np.arange(2, 4)}, 4).names == ["a", "b"]
     with pytest.raises(ValueError, match="class_groups"):
-        ExtraMeasures(class_groups="animals")
+        check_class_groups("animals")
 
 
 def _gradients(n=24, classes=4, seed=0):

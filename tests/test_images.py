@@ -12,12 +12,12 @@ from matplotlib.legend import Legend
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.callback.extra_measures import ExtraMeasures
 from lightning_stiffness.functional import critical_distance
 from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, Painter
 from lightning_stiffness.images.render_worker import Renderer
 from lightning_stiffness.images.specs import probe_specs
 from lightning_stiffness.measures.fitted_lines import observed_range
+from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
@@ -235,7 +235,7 @@ def test_curves_of_one_probe_share_their_distance_axis():
 
 def test_probe_curves_carry_their_bootstrap_bands():
     result = _measured()
-    ExtraMeasures(num_bootstrap=50).add(result)
+    add_intervals(result, 50, seed=0)
     spec = probe_specs(result, [str(c) for c in range(6)])[distance_curve_tag("train-train")]
     for side in ("within", "between"):
         low, high = result.curve_intervals["train-train"][side]

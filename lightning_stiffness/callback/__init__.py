@@ -2,9 +2,10 @@
 
 - :mod:`.callback`: the callback (arguments, state, hooks);
 - :mod:`.schedule`: when to probe; :mod:`.probe_sets`: which examples (drawn once, batched as training batches);
-- :mod:`.probing`: one probe, from the probe sets to a result; :mod:`.distributed`: a probe split across processes;
+- :mod:`.probing`: one probe, from the probe sets to a result, and the whole training set's measure;
+  :mod:`.distributed`: a probe split across processes;
 - :mod:`.isolation`: modes and random states left as they were; :mod:`.progress`: the progress bar;
-- :mod:`.writers`: scalars and raw files; :mod:`.extra_measures`: intervals, class groups, the whole training set.
+- :mod:`.writers`: scalars and raw files, of a probe and of the whole training set alike.
 """
 
 from lightning_stiffness.callback.callback import StiffnessCallback

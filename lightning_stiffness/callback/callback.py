@@ -13,12 +13,12 @@ and delegates the rest: probe sets to :mod:`~lightning_stiffness.callback.probe_
 
 """
 
+import copy
 import importlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -29,7 +29,6 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stiffness.callback.distributed import Communicator
-from lightning_stiffness.callback.extra_measures import DEFAULT_NUM_BOOTSTRAP, ClassGroups, ExtraMeasures
 from lightning_stiffness.callback.isolation import eval_mode, preserved_rng
 from lightning_stiffness.callback.probe_sets import (
     SET_WORDS,
@@ -37,21 +36,29 @@ from lightning_stiffness.callback.probe_sets import (
     build_probe_sets,
     find_collate_fn,
     find_datasets,
+    first_loader,
 )
-from lightning_stiffness.callback.probing import ProbeOptions, measure_probe
+from lightning_stiffness.callback.probing import ProbeOptions, measure_dataset, measure_probe
 from lightning_stiffness.callback.progress import progress_bar
 from lightning_stiffness.callback.schedule import ProbeSchedule
 from lightning_stiffness.callback.writers import RawWriter, ScalarWriter, run_directory
 from lightning_stiffness.exceptions import is_expected, strict_default
-from lightning_stiffness.gram import METHODS
+from lightning_stiffness.gram import METHODS, GramOptions
 from lightning_stiffness.gram.validation import check_choice, check_int, default_loss_fn
 from lightning_stiffness.images.image_writer import ImageWriter
+from lightning_stiffness.images.specs import dataset_specs
 from lightning_stiffness.lightning_compat import lightning_classes
+from lightning_stiffness.measures.groups import ClassGroups, add_group_measures, check_class_groups, resolve_groups
+from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.representations import check_layer_names
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
+#: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%
+#: and 97.5% of 200 draws move by about +-0.1 standard errors from one seed to the next.
+DEFAULT_NUM_BOOTSTRAP = 200
 
 
 class StiffnessCallback(Callback):
@@ -61,6 +68,15 @@ class StiffnessCallback(Callback):
     loss gradients. Each probe logs scalars (``stiffness/{pair}/{kind}/within_class``, ...) and images to every logger
     at the global step, raw results under ``log_dir``, and keeps the latest scalars available to monitors. Training
     is unchanged (modes, parameters, gradients and random states are restored after each probe).
+
+    Each argument is a public attribute of the same name; one set after construction takes effect when the next
+    ``fit`` sets up (and is checked there as in ``__init__``). Several callbacks can share a Trainer: the
+    :attr:`state_key` holds ``prefix`` and ``kinds``, so each callback resumes its own probe examples from a
+    checkpoint (one written when the key was the prefix alone still loads, when a single callback has that prefix).
+    Two callbacks with the same ``prefix`` and ``kinds`` would log the same tags: Lightning refuses them at
+    ``Trainer(...)`` ("Found more than one stateful callback"). Callbacks with one ``prefix`` and other ``kinds`` log
+    their kinds' tags apart, but share the tags that name no kind and the raw folder (a warning says so): give each
+    callback its own ``prefix`` to keep everything apart.
 
     Args:
         samples_per_class: probe examples drawn per class from the training set and from the validation set.
@@ -89,7 +105,7 @@ class StiffnessCallback(Callback):
         per_layer: also measure each layer's own gradients (``stiffness/{pair}/{kind}/by_layer/{layer}/...``).
         layers: module names (``pl_module.named_modules()``) whose outputs give distances: a curve and a ξ each.
         layer_distance: metric of the representation distances: ``"cosine"`` (1 - cos) or ``"euclidean"``.
-        prefix: first part of every tag and raw folder, and the :attr:`state_key`: one each for several callbacks.
+        prefix: first part of every tag and of the raw folder: give each of several callbacks its own.
         strict: raise a probe's unexpected failures (bugs) instead of skipping the probe with a warning; expected
             ones (non-finite loss, out of memory, full disk) are always skipped. Default: the environment variable
             ``LIGHTNING_STIFFNESS_STRICT``.
@@ -139,47 +155,56 @@ class StiffnessCallback(Callback):
         class_groups: ClassGroups | None = None,
         dataset_every_n_epochs: int = 0,
     ) -> None:
-        with _misconfiguration():
-            for name, value, minimum in (("samples_per_class", samples_per_class, 2), ("seed", seed, 0)):
-                check_int(value, name, minimum)
-            self._schedule = ProbeSchedule(epochs, every_n_epochs, steps, every_n_steps, probe_at_start)
-            chosen_kinds = _check_kinds(kinds)
-            _check_engine(method, chunk_size, num_distance_bins, images_every_n_probes)
-            self._loss_fn = resolve_callable(loss_fn, "loss_fn") or default_loss_fn
-            self._batch_to_xy = resolve_callable(batch_to_xy, "batch_to_xy")
-            self._forward_fn = resolve_callable(forward_fn, "forward_fn")
-            _check_names(class_names, layers, layer_distance, prefix)
-            self._extras = ExtraMeasures(num_bootstrap, class_groups, dataset_every_n_epochs, seed, prefix)
-
-        self.samples_per_class = samples_per_class
-        self.epochs = epochs if epochs is None else list(self._schedule.epochs)
-        self.every_n_epochs, self.steps, self.every_n_steps = self._schedule.every_n_epochs, steps, every_n_steps
+        # Each argument is stored once, here; what the callback derives from them is derived in `setup`, so a
+        # setting changed after construction takes effect at the next fit.
+        self.samples_per_class, self.seed = samples_per_class, seed
+        self.epochs, self.every_n_epochs, self.steps, self.every_n_steps = epochs, every_n_epochs, steps, every_n_steps
         self.probe_at_start = probe_at_start
-        self.kinds = chosen_kinds
+        self.kinds: Sequence[str] | None = kinds
         self.method, self.chunk_size = method, chunk_size
-        self.seed, self.num_distance_bins = seed, num_distance_bins
+        self.loss_fn, self.batch_to_xy, self.forward_fn = loss_fn, batch_to_xy, forward_fn
+        self.num_distance_bins = num_distance_bins
         self.save_raw, self.log_images, self.images_every_n_probes = save_raw, log_images, images_every_n_probes
         self.class_names, self.per_layer = class_names, per_layer
         self.layers, self.layer_distance = layers, layer_distance
         self.prefix = prefix
         self.strict = strict_default() if strict is None else strict
+        self.num_bootstrap, self.class_groups = num_bootstrap, class_groups
+        self.dataset_every_n_epochs = dataset_every_n_epochs
+        with _misconfiguration():
+            settings = self._checked_settings()
+        self.kinds = settings.kinds  # in the order of `names.KINDS`
+        self.epochs = None if epochs is None else list(settings.schedule.epochs)  # sorted, each once
 
+        # Derived in `setup` (and in `on_train_start`, where the run directory is known).
+        self._settings: _Settings | None = None
+        self._probe_options: ProbeOptions | None = None
+        self._scalars: ScalarWriter | None = None
+        self._images: ImageWriter | None = None
+        self._raw: RawWriter | None = None
+        # State: the probe examples and what survives a resume.
         self._idle = False
         self._probes: ProbeSets | None = None
         self._restored_indices: dict[str, Tensor] = {}
         self._probes_done = 0
         self._ended_fit = False
         self._warned: set[str] = set()
-        self._options = _probe_options(self, layers or [])
-        self._scalars = ScalarWriter(prefix)
-        self._images = ImageWriter(prefix, images_every_n_probes, rank_zero_warn)
-        self._raw = RawWriter(Path(prefix))
         #: The most recent probe's result on this process (``None`` before the first probe).
         self.last_result: StiffnessResult | None = None
 
     @property
     @override
     def state_key(self) -> str:
+        """The settings that tell two callbacks' outputs apart: the tags' ``prefix`` and the ``kinds`` they measure.
+        Lightning refuses two callbacks with the same key in one Trainer (they would log the same tags), and each
+        callback finds its own state in a checkpoint under it."""
+        return self._generate_state_key(
+            prefix=self.prefix, kinds=[kind for kind in KINDS if kind in (self.kinds or KINDS)]
+        )
+
+    @property
+    def _prefix_state_key(self) -> str:
+        """The key of checkpoints written before :attr:`state_key` held more than the prefix."""
         return self._generate_state_key(prefix=self.prefix)
 
     # ----------------------------------------------------------------------------------------------- Lightning hooks
@@ -188,16 +213,21 @@ class StiffnessCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        with _misconfiguration():
+            self._settings = self._checked_settings()
         _check_trainer(trainer)
-        _check_forward(pl_module, self._forward_fn)
-        _start_fit(self)
+        _check_forward(pl_module, self._settings.gram.forward_fn)
+        self._start_fit()
         self._idle = bool(trainer.fast_dev_run)
         if self._idle:
             rank_zero_info("StiffnessCallback: idle under `fast_dev_run` (no probes, nothing logged).")
             return
+        layers = []
         if self.layers:
             with _misconfiguration():
-                self._options = _probe_options(self, check_layer_names(pl_module, self.layers))
+                layers = check_layer_names(pl_module, self.layers)
+        self._probe_options = self._probe_options_for(layers)
+        self._warn_if_sharing_prefix(trainer)
         if self.log_images and trainer.is_global_zero:
             self._images.start()
 
@@ -209,38 +239,41 @@ class StiffnessCallback(Callback):
         self._raw, self._images.directory = RawWriter(log_dir / self.prefix), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
-        if self._schedule.due_at_start(trainer.global_step):
+        if self._settings.schedule.due_at_start(trainer.global_step):
             self._probe(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._probes is not None and self._schedule.due_at_step(trainer.global_step):
+        if self._probes is not None and self._settings.schedule.due_at_step(trainer.global_step):
             self._probe(trainer, pl_module)
         self._images.deliver(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._probes is not None and self._schedule.due_at_epoch_end(trainer.current_epoch, trainer.global_step):
+        epoch = trainer.current_epoch
+        if self._probes is not None and self._settings.schedule.due_at_epoch_end(epoch, trainer.global_step):
             self._probe(trainer, pl_module)
-        self._extras.measure_dataset(self, trainer, pl_module)
+        if self._probes is not None and _dataset_due(self.dataset_every_n_epochs, epoch):
+            self._measure_dataset(trainer, pl_module)
         self._scalars.publish(trainer, pl_module)  # the latest values, at every check until the next probe
         self._images.deliver(trainer)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
+        if self._scalars is not None and not trainer.sanity_checking:
             self._scalars.publish(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule, *exception: BaseException) -> None:
-        self._images.finish(trainer)  # every probe's images, the last one's included; the worker stops
+        if self._images is not None:
+            self._images.finish(trainer)  # every probe's images, the last one's included; the worker stops
 
     on_exception = on_train_end
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
-            _end_fit(self)
+            self._end_fit()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -256,6 +289,96 @@ class StiffnessCallback(Callback):
         if self._restored_indices:
             _warn_if_drawn_differently(state_dict, {"seed": self.seed, "samples_per_class": self.samples_per_class})
 
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written when :attr:`state_key` was the prefix alone: its state is this callback's when no
+        other callback of the Trainer could claim it (Lightning then loads nothing under the new key)."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._prefix_state_key not in states:
+            return
+        claimants = [
+            cb
+            for cb in trainer.callbacks
+            if isinstance(cb, StiffnessCallback)
+            and cb.state_key not in states
+            and cb._prefix_state_key == self._prefix_state_key
+        ]
+        if len(claimants) > 1:
+            self._warn_once(
+                "ambiguous checkpoint",
+                f"StiffnessCallback: the checkpoint holds one callback's probe examples under the old key "
+                f"{self._prefix_state_key!r}, and {len(claimants)} callbacks of this Trainer have prefix "
+                f"{self.prefix!r}; none of them takes it, so each draws its own examples. Give the callback that "
+                "wrote the checkpoint its prefix alone to resume its examples.",
+            )
+            return
+        self.load_state_dict(copy.deepcopy(states[self._prefix_state_key]))
+        rank_zero_info(
+            f"StiffnessCallback: resumed its probe examples from the checkpoint's state under the old key "
+            f"{self._prefix_state_key!r} (now {self.state_key!r}); Lightning's warning asking for a callback with the "
+            "old key can be ignored."
+        )
+
+    # ------------------------------------------------------------------------------------- settings and derived helpers
+
+    def _checked_settings(self) -> "_Settings":
+        """The settings checked (a ``ValueError`` naming the argument) and what the callback derives from them."""
+        for name, minimum in (("samples_per_class", 2), ("seed", 0)):
+            check_int(getattr(self, name), name, minimum)
+        schedule = ProbeSchedule(self.epochs, self.every_n_epochs, self.steps, self.every_n_steps, self.probe_at_start)
+        kinds = _check_kinds(self.kinds)
+        _check_engine(self.method, self.chunk_size, self.num_distance_bins, self.images_every_n_probes)
+        loss_fn = resolve_callable(self.loss_fn, "loss_fn") or default_loss_fn
+        batch_to_xy = resolve_callable(self.batch_to_xy, "batch_to_xy")
+        forward_fn = resolve_callable(self.forward_fn, "forward_fn")
+        _check_names(self.class_names, self.layers, self.layer_distance, self.prefix)
+        _check_extras(self.num_bootstrap, self.class_groups, self.dataset_every_n_epochs)
+        gram = GramOptions(loss_fn=loss_fn, forward_fn=forward_fn, method=self.method, chunk_size=self.chunk_size)
+        return _Settings(schedule, kinds, gram, batch_to_xy)
+
+    def _probe_options_for(self, layers: list[str]) -> ProbeOptions:
+        """How a probe measures, with ``layers`` resolved (in network order)."""
+        return ProbeOptions(
+            kinds=self._settings.kinds,
+            gram=self._settings.gram,
+            per_layer=self.per_layer,
+            layers=tuple(layers),
+            layer_distance=self.layer_distance,
+            num_distance_bins=self.num_distance_bins,
+            keep_matrices=self.save_raw or self.num_bootstrap > 0 or self.class_groups is not None,
+        )
+
+    def _start_fit(self) -> None:
+        """A ``fit`` starts its schedule (from the checked settings), its writers and monitored values afresh, and
+        its probe count unless a checkpoint restored it after an earlier ``fit`` (``load_state_dict``)."""
+        self._scalars = ScalarWriter(self.prefix)
+        if self._images is not None:
+            self._images.close()
+        self._images = ImageWriter(self.prefix, self.images_every_n_probes, rank_zero_warn)
+        if self._ended_fit:
+            self._probes_done = 0
+        self._ended_fit = False
+
+    def _end_fit(self) -> None:
+        """After a fit (also one that never trained: the worker started at setup stops). The state stays as it is
+        (a checkpoint saved after ``fit`` holds it) until a next ``fit`` starts (:meth:`_start_fit`)."""
+        if self._images is not None:
+            self._images.close()
+        self._ended_fit = True
+
+    def _warn_if_sharing_prefix(self, trainer: Trainer) -> None:
+        """Callbacks with one prefix share the tags that do not name a kind and the raw folder: say so, once."""
+        sharing = [cb for cb in trainer.callbacks if isinstance(cb, StiffnessCallback) and cb.prefix == self.prefix]
+        if len(sharing) > 1 and sharing[0] is self:
+            rank_zero_warn(
+                f"StiffnessCallback: {len(sharing)} callbacks write under the prefix {self.prefix!r}. Their kinds' "
+                "own scalars and images stay apart, but the critical distances, gradient coherence and diversity, "
+                f"probe times, distance curves and the raw files `{self.prefix}/epoch=E-step=S.pt` are written by "
+                "each under one name. Give each callback its own `prefix` to keep all of them apart."
+            )
+
+    # --------------------------------------------------------------------------------------------- probes and writing
+
     def _build_probe_sets(self, trainer: Trainer) -> None:
         broadcast = Communicator.from_trainer(trainer).broadcast
         with _misconfiguration():
@@ -263,22 +386,28 @@ class StiffnessCallback(Callback):
                 _datasets(trainer, self._warn_once),
                 self.samples_per_class,
                 self.seed,
-                batch_to_xy=self._batch_to_xy,
+                batch_to_xy=self._settings.batch_to_xy,
                 collate_fn=find_collate_fn(trainer.train_dataloader),
                 restored=self._restored_indices,
                 broadcast=broadcast,
                 class_names=self.class_names,
             )
-        _check_and_report_probe_sets(self, short)
-
-    # --------------------------------------------------------------------------------------------- probes and writing
+            if self.class_groups is not None:  # now that the classes are known, before any probe
+                resolve_groups(self.class_groups, self._probes.num_classes)
+        for name, counts in short.items():
+            rank_zero_warn(
+                f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
+                f"{self.samples_per_class} examples and are probed with all they have: {counts} (class: count)."
+            )
+        sizes = ", ".join(f"{len(p)} {name}" for name, p in self._probes.sets.items())
+        rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {self._probes.num_classes} classes.")
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch, step = trainer.current_epoch, trainer.global_step
-        self._schedule.done(step)
+        self._settings.schedule.done(step)
         started = time.perf_counter()
         try:
-            result = _measure(self, trainer, pl_module, epoch, step)
+            result = self._measure(trainer, pl_module, epoch, step)
         except Exception as err:  # an expected failure must never stop training: it is reported and skipped
             self._skip(err, is_expected(err), f"the probe at {probe_label(epoch, step)} was skipped")
             return
@@ -288,11 +417,61 @@ class StiffnessCallback(Callback):
         self._scalars.write(trainer, result, seconds)
         written = time.perf_counter()
         if trainer.is_global_zero:
-            _write_files(self, trainer, result)
+            self._write_files(trainer, result)
         rank_zero_info(
             f"StiffnessCallback: the probe at {probe_label(epoch, step)} took {seconds:.2f} s "
             f"(+ {time.perf_counter() - written:.2f} s sending images and writing raw results)."
         )
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> StiffnessResult:
+        """One probe's result: eval mode, random states kept, gradients on, a progress bar on rank 0; its bootstrap
+        intervals and class groups added from its matrices."""
+        probes, comm = self._probes, Communicator.from_trainer(trainer)
+        with _measuring(trainer, pl_module, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
+            # Inputs converted as the precision plugin converts a batch (bf16-true, 64-true); the hooks run outside
+            # the training step's autocast, so under mixed precision the probe runs in full precision.
+            options = {"epoch": epoch, "step": step, "progress": progress}
+            options["convert_input"] = trainer.precision_plugin.convert_input
+            result = measure_probe(pl_module, probes.sets, probes.num_classes, self._probe_options, comm, **options)
+            if self.num_bootstrap > 0 and result.has_stiffness:
+                add_intervals(result, self.num_bootstrap, self.seed)
+            if self.class_groups is not None and result.has_stiffness:
+                add_group_measures(result, self.class_groups)
+            return result
+
+    def _measure_dataset(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The whole training set's class matrix (each process its shard, sums reduced), written as a probe's result
+        is: scalars to every logger at the global step, its raw file and its image. A failure is skipped like a
+        probe's."""
+        epoch, step = trainer.current_epoch, trainer.global_step
+        try:
+            with _measuring(trainer, pl_module, f"Stiffness over the training set (epoch {epoch})") as progress:
+                result = measure_dataset(
+                    pl_module, first_loader(trainer.train_dataloader), self._probes.num_classes, self._settings.gram,
+                    Communicator.from_trainer(trainer), epoch=epoch, step=step,
+                    batch_to_xy=self._settings.batch_to_xy, convert_input=trainer.precision_plugin.convert_input,
+                    progress=progress,
+                )  # fmt: skip
+        except Exception as err:  # like a failed probe: reported and skipped, training goes on
+            self._skip(err, is_expected(err), f"measuring the training set at epoch {epoch} was skipped")
+            return
+        self._scalars.write_dataset(trainer, result)
+        if trainer.is_global_zero and self.save_raw:
+            self._raw.write_dataset(result)
+        if trainer.is_global_zero and self.log_images:
+            specs = dataset_specs(result.class_matrix, self._probes.class_names, epoch, step, self.prefix)
+            self._images.write_specs(specs, epoch, step)
+
+    def _write_files(self, trainer: Trainer, result: StiffnessResult) -> None:
+        """Send the probe's images to be drawn and write its raw results, as the callback's arguments say."""
+        try:
+            if self.log_images:
+                self._images.write(trainer, result, self._probes.class_names, probe_number=self._probes_done)
+            if self.save_raw:
+                self._raw.write(result)
+        except Exception as err:  # a full disk or a broken logger must not stop training either
+            what = f"writing the images or raw results of the probe at {probe_label(result.epoch, result.step)} failed"
+            self._skip(err, isinstance(err, OSError), what)
 
     def _skip(self, error: Exception, expected: bool, what: str) -> None:
         """Warn that ``what`` happened because of ``error``; in strict mode, raise an unexpected ``error`` instead."""
@@ -306,80 +485,35 @@ class StiffnessCallback(Callback):
             rank_zero_warn(message)
 
 
-def _measure(
-    callback: StiffnessCallback, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int
-) -> StiffnessResult:
-    """One probe's result: eval mode, random states kept, gradients on, a progress bar on rank 0."""
-    probes, comm = callback._probes, Communicator.from_trainer(trainer)
+class _Settings(NamedTuple):
+    """What the callback derives from its settings (:meth:`StiffnessCallback._checked_settings`)."""
+
+    schedule: ProbeSchedule
+    kinds: tuple[str, ...]
+    gram: GramOptions
+    batch_to_xy: Callable[[Any], tuple[Any, Any]] | None
+
+
+@contextmanager
+def _measuring(trainer: Trainer, pl_module: LightningModule, title: str) -> Iterator[Any]:
+    """Eval mode, random states kept, gradients on and a progress bar on rank 0 for one measure."""
     show_progress = trainer.progress_bar_callback is not None and trainer.is_global_zero
     with preserved_rng(pl_module.device), eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
-        with progress_bar(show_progress, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
-            # Inputs converted as the precision plugin converts a batch (bf16-true, 64-true); the hooks run outside
-            # the training step's autocast, so under mixed precision the probe runs in full precision.
-            options = {"epoch": epoch, "step": step, "progress": progress}
-            options["convert_input"] = trainer.precision_plugin.convert_input
-            result = measure_probe(pl_module, probes.sets, probes.num_classes, callback._options, comm, **options)
-            return callback._extras.add(result)  # bootstrap intervals and class groups, from the matrices
+        with progress_bar(show_progress, title) as progress:
+            yield progress
 
 
-def _check_and_report_probe_sets(callback: StiffnessCallback, short: dict[str, Any]) -> None:
-    """Check what depends on the classes now that they are known (before any probe), and say what is probed."""
-    probes = callback._probes
-    with _misconfiguration():
-        callback._extras.check_classes(probes.num_classes)
-    for name, counts in short.items():
-        rank_zero_warn(
-            f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
-            f"{callback.samples_per_class} examples and are probed with all they have: {counts} (class: count)."
-        )
-    sizes = ", ".join(f"{len(p)} {name}" for name, p in probes.sets.items())
-    rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {probes.num_classes} classes.")
+def _dataset_due(every_n_epochs: int, epoch: int) -> bool:
+    """Whether the whole training set is measured at the end of ``epoch`` (0-based)."""
+    return every_n_epochs > 0 and (epoch + 1) % every_n_epochs == 0
 
 
-def _end_fit(callback: StiffnessCallback) -> None:
-    """After a fit (also one that never trained: the worker started at setup stops). The state stays as it is (a
-    checkpoint saved after ``fit`` holds it) until a next ``fit`` starts (:func:`_start_fit`)."""
-    callback._images.close()
-    callback._ended_fit = True
-
-
-def _start_fit(callback: StiffnessCallback) -> None:
-    """A ``fit`` after an earlier one with the same callback starts its schedule and monitored values afresh, and its
-    probe count unless a checkpoint restored it in between (``load_state_dict``)."""
-    callback._schedule.reset()
-    callback._scalars.latest = {}
-    if callback._ended_fit:
-        callback._probes_done = 0
-    callback._ended_fit = False
-
-
-def _write_files(callback: StiffnessCallback, trainer: Trainer, result: StiffnessResult) -> None:
-    """Send the probe's images to be drawn and write its raw results, as the callback's arguments say."""
-    try:
-        if callback.log_images:
-            names = callback._probes.class_names
-            callback._images.write(trainer, result, names, probe_number=callback._probes_done)
-        if callback.save_raw:
-            callback._raw.write(result)
-    except Exception as err:  # a full disk or a broken logger must not stop training either
-        what = f"writing the images or raw results of the probe at {probe_label(result.epoch, result.step)} failed"
-        callback._skip(err, isinstance(err, OSError), what)
-
-
-def _probe_options(callback: StiffnessCallback, layers: list[str]) -> ProbeOptions:
-    """How ``callback`` measures, with its ``layers`` resolved (in network order)."""
-    return ProbeOptions(
-        kinds=callback.kinds,
-        loss_fn=callback._loss_fn,
-        method=callback.method,
-        chunk_size=callback.chunk_size,
-        per_layer=callback.per_layer,
-        layers=tuple(layers),
-        layer_distance=callback.layer_distance,
-        num_distance_bins=callback.num_distance_bins,
-        keep_matrices=callback.save_raw or callback._extras.needs_matrices,
-        forward_fn=callback._forward_fn,
-    )
+def _check_extras(num_bootstrap: int, class_groups: ClassGroups | None, dataset_every_n_epochs: int) -> None:
+    check_int(num_bootstrap, "num_bootstrap", minimum=0)
+    if num_bootstrap == 1:
+        raise ValueError("`num_bootstrap` must be 0 (no intervals) or at least 2, got 1.")
+    check_int(dataset_every_n_epochs, "dataset_every_n_epochs", minimum=0)
+    check_class_groups(class_groups)
 
 
 def _check_forward(pl_module: LightningModule, forward_fn: Callable[[Any, Any], Any] | None) -> None:

@@ -100,6 +100,10 @@ class Communicator:
             raise error
         return value
 
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes (itself with one)."""
+        return tensor if self.world_size == 1 else self.strategy.reduce(tensor, reduce_op="sum")
+
     def all_norms(self, rows: Tensor, span: slice, total: int) -> Tensor:
         """The diagonal of the Gram matrix [total], from each process's rows [R, total] of the span it holds."""
         local = rows.new_zeros(total)

@@ -180,6 +180,17 @@ def find_datasets(loaders: Any) -> list[Any]:
     return []
 
 
+def first_loader(loaders: Any) -> Any:
+    """The first DataLoader of what ``trainer.train_dataloader`` holds (a loader, a CombinedLoader, a list, a dict)."""
+    if hasattr(loaders, "flattened"):
+        loaders = loaders.flattened
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return first_loader(loaders[0])
+    return loaders
+
+
 def find_collate_fn(loaders: Any) -> Collate | None:
     """The ``collate_fn`` of the first dataloader in ``loaders`` (a loader, or a dict, list or tuple of them)."""
     if hasattr(loaders, "dataset"):

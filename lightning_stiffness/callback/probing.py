@@ -1,12 +1,17 @@
-"""Measuring one probe: the probe sets' losses checked, this process's rows of the Gram matrix, one result.
+"""Measuring one probe (the probe sets' losses checked, this process's rows of the Gram matrix, one result) and the
+whole training set (each process its shard, the class sums reduced).
 
 Pure PyTorch apart from the :class:`~lightning_stiffness.callback.distributed.Communicator`, which is an identity with
-one process: the callback calls :func:`measure_probe` inside its context managers (eval mode, random states kept, a
-progress bar) and writes the :class:`~lightning_stiffness.measures.result.StiffnessResult` it returns.
+one process: the callback calls :func:`measure_probe` and :func:`measure_dataset` inside its context managers (eval
+mode, random states kept, a progress bar) and writes the
+:class:`~lightning_stiffness.measures.result.StiffnessResult` or
+:class:`~lightning_stiffness.measures.whole_dataset.DatasetResult` they return with the same writers.
 """
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,13 +20,14 @@ from lightning_stiffness.callback.distributed import Communicator
 from lightning_stiffness.callback.probe_sets import ProbeSet
 from lightning_stiffness.callback.progress import Progress
 from lightning_stiffness.exceptions import ProbeSkipped
-from lightning_stiffness.gram import gradient_gram
-from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, concat, take, tensors
+from lightning_stiffness.gram import GramOptions, gradient_gram_with
+from lightning_stiffness.gram.inputs import Inputs, apply, concat, take, tensors
+from lightning_stiffness.gram.validation import default_loss_fn
+from lightning_stiffness.measures.batches import default_batch_to_xy
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.representations import forward_with_outputs
 from lightning_stiffness.measures.result import StiffnessResult
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from lightning_stiffness.measures.whole_dataset import DatasetResult, class_sums_to_matrix, dataset_class_sums
 
 
 @dataclass(frozen=True)
@@ -30,27 +36,22 @@ class ProbeOptions:
 
     Attributes:
         kinds: stiffness kinds.
-        loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``.
-        method: Gram engine.
-        chunk_size: examples per block (None: the engine's default).
+        gram: how the Gram matrices are computed (``loss_fn``, ``forward_fn``, ``method``, ``chunk_size``); the probe
+            adds its own ``per_layer``, ``progress`` and, under DDP, ``gather_columns``.
         per_layer: also measure each layer's own Gram matrix.
         layers: modules whose outputs give representation distances, in network order.
         layer_distance: metric of those distances.
         num_distance_bins: bins of the distance curves.
         keep_matrices: gather the whole Gram matrix, for the stiffness matrices of the raw results.
-        forward_fn: ``forward_fn(model, x) -> outputs``; None: ``model(x)``, ``model(*x)`` or ``model(**x)``.
     """
 
     kinds: tuple[str, ...]
-    loss_fn: LossFn
-    method: str = "auto"
-    chunk_size: int | None = None
+    gram: GramOptions = field(default_factory=GramOptions)
     per_layer: bool = False
     layers: tuple[str, ...] = ()
     layer_distance: str = "cosine"
     num_distance_bins: int = 20
     keep_matrices: bool = True
-    forward_fn: ForwardFn | None = None
 
 
 def measure_probe(
@@ -108,6 +109,46 @@ def measure_probe(
     )
 
 
+def measure_dataset(
+    model: nn.Module,
+    dataloader: Any,
+    num_classes: int,
+    gram: GramOptions,
+    comm: Communicator | None = None,
+    *,
+    epoch: int = 0,
+    step: int = 0,
+    batch_to_xy: Callable[[Any], tuple[Inputs, Tensor]] | None = None,
+    convert_input: Callable[[Inputs], Inputs] | None = None,
+    progress: Progress | None = None,
+) -> DatasetResult:
+    """Exact cosine class stiffness over every pair of the examples of ``dataloader`` (this process's shard under
+    DDP; the class sums are added over processes, so every process returns the same result), measured at the end of
+    ``epoch`` (global step ``step``), and how long it took.
+
+    ``convert_input`` converts each batch's inputs as the trainer's precision plugin converts a batch; ``gram`` as
+    for the probe (:func:`~lightning_stiffness.measures.whole_dataset.dataset_class_sums`).
+
+    Raises:
+        ValueError: for a non-finite loss or labels outside [0, ``num_classes``).
+        FailedElsewhere: when the measure failed on another process.
+    """
+    comm = comm or Communicator()
+    started = time.perf_counter()
+    to_xy, convert = batch_to_xy or default_batch_to_xy, convert_input or (lambda x: x)
+
+    def converted_xy(batch: Any) -> tuple[Inputs, Tensor]:  # inputs as training sees them (64-true, bf16-true, ...)
+        x, y = to_xy(batch)
+        return convert(x), y
+
+    # Agreed on before the sums are reduced, so that no process waits in a reduction the others never reach.
+    sums = comm.agreed(
+        lambda: dataset_class_sums(model, dataloader, num_classes, gram, batch_to_xy=converted_xy, progress=progress)
+    )
+    matrix = class_sums_to_matrix(*(comm.sum(t) for t in sums))
+    return DatasetResult(epoch, step, matrix, time.perf_counter() - started)
+
+
 def input_features(x: Inputs) -> Tensor:
     """[N, F] features of the inputs for input-space distances: the floating-point tensors of ``x`` flattened and
     joined (images, features), or, when it has none (token ids and masks), all its tensors as numbers; for such
@@ -121,11 +162,10 @@ def input_features(x: Inputs) -> Tensor:
 
 def _checked_forward(model: nn.Module, x: Tensor, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
     """One forward without gradients: checks the losses, records the outputs of ``options.layers``."""
-    outputs, representations = forward_with_outputs(
-        model, x, options.layers, options.chunk_size or 512, options.forward_fn
-    )
+    gram = options.gram
+    outputs, representations = forward_with_outputs(model, x, options.layers, gram.chunk_size or 512, gram.forward_fn)
     with torch.no_grad():
-        losses = options.loss_fn(outputs, y)
+        losses = (gram.loss_fn or default_loss_fn)(outputs, y)
     bad = int((~torch.isfinite(losses)).sum())
     if bad:
         raise ProbeSkipped(f"the loss is not finite for {bad} of {len(y)} probe examples")
@@ -142,23 +182,16 @@ def _gram_rows(
     progress: Progress | None,
 ) -> dict[str, Tensor]:
     """This process's rows of the Gram matrix (key ``""``) and, with ``per_layer``, of each layer's."""
-    engine = {
-        "loss_fn": options.loss_fn,
-        "method": options.method,
-        "chunk_size": options.chunk_size,
-        "per_layer": options.per_layer,
-        "progress": progress,
-        "forward_fn": options.forward_fn,
-    }
+    gram = replace(options.gram, per_layer=options.per_layer, progress=progress)
     if comm.world_size == 1:
-        grams = gradient_gram(model, x, y, **engine)
+        grams = gradient_gram_with(gram, model, x, y)
     else:
-        if options.method != "torch.func":
-            engine["gather_columns"] = comm.term_gatherer(len(y))
+        if gram.method != "torch.func":
+            gram = replace(gram, gather_columns=comm.term_gatherer(len(y)))
         # More processes than probe examples: an empty share still takes part in the gathers, with one row that is
         # dropped.
         rows = span if span.stop > span.start else slice(0, 1)
-        grams = gradient_gram(model, take(x, rows), y[rows], x, y, **engine)
+        grams = gradient_gram_with(gram, model, take(x, rows), y[rows], x, y)
         if span.stop == span.start:
             grams = {k: g[:0] for k, g in grams.items()} if options.per_layer else grams[:0]
     if not options.per_layer:

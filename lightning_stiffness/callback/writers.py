@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import PREFIX, probe_seconds_tag, raw_file_name
+from lightning_stiffness.measures.whole_dataset import DatasetResult
+from lightning_stiffness.names import PREFIX, dataset_raw_file_name, probe_seconds_tag, raw_file_name
 
 
 class ScalarWriter:
@@ -32,6 +33,11 @@ class ScalarWriter:
         for logger in trainer.loggers:
             logger.log_metrics({**scalars, probe_seconds_tag(self.prefix): seconds}, step=result.step)
         self.latest = scalars
+
+    def write_dataset(self, trainer: Trainer, result: DatasetResult) -> None:
+        """Log the whole training set's scalars at its step (its own point: not kept for monitors)."""
+        for logger in trainer.loggers:
+            logger.log_metrics(result.scalars(self.prefix), step=result.step)
 
     def publish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Hand the latest probe's scalars to Lightning (not to the loggers again), so that ``EarlyStopping`` and
@@ -68,9 +74,16 @@ class RawWriter:
 
     def write(self, result: StiffnessResult) -> Path:
         """Save ``result.to_dict()``; a reader never sees half a file."""
+        return self._save(result.to_dict(), raw_file_name(result.epoch, result.step))
+
+    def write_dataset(self, result: DatasetResult) -> Path:
+        """Save the whole training set's ``result.to_dict()`` to ``dataset-epoch=E-step=S.pt``, beside the probes'."""
+        return self._save(result.to_dict(), dataset_raw_file_name(result.epoch, result.step))
+
+    def _save(self, contents: dict, file_name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / raw_file_name(result.epoch, result.step)
+        target = self.directory / file_name
         partial = target.with_name(target.name + ".tmp")
-        torch.save(result.to_dict(), partial)
+        torch.save(contents, partial)
         partial.replace(target)
         return target

@@ -20,13 +20,12 @@ interact). The norms of a batch are used at once, so a shuffling loader is fine 
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_stiffness.gram import gradient_gram
+from lightning_stiffness.gram import gradient_gram_with
 from lightning_stiffness.gram.buffers import untouched_buffers
 from lightning_stiffness.gram.inputs import (
     ForwardFn,
@@ -38,10 +37,11 @@ from lightning_stiffness.gram.inputs import (
     take,
     tensors,
 )
+from lightning_stiffness.gram.options import GramOptions
 from lightning_stiffness.gram.validation import LossFn, check_int, default_loss_fn, select_parameters
 from lightning_stiffness.measures.batches import default_batch_to_xy
 from lightning_stiffness.measures.functional import within_between
-from lightning_stiffness.names import PREFIX, dataset_class_tag, dataset_raw_file_name
+from lightning_stiffness.names import PREFIX, dataset_class_tag
 
 __all__ = ["DatasetResult", "class_sums_to_matrix", "dataset_class_stiffness", "dataset_class_sums"]
 
@@ -99,10 +99,10 @@ def dataset_class_stiffness(
         ValueError: for ``num_classes`` < 1, labels outside [0, C) or not integers, a non-finite loss, or the
             arguments :func:`~lightning_stiffness.gram.gradient_gram` refuses.
     """
+    gram = GramOptions(loss_fn=loss_fn, forward_fn=forward_fn, method=method, chunk_size=chunk_size)
     sums, counts = dataset_class_sums(
-        model, dataloader, num_classes, loss_fn=loss_fn, forward_fn=forward_fn, batch_to_xy=batch_to_xy,
-        method=method, chunk_size=chunk_size, block_size=block_size, progress=progress,
-    )  # fmt: skip
+        model, dataloader, num_classes, gram, batch_to_xy=batch_to_xy, block_size=block_size, progress=progress
+    )
     if all_reduce is not None:
         sums, counts = all_reduce(sums), all_reduce(counts)
     return class_sums_to_matrix(sums, counts).cpu()
@@ -112,19 +112,17 @@ def dataset_class_sums(
     model: nn.Module,
     dataloader: Any,
     num_classes: int,
+    gram: GramOptions,
     *,
-    loss_fn: LossFn | None = None,
-    forward_fn: ForwardFn | None = None,
     batch_to_xy: Callable[[Any], tuple[Inputs, Tensor]] | None = None,
-    method: str = "auto",
-    chunk_size: int | None = None,
     block_size: int = 1024,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """This process's class sums of gradient directions [C, P] and example counts [C] (float64), over the loader.
 
     Sums from disjoint shards of the data add; :func:`class_sums_to_matrix` turns the totals into the class matrix.
-    Arguments and errors as for :func:`dataset_class_stiffness`.
+    ``gram`` holds the keywords of the Gram matrices of norms (``loss_fn``, ``forward_fn``, ``method``,
+    ``chunk_size``); the others as for :func:`dataset_class_stiffness`, and the same errors.
     """
     check_int(num_classes, "num_classes")
     check_int(block_size, "block_size")
@@ -135,14 +133,13 @@ def dataset_class_sums(
     sums = torch.zeros(num_classes, sum(p.numel() for p in params.values()), dtype=dtype, device=device)
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
     total = len(dataloader) if hasattr(dataloader, "__len__") else 0
-    gram_options = {"loss_fn": loss_fn, "forward_fn": forward_fn, "method": method, "chunk_size": chunk_size}
 
     def measure(block: list[tuple[Inputs, Tensor]]) -> None:
         x, y = _joined(block)
-        norms = gradient_gram(model, x, y, **gram_options).diagonal().clamp_min(0).sqrt()
+        norms = gradient_gram_with(gram, model, x, y).diagonal().clamp_min(0).sqrt()
         if not bool(torch.isfinite(norms).all()):
             raise ValueError("the loss or its gradient is not finite for some examples of the loader.")
-        _add_class_sums(model, params, x, y, norms, sums, counts, loss_fn or default_loss_fn, forward_fn)
+        _add_class_sums(model, params, x, y, norms, sums, counts, gram)
 
     pending: list[tuple[Inputs, Tensor]] = []
     for done, batch in enumerate(dataloader, start=1):
@@ -199,11 +196,10 @@ def _add_class_sums(
     norms: Tensor,
     sums: Tensor,
     counts: Tensor,
-    loss_fn: LossFn,
-    forward_fn: ForwardFn | None,
+    gram: GramOptions,
 ) -> None:
     """Add, per class present, :math:`\\sum_{i \\in a} g_i / |g_i|` (one weighted backward pass) and the count."""
-    forward = forward_fn or default_forward
+    forward, loss_fn = gram.forward_fn or default_forward, gram.loss_fn or default_loss_fn
     wanted = list(params.values())
     with untouched_buffers(model) as guard, torch.enable_grad():
         for label in torch.unique(y).tolist():
@@ -245,11 +241,6 @@ class DatasetResult:
         within, between = within_between(self.class_matrix)
         return {dataset_class_tag("within", prefix): within, dataset_class_tag("between", prefix): between}
 
-    def save(self, directory: Path) -> Path:
-        """``{directory}/dataset-epoch=E-step=S.pt`` (a dict of the fields; loads with ``weights_only=True``)."""
-        directory.mkdir(parents=True, exist_ok=True)
-        target = directory / dataset_raw_file_name(self.epoch, self.step)
-        partial = target.with_name(target.name + ".tmp")
-        torch.save(asdict(self), partial)
-        partial.replace(target)
-        return target
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what the raw file holds; loads with ``weights_only=True``)."""
+        return asdict(self)
