@@ -92,26 +92,27 @@ def test_probe_at_initialisation_equals_single_process(single_and_ddp):
     two = StiffnessResult.from_dict(raw_results(ddp)["epoch=0-step=0.pt"])
     for name in ("train", "val"):
         assert torch.equal(one.indices[name], two.indices[name])
-    for field in ("stiffness", "class_matrices", "distances", "layer_distances"):
-        mine, theirs = getattr(one, field), getattr(two, field)
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            assert _close(mine[key], theirs[key]), (field, key)
-    for field in (
-        "within_class",
-        "between_class",
-        "critical_distance",
-        "layer_critical_distance",
-        "layer_within_class",
-    ):
-        mine, theirs = getattr(one, field), getattr(two, field)
-        assert mine.keys() == theirs.keys()
-        for key in mine:
-            assert _close(mine[key], theirs[key]), (field, key)
-    for pair, sides in one.curves.items():
-        for side, curve in sides.items():
-            assert curve.count.tolist() == two.curves[pair][side].count.tolist()
-            assert _close(curve.mean, two.curves[pair][side].mean)
+    # Every measure, by structure: each pair, kind and layer's class measures (all parameters' with the stiffness
+    # matrix, each layer's own), each pair and space's distances, curves and xi (input space and each layer).
+    assert {p: {k: list(m) for k, m in by_kind.items()} for p, by_kind in one.classes.items()} == {
+        p: {k: list(m) for k, m in by_kind.items()} for p, by_kind in two.classes.items()
+    }
+    for pair, by_kind in one.classes.items():
+        for kind, by_layer in by_kind.items():
+            for layer, mine in by_layer.items():
+                theirs = two.classes[pair][kind][layer]
+                for name in ("matrix", "stiffness", "within", "between"):
+                    if getattr(mine, name) is not None:
+                        assert _close(getattr(mine, name), getattr(theirs, name)), (pair, kind, layer, name)
+    assert {p: list(s) for p, s in one.spaces.items()} == {p: list(s) for p, s in two.spaces.items()}
+    for pair, by_space in one.spaces.items():
+        for space, mine in by_space.items():
+            theirs = two.spaces[pair][space]
+            for name in ("distances", "critical_distance"):
+                assert _close(getattr(mine, name), getattr(theirs, name)), (pair, space, name)
+            for side, curve in mine.curves.items():
+                assert curve.count.tolist() == theirs.curves[side].count.tolist()
+                assert _close(curve.mean, theirs.curves[side].mean)
 
 
 @pytest.mark.parametrize("model_class", [FailsOnRankOne, FailsInGramOnRankOne, FailsInFallbackOnRankOne])

@@ -11,6 +11,7 @@ from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import layer_outputs, pairwise_distances
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
+from lightning_stiffness.names import INPUT
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 
@@ -77,17 +78,21 @@ def test_critical_distance_per_layer_on_synthetic_stiffness():
         representations={"train": {"hidden": vectors, "scaled": 3 * vectors}},
     )
     assert result.representation_layers == ["hidden", "scaled"]
-    assert result.layer_critical_distance["train-train/hidden"] == pytest.approx(1.0)
-    assert result.layer_critical_distance["train-train/scaled"] == pytest.approx(1.0)  # cosine ignores scale
+    spaces = result.spaces["train-train"]
+    assert list(spaces) == [INPUT, "hidden", "scaled"]
+    assert spaces["hidden"].critical_distance == pytest.approx(1.0)
+    assert spaces["scaled"].critical_distance == pytest.approx(1.0)  # cosine ignores scale
     assert result.scalars()["stiffness/train-train/critical_distance/hidden"] == pytest.approx(1.0)
-    curve = result.layer_curves["train-train/hidden"]["within"]
+    curve = spaces["hidden"].curves["within"]
     centres = (curve.edges[1:] + curve.edges[:-1]) / 2
     filled = curve.count > 0
     half_bin = 0.5 * (curve.edges[1] - curve.edges[0])
     assert torch.all((curve.mean[filled] - (1 - centres[filled])).abs() <= half_bin + 1e-9)
     back = StiffnessResult.from_dict(result.to_dict())
-    assert back.layer_critical_distance == result.layer_critical_distance
-    assert back.layer_curves["train-train/hidden"]["within"].count.tolist() == curve.count.tolist()
+    assert {s: m.critical_distance for s, m in back.spaces["train-train"].items()} == {
+        s: m.critical_distance for s, m in spaces.items()
+    }
+    assert back.spaces["train-train"]["hidden"].curves["within"].count.tolist() == curve.count.tolist()
 
 
 def test_euclidean_layer_distance():
@@ -101,7 +106,7 @@ def test_euclidean_layer_distance():
         representations={"train": {"h": vectors}},
         distance_metric="euclidean",
     )
-    torch.testing.assert_close(result.layer_distances["train-train/h"], torch.cdist(vectors, vectors))
+    torch.testing.assert_close(result.spaces["train-train"]["h"].distances, torch.cdist(vectors, vectors))
 
 
 def test_callback_logs_layer_distances(tmp_path):
@@ -116,10 +121,12 @@ def test_callback_logs_layer_distances(tmp_path):
         assert len(acc.Images(f"stiffness/{pair}/critical_distance_by_layer")) == 2
     result = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
     assert result.representation_layers == ["net.1", "net.3"]
-    for key, value in result.layer_critical_distance.items():
-        pair, layer = key.split("/")
-        logged = acc.Scalars(f"stiffness/{pair}/critical_distance/{layer}")[-1].value
-        assert (math.isnan(value) and math.isnan(logged)) or value == pytest.approx(logged, rel=1e-6)
+    for pair, by_space in result.spaces.items():
+        assert list(by_space) == [INPUT, "net.1", "net.3"]
+        for layer in ("net.1", "net.3"):
+            value = by_space[layer].critical_distance
+            logged = acc.Scalars(f"stiffness/{pair}/critical_distance/{layer}")[-1].value
+            assert (math.isnan(value) and math.isnan(logged)) or value == pytest.approx(logged, rel=1e-6)
 
 
 def test_callback_unknown_layer_refused_at_setup(tmp_path):

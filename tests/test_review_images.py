@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.images.drawing import CurveSpec, Line, MatrixSpec, Painter
-from lightning_stiffness.names import class_matrix_tag, class_tag, distance_curve_tag
+from lightning_stiffness.names import MODEL, class_matrix_tag, class_tag, distance_curve_tag
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -369,7 +369,8 @@ def test_monitors_with_every_n_epochs_and_checks_after_validation(tmp_path):
     fit.fit(TinyNet(), datamodule=DigitsData())
     assert fit.current_epoch == 4
     assert best.best_model_score is not None
-    assert float(fit.callback_metrics[tag]) == pytest.approx(callback.last_result.within_class["train-val/cosine"])
+    within = callback.last_result.classes["train-val"]["cosine"][MODEL].within
+    assert float(fit.callback_metrics[tag]) == pytest.approx(within)
 
 
 def test_no_progress_bar_text_off_a_terminal(tmp_path, capfd):

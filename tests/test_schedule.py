@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.callback.progress import progress_bar
 from lightning_stiffness.callback.schedule import ProbeSchedule
-from lightning_stiffness.names import class_tag
+from lightning_stiffness.names import MODEL, class_tag
 from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
 
 TAG = class_tag("train-val", "cosine", "within")
@@ -78,7 +78,7 @@ def test_monitors_find_the_latest_values_at_every_check(tmp_path, schedule, chec
     fit.fit(TinyNet(), datamodule=DigitsData())
     assert fit.current_epoch == 4  # ran to the end, no "metric not available"
     assert best.best_model_score is not None and TAG in fit.callback_metrics
-    assert fit.callback_metrics[TAG] == pytest.approx(callback.last_result.within_class["train-val/cosine"])
+    assert fit.callback_metrics[TAG] == pytest.approx(callback.last_result.classes["train-val"]["cosine"][MODEL].within)
 
 
 def test_no_progress_bar_off_a_terminal(capsys):
