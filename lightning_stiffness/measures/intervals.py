@@ -523,10 +523,11 @@ def interval_series(intervals: list[tuple[float, float] | None]) -> tuple[list[f
     return lows, highs
 
 
-def add_intervals(result: "StiffnessResult", num_draws: int, seed: int, prefix: str | None = None) -> None:
+def add_intervals(result: "StiffnessResult", num_draws: int, seed: int) -> None:
     """Add to a probe's ``result`` (from its stiffness matrices) the bootstrap intervals of its within/between-class
     stiffness and critical distances and the bands around its distance curves, from one set of ``num_draws`` draws
-    for both (``prefix``: ignored, intervals are kept by structure; accepted for the callers of version 1).
+    for both, each kept on the measure it belongs to (``intervals`` of the class measures, ``interval`` and ``bands``
+    of the distance measures).
 
     The draws come from a generator seeded with ``seed`` and the probe's step, so a rerun gives the same intervals.
     """
