@@ -219,6 +219,20 @@ class FlattenedLookups(nn.Module):
         return self.head(torch.tanh(angles).mean(dim=1))
 
 
+class KeywordCalls(nn.Module):
+    """Torch functions called with keyword arguments only (no positional argument at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(D, D, 3) / 3)
+        self.weight = nn.Parameter(torch.randn(CLASSES, D) / 2)
+
+    def forward(self, x):
+        h = F.conv1d(input=x.transpose(1, 2), weight=self.kernel, padding="same")  # [N, D, T]
+        h = torch.add(input=torch.tanh(h).mean(dim=2), other=torch.zeros(size=(D,)))
+        return F.linear(input=h, weight=self.weight)
+
+
 class NoFactoredForm(nn.Module):
     """Operations with a parameter operand and no rule: ``torch.atan2`` and ``torch.cdist``."""
 
@@ -271,6 +285,7 @@ CASES = {
         TOKENS,
         {"table": "torch.index_select (its own vjp)", "phase": "torch.atan2 (its own vjp)"},
     ),
+    "keyword_calls": (KeywordCalls, SEQUENCE, {"kernel": "F.conv1d", "weight": "F.linear"}),
     "no_factored_form": (NoFactoredForm, SEQUENCE, {"phase": "(its own vjp)", "centres": "(its own vjp)"}),
     "prelu": (PReLUNet, SEQUENCE, {"act.weight": "F.prelu"}),
 }

@@ -322,12 +322,14 @@ class _Recorder(TorchFunctionMode):
         """Whether the call expands or tiles a tensor over the examples (``cls_token.expand(N, -1, -1)``, a buffer of
         token type ids expanded to [N, T], DeBERTa's position keys ``.repeat(N, 1, 1)``): a dimension of the batch's
         size where the tensor had size 1 or none, or repeated as many times as there are examples."""
-        if not isinstance(output, Tensor) or not isinstance(args[0], Tensor):
+        if func is not Tensor.repeat and func is not Tensor.expand:
+            return False
+        # Every call the mode sees comes here; a call with keyword arguments only (``F.linear(input=x, weight=w)``,
+        # ``torch.zeros(size=(3,))``) has no args[0].
+        if not isinstance(output, Tensor) or not args or not isinstance(args[0], Tensor):
             return False
         if func is Tensor.repeat:  # tiled: each example gets one copy (DeBERTa's relative position keys)
             return self.count in size_arguments(args)
-        if func is not Tensor.expand:
-            return False
         source = args[0]
         offset = output.dim() - source.dim()
         return any(
