@@ -167,14 +167,20 @@ def _explicit_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int
     return tuple((p, p) for p in padding)
 
 
+def _padded(x: Tensor, padding: tuple) -> Tensor:
+    """``x`` [n, C, *spatial] zero-padded by explicit (before, after) pairs per spatial dimension, as a convolution
+    pads it."""
+    pads = [side for before_after in reversed(padding) for side in before_after]
+    return F.pad(x, pads) if any(pads) else x
+
+
 def conv_patches(
     x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple, dilation: tuple[int, ...]
 ) -> Tensor:
     """The patches a convolution's kernel meets: [n, C_in, *spatial] -> [n, L, C_in * prod(kernel)] (L output
     positions), each patch ordered as the weight [C_out, C_in, *kernel] is flattened, for any number of spatial
     dimensions (``F.unfold`` takes two)."""
-    pads = [side for before_after in reversed(padding) for side in before_after]
-    x = F.pad(x, pads) if any(pads) else x
+    x = _padded(x, padding)
     spatial = len(kernel)
     for i, (k, s, d) in enumerate(zip(kernel, stride, dilation, strict=True)):
         x = x.unfold(2 + i, d * (k - 1) + 1, s)  # the window appended as a last dimension
@@ -202,8 +208,7 @@ def conv_weight_per_example(
     n * groups groups), so the backward sums over each example's positions only (Rochette, Manoel and Tramel,
     "Efficient per-example gradient computations in convolutional neural networks", 2019). No patches are formed.
     """
-    pads = [side for before_after in reversed(padding) for side in before_after]
-    x = F.pad(x, pads) if any(pads) else x
+    x = _padded(x, padding)
     n, c_out, spatial = x.shape[0], weight_shape[0], len(weight_shape) - 2
     out_shape = _conv_output_shape(x.shape[2:], weight_shape[2:], stride, dilation)
     grad_output = grads.transpose(1, 2).reshape(1, n * c_out, *out_shape)
