@@ -355,10 +355,13 @@ def _passes(use: Use, where: Where, count: int, recording: Recording, reference:
     (its only call): how the order of a flattened layout is proven, not guessed."""
     try:
         parts = _use_parts(use, where, count, recording, n, m)
-        terms = [(name, term_of([part], n, m)) for name, _, part in parts]
-        return bool(terms) and all(
-            term is not None and reference.disagreement(name, term.per_example()) is None for name, term in terms
-        )
+
+        def agrees(name: str, part: Any) -> bool:
+            term = term_of([part], n, m)
+            return term is not None and reference.disagreement(name, term.per_example()) is None
+
+        # Lazily: the first parameter that disagrees rules the candidate out, without forming the others' terms.
+        return bool(parts) and all(agrees(name, part) for name, _, part in parts)
     except Exception:  # this candidate does not fit the call's shapes
         return False
 
