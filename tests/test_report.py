@@ -85,3 +85,13 @@ def test_directory_without_results_is_an_error(tmp_path, capsys):
     assert "no saved stiffness results" in capsys.readouterr().err
     with pytest.raises(ReportError, match="does not exist"):
         find_runs([tmp_path / "missing"])
+
+
+@pytest.mark.parametrize(
+    ("epochs", "match"),
+    [(["2"], "`epochs` must hold epoch numbers or 'initialisation', got '2'"), ([], "`epochs` is empty")],
+)
+def test_epochs_are_checked_before_the_runs_are_read(tmp_path, epochs, match):
+    # Text other than "initialisation" used to fail choosing the probes (int - str); no epoch at all, drawing them.
+    with pytest.raises(ReportError, match=match):
+        write_report([tmp_path / "no runs here"], tmp_path / "report", epochs=epochs)

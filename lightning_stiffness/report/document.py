@@ -18,9 +18,10 @@ def _pick(run: Run, epochs: Sequence[int | str] | None) -> tuple[list[StiffnessR
     results = run.results
     if epochs is None:
         return [results[i] for i in sorted({0, len(results) // 2, len(results) - 1})], []
-    chosen, notes = [], []
+    chosen: list[StiffnessResult] = []
+    notes: list[str] = []
     for wanted in epochs:
-        if wanted == INITIALISATION:
+        if isinstance(wanted, str):  # INITIALISATION, the only text `_check_epochs` lets through
             best = min(results, key=lambda r: r.step)
             exact = best.step == 0
         else:
@@ -34,6 +35,21 @@ def _pick(run: Run, epochs: Sequence[int | str] | None) -> tuple[list[StiffnessR
         if best not in chosen:
             chosen.append(best)
     return chosen, notes
+
+
+def _check_epochs(epochs: Sequence[int | str] | None) -> None:
+    """Check the epochs asked for before any run is read.
+
+    Raises:
+        ReportError: for an empty ``epochs``, or text in it other than ``"initialisation"``.
+    """
+    if epochs is None:
+        return
+    if len(epochs) == 0:
+        raise ReportError("`epochs` is empty: give at least one epoch, or None for the first, middle and last probes.")
+    for wanted in epochs:
+        if isinstance(wanted, str) and wanted != INITIALISATION:
+            raise ReportError(f"`epochs` must hold epoch numbers or {INITIALISATION!r}, got {wanted!r}.")
 
 
 def _fmt(value: float) -> str:
@@ -54,10 +70,12 @@ def write_report(
     """Write the report for the runs under ``paths`` into ``out_dir``; returns the report file's path.
 
     Raises:
-        ReportError: for a path without saved results, or a ``pair`` or ``kind`` the results do not have.
+        ReportError: for a path without saved results, a ``pair`` or ``kind`` the results do not have, or
+            ``epochs`` empty or holding text other than ``"initialisation"``.
     """
     if fmt not in ("md", "html"):
         raise ReportError(f"`fmt` must be 'md' or 'html', got {fmt!r}.")
+    _check_epochs(epochs)
     runs = [load_run(p, prefix) for p in find_runs(paths, prefix)]
     for run in runs:
         if pair not in run.results[-1].pairs:
@@ -70,10 +88,10 @@ def write_report(
     sections = [
         _run_section(run, f"run{index}", out, epochs, pair, kind, lr_key, notes) for index, run in enumerate(runs)
     ]
-    lrs = [run.hparams.get(lr_key) for run in runs]
+    lrs = [float(v) for v in (run.hparams.get(lr_key) for run in runs) if isinstance(v, (int, float))]
     if len(runs) > 1:
-        if all(isinstance(v, (int, float)) for v in lrs):
-            lr_figure(runs, [float(v) for v in lrs], pair, out / "critical_distance_vs_lr.png")
+        if len(lrs) == len(runs):  # every run has a numeric learning rate
+            lr_figure(runs, lrs, pair, out / "critical_distance_vs_lr.png")
             sections.append(
                 ("all runs", [("critical distance against learning rate", "critical_distance_vs_lr.png")], [])
             )

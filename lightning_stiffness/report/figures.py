@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
+from lightning_stiffness.exceptions import ReportError
 from lightning_stiffness.images.specs import STIFFNESS_CMAP, new_figure
 from lightning_stiffness.measures.intervals import interval_series
 from lightning_stiffness.measures.result import StiffnessResult
@@ -24,13 +26,24 @@ def _saved_figure(path: Path, width: float, height: float) -> Iterator[Figure]:
 
 
 def class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, kind: str, path: Path) -> None:
-    """The class stiffness matrices of the ``chosen`` probes side by side, saved to ``path``."""
+    """The class stiffness matrices of the ``chosen`` probes (at least one) side by side, saved to ``path``.
+
+    Raises:
+        ReportError: for no probe, or a probe without the class matrix (a version-1 file that did not keep it).
+    """
+    if not chosen:
+        raise ReportError("class_matrices_figure needs at least one probe to draw.")
     with _saved_figure(path, 4.2 * len(chosen) + 1.2, 4.6) as figure:
-        image = None
+        images: list[AxesImage] = []
         for i, result in enumerate(chosen):
             axes = figure.add_subplot(1, len(chosen), i + 1)
-            matrix = result.classes[pair][kind][MODEL].matrix.double().numpy()
-            image = axes.imshow(np.ma.masked_invalid(matrix), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
+            matrix = result.classes[pair][kind][MODEL].matrix
+            if matrix is None:
+                when = probe_label(result.epoch, result.step)
+                raise ReportError(f"{run.path}: the probe at {when} has no {pair} {kind} class matrix to draw.")
+            images.append(
+                axes.imshow(np.ma.masked_invalid(matrix.double().numpy()), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
+            )
             ticks = range(result.num_classes)
             axes.set_xticks(ticks)
             axes.set_yticks(ticks)
@@ -39,7 +52,7 @@ def class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, ki
             axes.set_xlabel(f"class of the {cols} example")
             if i == 0:
                 axes.set_ylabel(f"class of the {rows} example")
-        figure.colorbar(image, ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
+        figure.colorbar(images[-1], ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
         figure.suptitle(f"class stiffness matrices, {pair}")
 
 
