@@ -368,7 +368,7 @@ LAYOUTS: dict[str, Layout] = {
         lambda t: FlattenedTimeLinear(), "sequence", 5, 5, fallback=(), factored=("frame.", "head.")
     ),
     "flattened_frames_conv1d": Layout(
-        lambda t: FlattenedFramesConv(), "frames", 5, 3, fallback=("conv.",), factored=("head.",)
+        lambda t: FlattenedFramesConv(), "frames", 5, 3, fallback=(), factored=("conv.", "head.")
     ),
     # shared by every example
     "relative_position_mlp": Layout(

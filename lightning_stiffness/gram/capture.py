@@ -126,6 +126,12 @@ class Recording:
     plain: list[Use] = field(default_factory=list)  # the uses whose own output the backward differentiates
     derived: list[Tensor] = field(default_factory=list)  # the derived operands, their graphs kept
     leaves: dict[str, Tensor] = field(default_factory=dict)  # the differentiated parameters as the forward saw them
+    # Parameters no call recorded whose gradient the backward was also asked for (``probed``), and those of them the
+    # loss does not reach at all (``unreached``: an unused head, a branch these examples do not take): their
+    # per-example gradients are zero, proven by autograd rather than inferred from the absence of a call (an operation
+    # the recorder cannot see, a custom autograd Function, may still use them).
+    probed: list[str] = field(default_factory=list)
+    unreached: set[str] = field(default_factory=set)
 
 
 def _torch_functional_names() -> dict[str, Callable[..., Any]]:
@@ -446,12 +452,19 @@ def _backward_targets(recording: Recording, leaves: dict[str, Tensor]) -> tuple[
     modified = [use for use in recording.uses if use.output._version != use.version]
     through = list({name: leaves[name] for use in modified for name in use.names}.values())
     recording.plain = plain
+    used = {name for use in recording.uses for name in use.names}
+    recording.probed = [name for name in leaves if name not in used and name not in recording.unsupported]
+    probed = [leaves[name] for name in recording.probed]
     # A derived operand's per-example gradients go back to its parameters through its graph, after this backward.
-    return [use.output for use in plain] + through, bool(recording.derived)
+    return [use.output for use in plain] + through + probed, bool(recording.derived)
 
 
 def _assign_backprops(recording: Recording, grads: tuple[Tensor | None, ...]) -> None:
-    """Fill each use's ``backprop``: the gradient of the summed loss with respect to its output."""
+    """Fill each use's ``backprop``: the gradient of the summed loss with respect to its output; and the probed
+    parameters the loss does not reach."""
+    if recording.probed:
+        tail = grads[len(grads) - len(recording.probed) :]
+        recording.unreached = {name for name, grad in zip(recording.probed, tail, strict=True) if grad is None}
     for use, grad in zip(recording.plain, grads, strict=False):
         use.backprop = grad.detach() if grad is not None else None
     for use in recording.uses:

@@ -40,7 +40,14 @@ from lightning_stiffness.gram.capture import Derived, Recording, Use, record_use
 from lightning_stiffness.gram.check import CHECK_EXAMPLES, ReferenceGradients, fallback_engine
 from lightning_stiffness.gram.inputs import Inputs, take
 from lightning_stiffness.gram.objective import Objective
-from lightning_stiffness.gram.ops import OPERATION_VJP, Rows, batched_vjp, rows_per_example, transposed_factors
+from lightning_stiffness.gram.ops import (
+    OPERATION_VJP,
+    Rows,
+    batched_vjp,
+    fold_items,
+    rows_per_example,
+    transposed_factors,
+)
 from lightning_stiffness.gram.options import GramOptions
 from lightning_stiffness.gram.rules import GramRule, rule_for
 from lightning_stiffness.gram.terms import ChunkFiller, SlicedTerm, Term, cross_gram
@@ -60,7 +67,8 @@ class GramPlan:
 
     Attributes:
         forms: parameter name -> the factored form its rule used (``outer``, ``flat``, ``ghost``, ``materialised``,
-            ``materialised-blocked``), or the exact engine that computed it instead (``torch.func``, ``loop``).
+            ``materialised-blocked``), ``unused`` where the loss does not reach it (zero per-example gradients, found
+            by autograd), or the exact engine that computed it instead (``torch.func``, ``loop``).
         fallback: parameter name -> why no factored rule computed it.
         calls: factored parameter name -> the operations its per-example gradients come from: ``F.linear``,
             ``torch.addmm``; ``Tensor.__add__ through a tensor computed from it`` where the parameter meets the
@@ -159,6 +167,9 @@ def _use_factors(use: Use, where: Where, count: int, n: int, m: int) -> dict[str
         if use.module is None:
             raise ValueError("a module rule's call was recorded without its module")
         return use.rule.fn(use.module, bound["input"], backprop, set(use.params), n, m)
+    if where.split is not None and use.rule.items is not None:  # each item computed alone: its factors, summed
+        items = use.rule.factors(bound, output, backprop, 0, use.roles)
+        return {role: fold_items(factors, count, where.split) for role, factors in items.items()}
     if where.split is not None:
         flattened = use.rule.flattened(use.bound, use.output, use.roles)
         if flattened is None:
@@ -251,8 +262,9 @@ def _terms(
                 plan.fallback.setdefault(name, f"a call gives {count} examples another number of rows")
             else:
                 slices[name][rows].append(part)
-    # In the model's order (never a set's): under DDP every process gathers the terms in this order.
-    ordered = [name for name in recording.order if name in wanted]
+    # In the model's order (never a set's): under DDP every process gathers the terms in this order. A parameter the
+    # loss does not reach has no term: its per-example gradients are zero.
+    ordered = [name for name in recording.order if name in wanted and name not in recording.unreached]
     terms = {name: _param_term(name, slices.get(name), recording.shapes[name], plan, n, m) for name in ordered}
     return {name: term for name, term in terms.items() if term is not None}
 
@@ -299,6 +311,9 @@ def _check(
             break
     plan.fallback.update(trial.fallback)
     _compare(_terms(recording, wheres, count, set(objective.params), plan, n, m), reference, plan, "")
+    for name in recording.unreached:
+        if bool(reference.rows[name].any()):  # autograd's loop disagrees with the batched backward: trust neither
+            plan.fallback.setdefault(name, "per-example check: the batched loss does not reach it, autograd's does")
     if count > 1:
         order = torch.arange(count - 1, -1, -1, device=cy.device)
         reversed_run = record_uses(objective, modules, take(cx, order), cy[order])
@@ -381,6 +396,7 @@ def _capture(
     """The terms of the parameters in ``wanted`` over all ``inputs``, built chunk by chunk with the check's layout."""
     total = targets.shape[0]
     chunks: dict[str, ChunkFiller] = {}
+    unreached: set[str] = set()
     for span in _even_spans(total, chunk):
         x, y = take(inputs, span), targets[span]
         recording = record_uses(objective, modules, x, y)
@@ -390,7 +406,10 @@ def _capture(
             wheres = layout.wheres
         for name, term in _terms(recording, wheres, y.shape[0], wanted, plan, n, m).items():
             chunks.setdefault(name, ChunkFiller(total)).add(term)
+        unreached |= recording.unreached & wanted
         del recording  # frees this chunk's activations before the next forward
+    for name in unreached & set(chunks):  # zero for some chunks' examples only (a branch that depends on the data)
+        plan.fallback.setdefault(name, "the loss reaches it for some examples only")
     return {name: filler.result() for name, filler in chunks.items() if name not in plan.fallback}
 
 
@@ -474,6 +493,10 @@ def factored_grams(
     else:
         cols = _capture(objective, modules, layout, set(rows), inputs2, targets2, chunk, plan, n, m)
     grams = _factored_part(rows, cols, plan, dtype, progress)
+    for name in covered - set(rows) - set(plan.fallback):  # the loss reaches none of its per-example gradients
+        plan.forms[name] = "unused"
+        rows_here = n if gather_columns is None else targets.shape[0]
+        grams.setdefault(owner(name), torch.zeros(rows_here, m, dtype=dtype, device=targets.device))
     if plan.fallback:
         rest = [name for name in objective.params if name in plan.fallback]
         engine, per_example = fallback_engine(objective, rest, reference)

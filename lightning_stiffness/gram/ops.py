@@ -64,6 +64,10 @@ class OpRule:
         batched: for rules that apply the same map at every leading index of an argument (``F.linear``,
             ``F.embedding``, ``F.layer_norm``), that argument's name; their examples may also be found inside a
             leading dimension that flattens them with other positions ([N * T, d] or [T * N, d]).
+        items: for rules that compute each index of an argument's dim 0 on its own (convolutions, batch and group
+            normalisation), that argument's name: the examples may also be flattened with other positions into
+            that dimension (the frames of videos folded into the batch, [N * T, C, H, W]); each example's
+            gradient is then the sum of its items' (:func:`fold_items`).
         uncovered: what :meth:`bind` refuses, for the plan's reason when it returns None.
         own_vjp: whether a call :meth:`bind` refuses may still get its per-example gradients from its own
             vector-Jacobian product (:class:`OperationVjp`): not where recomputing the call would write to the
@@ -72,6 +76,7 @@ class OpRule:
 
     roles: tuple[str, ...] = ()
     batched: str | None = None
+    items: str | None = None
     uncovered: str = "settings its rule does not cover"
     own_vjp: bool = True
 
@@ -82,7 +87,9 @@ class OpRule:
     def flattened(self, bound: dict[str, Any], output: Tensor, roles: frozenset[str]) -> tuple[str, list[int]] | None:
         """The argument whose leading dimensions may flatten the examples with other positions, and those
         dimensions (the same index in the output); None when the examples must have a dimension of their own."""
-        return (self.batched, list(self.leading_dims(bound))) if self.batched is not None else None
+        if self.batched is not None:
+            return self.batched, list(self.leading_dims(bound))
+        return (self.items, [0]) if self.items is not None else None
 
     def bind(self, args: tuple, kwargs: dict) -> dict[str, Any] | None:
         """The call's arguments by name, or None when the call has settings this rule does not cover."""
@@ -256,6 +263,7 @@ class ConvolutionRule(OpRule):
     """
 
     roles = ("weight", "bias")
+    items = "input"
 
     def bind(self, args, kwargs):
         bound = _bind(
@@ -394,6 +402,7 @@ def _channels_last(tensor: Tensor) -> Tensor:
 @register_op_rule(F.group_norm)
 class GroupNormRule(OpRule):
     roles = ("weight", "bias")
+    items = "input"
 
     def bind(self, args, kwargs):
         return _bind(
@@ -414,6 +423,7 @@ class BatchNormRule(OpRule):
     """Batch normalisation with running statistics (eval mode): a fixed per-channel affine map."""
 
     roles = ("weight", "bias")
+    items = "input"
 
     def bind(self, args, kwargs):
         bound = _bind(
@@ -870,6 +880,49 @@ class OperationVjp(OpRule):
 OPERATION_VJP = OperationVjp()
 
 
+def fold_items(factors: Factors, count: int, split: str) -> Factors:
+    """The factors of ``count`` examples from those of their items, k each, along dim 0 ([count * k]): each
+    example's gradient is the sum of its items' (its positions are its items' positions, one after another).
+
+    Args:
+        factors: a call's factors with its items as examples (:attr:`OpRule.items`).
+        count: the number of examples.
+        split: ``"outer"`` (each example's k items consecutive, as ``x.flatten(0, 1)`` of [N, T, ...] lays them)
+            or ``"inner"`` (the examples vary fastest: [T, N, ...] flattened).
+
+    Raises:
+        ValueError: for factors that do not sum over items (an embedding's tokens).
+    """
+
+    def grouped(t: Tensor) -> Tensor:  # [count * k, ...] -> [count, k, ...]
+        return t.unflatten(0, (count, -1)) if split == "outer" else t.unflatten(0, (-1, count)).transpose(0, 1)
+
+    if isinstance(factors, Rows):
+        return Rows(grouped(factors.rows).sum(1))
+    if not isinstance(factors, Positions):
+        raise ValueError(f"{type(factors).__name__} factors do not fold items into examples")
+    backprops = grouped(factors.backprops).flatten(1, 2)  # [count, k * L, p]: item-major positions
+    activations = factors.activations
+    if isinstance(activations, Tensor):
+        return Positions(grouped(activations).flatten(1, 2), backprops)
+    return Positions(_folded_lazy(activations, grouped(activations.source)), backprops)
+
+
+def _folded_lazy(items: LazyPositions, source: Tensor) -> LazyPositions:
+    """Lazily formed positions of examples whose items [B, k, ...] are ``items``' examples."""
+    expand, gradients = items.expand, items.gradients
+
+    def folded_expand(s: Tensor) -> Tensor:  # [B, k, ...] -> [B, k * L, d]
+        return expand(s.flatten(0, 1)).unflatten(0, (s.shape[0], -1)).flatten(1, 2)
+
+    def folded_gradients(s: Tensor, b: Tensor) -> Tensor:  # b [B, k * L, p] -> [B, numel]
+        assert gradients is not None
+        per_item = gradients(s.flatten(0, 1), b.unflatten(1, (s.shape[1], -1)).flatten(0, 1))
+        return per_item.unflatten(0, (s.shape[0], -1)).sum(1)
+
+    return LazyPositions(source, folded_expand, folded_gradients if gradients is not None else None)
+
+
 def rows_per_example(factors: Factors) -> Tensor:
     """Per-example gradients [N, numel] of one use's factors (for the per-example check and mixed uses)."""
     if isinstance(factors, Rows):
@@ -913,6 +966,7 @@ __all__ = [
     "Tokens",
     "batched_vjp",
     "factors_numel",
+    "fold_items",
     "register_op_rule",
     "rows_per_example",
     "transposed_factors",
