@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_stiffness.gram.blocks import Progress, blocked_gram
-from lightning_stiffness.gram.buffers import untouched_buffers
+from lightning_stiffness.gram.buffers import dense_gradients, untouched_buffers
 from lightning_stiffness.gram.check import CHECK_EXAMPLES
 from lightning_stiffness.gram.factored import GramPlan, factored_grams, owner
 from lightning_stiffness.gram.inputs import ForwardFn, Inputs, apply, take
@@ -220,7 +220,12 @@ class _Setup:
     def objective(self, inputs: Inputs, targets: Tensor) -> Iterator[Objective]:
         """The objective, once the loss is checked on a few examples; buffers restored and TF32 off throughout."""
         # Every engine is a plain function of the parameters: no .grad is written, the buffers are restored.
-        with untouched_buffers(self.model) as guard, torch.enable_grad(), full_float32_precision():
+        with (
+            untouched_buffers(self.model) as guard,
+            dense_gradients(self.model),
+            torch.enable_grad(),
+            full_float32_precision(),
+        ):
             objective = Objective(self.model, self.loss_fn, self.chosen, guard, self.forward_fn)
             check_loss_fn(objective.runner, self.loss_fn, inputs, targets)
             guard.restore()

@@ -67,3 +67,21 @@ def untouched_buffers(model: nn.Module) -> Iterator[BufferGuard]:
         yield guard
     finally:
         guard.restore()
+
+
+@contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """Embeddings built with ``sparse=True`` (``nn.Embedding``, ``nn.EmbeddingBag``) give dense gradients in the block.
+
+    Every engine forms per-example gradients as dense rows, and torch can neither copy a sparse gradient into them,
+    reshape it, nor ``vmap`` over it. The values are the same either way: ``sparse`` chooses only the layout of the
+    table's gradient. The flags are put back on exit, also on an exception.
+    """
+    flipped = [m for m in model.modules() if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse]
+    for module in flipped:
+        module.sparse = False
+    try:
+        yield
+    finally:
+        for module in flipped:
+            module.sparse = True

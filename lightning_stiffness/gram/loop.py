@@ -32,8 +32,8 @@ def loop_per_example(objective: Objective, names: list[str]) -> PerExampleFn:
             finally:
                 objective.guard.restore()
             for name, g in zip(leaves, grads, strict=True):
-                if g is not None:
-                    out[name][i] = g
+                if g is not None:  # a functional sparse lookup (F.embedding(..., sparse=True)) gives a sparse one
+                    out[name][i] = g.to_dense() if g.layout != torch.strided else g
         return out
 
     return per_example
