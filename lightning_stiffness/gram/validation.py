@@ -6,7 +6,7 @@ with a message the caller can act on instead of producing a silently wrong Gram 
 of the package outside :mod:`lightning_stiffness.gram`, so the engines stay self-contained.
 """
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -57,9 +57,32 @@ def check_choice(value: Any, name: str, choices: Collection[Any]) -> Any:
     return value
 
 
-def default_loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Per-example cross-entropy, the default loss of :func:`gradient_gram`."""
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+def logits_of(outputs: Any) -> Tensor:
+    """The logits in a model's ``outputs``: a tensor itself; the ``logits`` of a Hugging Face ``ModelOutput``, a
+    dataclass, a named tuple or a dict; otherwise a tuple's or list's first entry (auxiliary outputs after it).
+
+    Raises:
+        TypeError: naming the outputs' type and what to pass instead, when no logits are found.
+    """
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("logits"), Tensor):
+        return outputs["logits"]
+    if not isinstance(outputs, Mapping) and isinstance(getattr(outputs, "logits", None), Tensor):
+        return outputs.logits
+    if isinstance(outputs, tuple | list) and outputs:
+        return logits_of(outputs[0])
+    raise TypeError(
+        f"the model returned {type(outputs).__name__}, with no tensor of logits in it (a tensor, a `logits` field or "
+        "key, or a tuple's first entry); pass `loss_fn(outputs, targets)` returning per-example losses, or "
+        "`forward_fn(model, x)` returning logits."
+    )
+
+
+def default_loss_fn(outputs: Any, targets: Tensor) -> Tensor:
+    """Per-example cross-entropy of the logits in ``outputs`` (:func:`logits_of`), the default loss of
+    :func:`gradient_gram` and the callback."""
+    return nn.functional.cross_entropy(logits_of(outputs), targets, reduction="none")
 
 
 def check_model_mode(model: nn.Module) -> None:
