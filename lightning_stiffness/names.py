@@ -13,6 +13,7 @@ Example::
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 #: Stiffness kinds, in the order they are computed and logged.
 KINDS = ("cosine", "sign")
@@ -29,8 +30,10 @@ INPUT = "input"
 #: what ``named_modules()`` calls the model itself, and no layer's Gram matrix is named so (a parameter registered on
 #: the model itself is named by the parameter).
 MODEL = ""
+#: A metric of distances between representations.
+DistanceMetric = Literal["cosine", "euclidean"]
 #: Metrics of distances between representations (input distances are always cosine).
-DISTANCE_METRICS = ("cosine", "euclidean")
+DISTANCE_METRICS: tuple[DistanceMetric, ...] = ("cosine", "euclidean")
 #: The first part of every logged tag and the folder of raw results under the logger's ``log_dir``, by default.
 PREFIX = "stiffness"
 #: The two lines fitted through same-class (distance, stiffness) pairs: ``pairs``, least squares over all pairs (the

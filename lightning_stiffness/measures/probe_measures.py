@@ -27,7 +27,7 @@ from lightning_stiffness.measures.metrics import (
 )
 from lightning_stiffness.measures.records import ClassMeasures, DistanceMeasures
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import INPUT, KINDS, MODEL, PAIRS, SIDES, xi_kind
+from lightning_stiffness.names import DISTANCE_METRICS, INPUT, KINDS, MODEL, PAIRS, SIDES, DistanceMetric, xi_kind
 
 
 @dataclass
@@ -56,7 +56,7 @@ class _Settings:
     kinds: tuple[str, ...]
     num_classes: int
     num_distance_bins: int
-    distance_metric: str
+    distance_metric: str  # narrowed where used (:func:`_distance_metric`): only layers' distances need it
     sync: bool
     device: torch.device
 
@@ -206,12 +206,12 @@ def _class_measures(
 ) -> dict[str, dict[str, ClassMeasures]]:
     """Kind -> layer -> class matrix and within/between-class stiffness of one pair: all parameters' (with the
     stiffness matrix, from the whole Gram matrix ``full`` on the CPU, when given), then each layer's own."""
-    norms = torch.diagonal(full) if full is not None else None
-    out = {}
+    out: dict[str, dict[str, ClassMeasures]] = {}
     for kind in settings.kinds:
         matrix = _class_matrix(block, gram, kind, settings)
         whole = ClassMeasures(*within_between(matrix), matrix=matrix)
         if full is not None:
+            norms = torch.diagonal(full)
             values = full[block.rows, block.cols]
             whole.stiffness = block_stiffness(kind, values, norms[block.rows], norms[block.cols])
         out[kind] = {MODEL: whole}
@@ -237,12 +237,25 @@ def _distance_measures(
     spaces = {INPUT: pairwise_distances(inputs[rows].detach(), inputs[cols].detach()).to(settings.device)}
     for layer in layers:
         a, b = representations[rows][layer].detach(), representations[cols][layer].detach()
-        spaces[layer] = pairwise_distances(a, b, metric=settings.distance_metric).to(settings.device)
+        metric = _distance_metric(settings.distance_metric)
+        spaces[layer] = pairwise_distances(a, b, metric=metric).to(settings.device)
     out = {}
     for space, distances in spaces.items():
         curves, xi, sums = _curves(block, gram, distances, xi_kind(settings.kinds), settings)
         out[space] = DistanceMeasures(distances.to(dtype).cpu(), curves, xi, line_fits(sums, curves["within"]))
     return out
+
+
+def _distance_metric(value: str) -> DistanceMetric:
+    """``value`` as one of :data:`~lightning_stiffness.names.DISTANCE_METRICS`.
+
+    Raises:
+        ValueError: for another metric (as :func:`pairwise_distances` does).
+    """
+    for metric in DISTANCE_METRICS:
+        if value == metric:
+            return metric
+    raise ValueError(f"`metric` must be one of {list(DISTANCE_METRICS)}, got {value!r}.")
 
 
 def _curves(

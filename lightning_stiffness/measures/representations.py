@@ -75,7 +75,8 @@ def forward_with_outputs(
         ValueError: when a named module runs more than once (or not at all) per forward, so that one example has no
             single representation there.
     """
-    outputs, per_layer = [], {name: [] for name in layers}
+    outputs: list[Tensor] = []
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
     with torch.no_grad(), untouched_buffers(model) as guard, recording(model, layers) as records:
         for start in range(0, num_examples(inputs), chunk_size):
             for calls in records.values():

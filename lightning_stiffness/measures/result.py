@@ -42,8 +42,12 @@ from lightning_stiffness.names import (
     group_tag,
 )
 
-#: How each nested field of a result is saved and read back: its record type.
-_NESTED = {"classes": (ClassMeasures, 3), "spaces": (DistanceMeasures, 2), "groups": (GroupMeasures, 2)}
+#: How each nested field of a result is saved and read back: its record type, and how many dicts down the records lie.
+_NESTED: dict[str, tuple[type[ClassMeasures | DistanceMeasures | GroupMeasures], int]] = {
+    "classes": (ClassMeasures, 3),
+    "spaces": (DistanceMeasures, 2),
+    "groups": (GroupMeasures, 2),
+}
 
 
 @dataclass

@@ -105,11 +105,12 @@ def _untagged(
     tag the structure has, found as the end of a key."""
     wanted = [class_tag(pair, kind, side, prefix="") for pair in pairs for kind in kinds for side in SIDES]
     wanted += [critical_distance_tag(pair, space, prefix="") for pair in pairs for space in (INPUT, *layers)]
-    found = {}
+    found: dict[str, Interval] = {}
     for suffix in wanted:
         ends = next((v for k, v in intervals.items() if k.endswith(suffix)), None)
         if ends is not None:
-            found[suffix] = tuple(ends)
+            low, high = ends
+            found[suffix] = (low, high)
     return found
 
 
@@ -158,10 +159,10 @@ def flat_view(result: "StiffnessResult", prefix: str = PREFIX) -> dict[str, Any]
             for layer, measures in by_layer.items():
                 _flat_classes(out, measures, pair, kind, layer, prefix)
     for pair, by_space in result.spaces.items():
-        for space, measures in by_space.items():
-            _flat_space(out, measures, pair, space, prefix)
-    for pair, by_kind in result.groups.items():
-        for kind, groups in by_kind.items():
+        for space, distance_measures in by_space.items():
+            _flat_space(out, distance_measures, pair, space, prefix)
+    for pair, groups_by_kind in result.groups.items():
+        for kind, groups in groups_by_kind.items():
             key = kind_key(pair, kind)
             out["group_matrices"][key] = groups.matrix
             out["between_class_within_group"][key] = groups.between_class_within_group
