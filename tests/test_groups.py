@@ -166,3 +166,12 @@ def test_group_matrix_image_is_drawn():
     for pair in ("train-train", "train-val", "val-val"):
         image = images[group_matrix_tag(pair, "cosine")]
         assert image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
+
+
+def test_groups_without_the_stiffness_matrices_are_refused():
+    grads, labels = _gradients()
+    gram = grads @ grads.T
+    rows = GramRows(gram, torch.arange(24), gram.diagonal())  # no whole Gram matrix: no stiffness matrices kept
+    result = measure_stiffness(rows, {"train": torch.randn(24, 5)}, {"train": labels}, {"train": labels}, num_classes=4)
+    with pytest.raises(ValueError, match="class groups need the train-train cosine stiffness and class matrices"):
+        add_group_measures(result, ["a", "a", "b", "b"])

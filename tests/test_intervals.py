@@ -136,3 +136,18 @@ def test_every_scalar_gets_an_interval_around_its_estimate():
     for side, value in (("within", within), ("between", between)):
         low, high = intervals.classes["train-train"]["cosine"][side]
         assert low <= value <= high
+
+
+def test_intervals_without_a_source_of_draws_or_the_stiffness_matrices_are_refused():
+    from lightning_stiffness.measures.intervals import add_intervals
+    from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
+
+    y = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="needs a `generator` to draw from, or the draws' `weights`"):
+        bootstrap_intervals({}, {}, {"train": y}, ("cosine",), "cosine", 2, 5, None)
+    grads = torch.randn(4, 3, dtype=torch.float64)
+    gram = grads @ grads.T
+    rows = GramRows(gram, torch.arange(4), gram.diagonal())  # no whole Gram matrix: no stiffness matrices kept
+    result = measure_stiffness(rows, {"train": torch.randn(4, 2)}, {"train": y}, {"train": y}, num_classes=2)
+    with pytest.raises(ValueError, match="intervals need the train-train cosine stiffness matrix"):
+        add_intervals(result, 5, seed=0)

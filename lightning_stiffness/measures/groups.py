@@ -13,7 +13,7 @@ stiffness between super-classes. With each class's group given (``class_groups``
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, SupportsIndex
 
 import torch
 from torch import Tensor
@@ -55,7 +55,7 @@ def check_class_groups(class_groups: ClassGroups | None) -> None:
 
 def _is_int(value: object) -> bool:
     """An integer class index: Python's, NumPy's or a 0-d integer tensor (``operator.index`` takes it), not a bool."""
-    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool:
+    if isinstance(value, bool) or getattr(value, "dtype", None) == torch.bool or not isinstance(value, SupportsIndex):
         return False
     try:
         operator.index(value)
@@ -141,7 +141,8 @@ def add_group_measures(result: "StiffnessResult", class_groups: ClassGroups) -> 
     """Group matrices and the two group scalars of each pair and kind, from the result's stiffness matrices.
 
     Raises:
-        ValueError: when ``class_groups`` does not fit the result's classes.
+        ValueError: when ``class_groups`` does not fit the result's classes, or the result lacks its stiffness or class
+            matrices (``result.has_stiffness``).
     """
     groups = resolve_groups(class_groups, result.num_classes)
     result.group_names = groups.names
@@ -151,5 +152,9 @@ def add_group_measures(result: "StiffnessResult", class_groups: ClassGroups) -> 
         labels2 = None if rows == cols else result.labels[cols]
         for kind in result.kinds:
             whole = result.classes[pair][kind][MODEL]
+            if whole.stiffness is None or whole.matrix is None:
+                raise ValueError(
+                    f"class groups need the {pair} {kind} stiffness and class matrices; the result lacks them."
+                )
             matrix = group_matrix(whole.stiffness, result.labels[rows], labels2, groups)
             result.groups.setdefault(pair, {})[kind] = GroupMeasures(matrix, *group_means(whole.matrix, groups))

@@ -207,14 +207,20 @@ def bootstrap_intervals(
         labels: probe set -> [n] labels.
         kinds, xi_kind, num_classes: as in the result.
         num_draws: bootstrap draws B (at least 2).
-        generator: the source of the draws (the same draws for the same seed, on every process).
+        generator: the source of the draws (the same draws for the same seed, on every process); None only with
+            ``weights``.
         weights: the draws already made (:func:`draw_weights`, ``num_draws`` each), to share them with
             :func:`curve_bands`; default: drawn here from ``generator``.
 
     Returns:
         The intervals of each pair present in ``stiffness`` and ``labels``, by structure.
+
+    Raises:
+        ValueError: when neither ``generator`` nor ``weights`` is given.
     """
     if weights is None:
+        if generator is None:
+            raise ValueError("bootstrap_intervals needs a `generator` to draw from, or the draws' `weights`.")
         weights = draw_weights(labels, num_draws, generator)
     weights = {name: w.cpu().float() for name, w in weights.items()}
     labels = {name: y.cpu() for name, y in labels.items()}
@@ -222,7 +228,9 @@ def bootstrap_intervals(
     order = {name: torch.argsort(y, stable=True) for name, y in labels.items()}
     classes = torch.unique(torch.cat(list(labels.values())))
     layouts = {name: _class_layout(labels[name], classes, weights[name]) for name in labels}
-    keys, draws = [], []
+    # ("classes", pair, kind, side) or ("critical_distances", pair, space), and the draws of each.
+    keys: list[tuple[str, ...]] = []
+    draws: list[Tensor] = []
     for pair, (rows, cols) in PAIRS.items():
         if rows not in labels or cols not in labels or pair not in stiffness:
             continue
@@ -328,7 +336,7 @@ def curve_bands(
         Pair -> space -> ``{"within": (low, high), "between": (low, high)}``, float64 CPU tensors [bins]: NaN ends
         where no draw has a pair in the bin (a bin empty in the probe).
     """
-    out = {}
+    out: dict[str, dict[str, dict[str, tuple[Tensor, Tensor]]]] = {}
     for pair, by_space in distances.items():
         rows, cols = PAIRS[pair]
         values = stiffness[pair][xi_kind]
@@ -424,7 +432,8 @@ def _merged_entries(keep: Tensor, slot: Tensor, values: Tensor, slots: int) -> t
         return entry
     alone = torch.nonzero(alone).flatten()
     extra = (cols[alone] * slots + slot_l[alone], rows[alone], value_l[alone], torch.ones(alone.numel()))
-    return tuple(torch.cat(pair) for pair in zip(entry, extra, strict=True))
+    keys, columns, merged_values, counts = (torch.cat(pair) for pair in zip(entry, extra, strict=True))
+    return keys, columns, merged_values, counts
 
 
 @functools.lru_cache(maxsize=2)
@@ -530,13 +539,19 @@ def add_intervals(result: "StiffnessResult", num_draws: int, seed: int) -> None:
     of the distance measures).
 
     The draws come from a generator seeded with ``seed`` and the probe's step, so a rerun gives the same intervals.
+
+    Raises:
+        ValueError: for a result without its stiffness matrices (``result.has_stiffness``).
     """
     generator = torch.Generator().manual_seed((seed * 1_000_003 + result.step) % 2**63)
     weights = draw_weights(result.labels, num_draws, generator)  # one set of draws for both
-    stiffness = {
-        pair: {kind: layers[MODEL].stiffness for kind, layers in by_kind.items()}
-        for pair, by_kind in result.classes.items()
-    }
+    stiffness: dict[str, dict[str, Tensor]] = {}
+    for pair, by_kind in result.classes.items():
+        for kind, layers in by_kind.items():
+            matrix = layers[MODEL].stiffness
+            if matrix is None:
+                raise ValueError(f"intervals need the {pair} {kind} stiffness matrix; the result lacks it.")
+            stiffness.setdefault(pair, {})[kind] = matrix
     distances = {
         pair: {space: m.distances for space, m in by_space.items()} for pair, by_space in result.spaces.items()
     }
@@ -544,17 +559,17 @@ def add_intervals(result: "StiffnessResult", num_draws: int, seed: int) -> None:
         stiffness, distances, result.labels, result.kinds, result.xi_kind, result.num_classes, num_draws, generator,
         weights=weights,
     )  # fmt: skip
-    for pair, by_kind in found.classes.items():
-        for kind, sides in by_kind.items():
+    for pair, intervals_by_kind in found.classes.items():
+        for kind, sides in intervals_by_kind.items():
             result.classes[pair][kind][MODEL].intervals = sides
-    for pair, by_space in found.critical_distances.items():
-        for space, ends in by_space.items():
+    for pair, xi_by_space in found.critical_distances.items():
+        for space, ends in xi_by_space.items():
             result.spaces[pair][space].interval = ends
     edges = {
         pair: {space: m.curves["within"].edges for space, m in by_space.items()}
         for pair, by_space in result.spaces.items()
     }
     bands = curve_bands(stiffness, distances, edges, result.labels, result.xi_kind, weights)
-    for pair, by_space in bands.items():
-        for space, sides in by_space.items():
-            result.spaces[pair][space].bands = sides
+    for pair, bands_by_space in bands.items():
+        for space, band_sides in bands_by_space.items():
+            result.spaces[pair][space].bands = band_sides

@@ -136,7 +136,10 @@ def dataset_class_sums(
 
     def measure(block: list[tuple[Inputs, Tensor]]) -> None:
         x, y = _joined(block)
-        norms = gradient_gram_with(gram, model, x, y).diagonal().clamp_min(0).sqrt()
+        whole = gradient_gram_with(gram, model, x, y)
+        if not isinstance(whole, Tensor):
+            raise ValueError("`gram` must not set `per_layer`: the class sums need the Gram matrix of all parameters.")
+        norms = whole.diagonal().clamp_min(0).sqrt()
         if not bool(torch.isfinite(norms).all()):
             raise ValueError("the loss or its gradient is not finite for some examples of the loader.")
         _add_class_sums(model, params, x, y, norms, sums, counts, gram)
