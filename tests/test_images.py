@@ -243,3 +243,14 @@ def test_probe_curves_carry_their_bootstrap_bands():
         np.testing.assert_array_equal(getattr(spec, f"{side}_band")[1], high.numpy())
     axes = Painter().figure(spec).axes[0]
     assert next(c for c in axes.collections if c.get_gid() == "band-within").get_paths()
+
+
+def test_every_spec_is_an_image_spec_and_a_missing_class_matrix_is_named():
+    from lightning_stiffness.images.specs import ImageSpec
+    from lightning_stiffness.names import MODEL
+
+    result = _measured()
+    assert all(isinstance(spec, ImageSpec) for spec in probe_specs(result, [str(c) for c in range(6)]).values())
+    result.classes["train-train"]["cosine"][MODEL].matrix = None  # as a version-1 file without it
+    with pytest.raises(ValueError, match="no train-train cosine class matrix to draw"):
+        probe_specs(result, [str(c) for c in range(6)])

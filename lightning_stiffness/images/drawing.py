@@ -23,9 +23,9 @@ import pickle
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 from matplotlib import font_manager
@@ -112,6 +112,10 @@ class XiBarsSpec:
     names: tuple[str, ...]
     values: tuple[float, ...]
     title: str
+
+
+#: Any figure spec: what :class:`Painter` draws, the render worker receives and the image writer sends.
+ImageSpec: TypeAlias = MatrixSpec | CurveSpec | LayersSpec | XiBarsSpec
 
 
 # ------------------------------------------------------------------------------------------------------ templates
@@ -472,7 +476,7 @@ class Painter:
     def __init__(self) -> None:
         self._templates: dict[tuple, Any] = {}
 
-    def figure(self, spec: Any) -> Figure:
+    def figure(self, spec: ImageSpec) -> Figure:
         """The drawn figure of ``spec`` (a template's figure: valid until the next spec of the same shape)."""
         if isinstance(spec, MatrixSpec):
             return self._matrix(spec).draw(spec)
@@ -489,17 +493,17 @@ class Painter:
             self._templates[key] = build()
         return self._templates[key]
 
-    def png(self, spec: Any) -> bytes:
+    def png(self, spec: ImageSpec) -> bytes:
         """``spec`` drawn and encoded as PNG."""
         buffer = io.BytesIO()
         self._image(spec).save(buffer, format="PNG", compress_level=1)
         return buffer.getvalue()
 
-    def rgb(self, spec: Any) -> np.ndarray:
+    def rgb(self, spec: ImageSpec) -> np.ndarray:
         """``spec`` drawn as an RGB array (H, W, 3, uint8)."""
         return np.asarray(self._image(spec))
 
-    def _image(self, spec: Any) -> Image.Image:
+    def _image(self, spec: ImageSpec) -> Image.Image:
         if isinstance(spec, MatrixSpec):
             return self._matrix(spec).render(spec)
         if isinstance(spec, CurveSpec):
@@ -510,7 +514,7 @@ class Painter:
         return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
 
 
-def render_all(painter: Painter, specs: dict[str, Any]) -> dict[str, bytes]:
+def render_all(painter: Painter, specs: Mapping[str, ImageSpec]) -> dict[str, bytes]:
     """Every spec (by tag) as PNG bytes."""
     return {tag: painter.png(spec) for tag, spec in specs.items()}
 

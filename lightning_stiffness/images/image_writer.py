@@ -6,15 +6,14 @@ the render worker (:mod:`~lightning_stiffness.images.render_worker`) and hands t
 """
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch import Trainer
 
 from lightning_stiffness.images.logger_routes import ImageRoutes
 from lightning_stiffness.images.render_worker import Renderer
-from lightning_stiffness.images.specs import probe_specs
+from lightning_stiffness.images.specs import ImageSpec, probe_specs
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import image_file, probe_label
 
@@ -43,7 +42,7 @@ class ImageWriter:
         # A partial, not a lambda: the callback (and this writer) must pickle for `ddp_spawn`.
         self._renderer = Renderer(background, warn=functools.partial(_prefixed, warn))
         self._routes = ImageRoutes(warn=functools.partial(_prefixed, warn))
-        self._held: tuple[dict[str, Any], tuple[int, int]] | None = None
+        self._held: tuple[dict[str, ImageSpec], tuple[int, int]] | None = None
         #: The logger's ``log_dir``, where PNG files go; set when training starts (asking the trainer for it is a
         #: collective call under DDP, which rank 0 alone must not make).
         self.directory: Path | None = None
@@ -64,7 +63,7 @@ class ImageWriter:
         self._held = None
         self._renderer.submit(specs, (result.epoch, result.step))
 
-    def write_specs(self, specs: dict[str, Any], epoch: int, step: int) -> None:
+    def write_specs(self, specs: Mapping[str, ImageSpec], epoch: int, step: int) -> None:
         """Send figures that are not a probe's (the whole training set's class matrix) to be drawn now."""
         self._renderer.submit(specs, (epoch, step))
 
@@ -117,13 +116,16 @@ class ImageWriter:
                 continue
             self._guarded(functools.partial(_send_all, send, pngs, step), probe, f" to {type(logger).__name__}")
         if without_images and self.directory is not None:
-            self._guarded(functools.partial(self._write_files, pngs, epoch, step), probe, f" to {self.directory}")
+            write = functools.partial(_write_files, self.directory, pngs, epoch, step)
+            self._guarded(write, probe, f" to {self.directory}")
 
-    def _write_files(self, pngs: dict[str, bytes], epoch: int, step: int) -> None:
-        for tag, png in pngs.items():
-            path = self.directory / image_file(tag, epoch, step)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(png)
+
+def _write_files(directory: Path, pngs: dict[str, bytes], epoch: int, step: int) -> None:
+    """The PNG files of one probe under ``directory`` (the logger's ``log_dir``)."""
+    for tag, png in pngs.items():
+        path = directory / image_file(tag, epoch, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
 
 
 def _send_all(send: Callable[[str, bytes, int], None], pngs: dict[str, bytes], step: int) -> None:

@@ -49,6 +49,10 @@ class ImageRoutes:
     """
 
     def __init__(self, warn: Callable[[str], None]) -> None:
+        self._setup(warn)
+
+    def _setup(self, warn: Callable[[str], None]) -> None:
+        """The settings, and no thread or files yet."""
         self._warn = warn
         self._files: Path | None = None
         self._outbox: queue.Queue | None = None
@@ -62,7 +66,7 @@ class ImageRoutes:
         return {"warn": self._warn}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["warn"])
+        self._setup(state["warn"])
 
     def route(self, logger: Any) -> Callable[[str, bytes, int], None] | None:
         """How ``logger`` takes an image, ``send(tag, png, step)``; ``None`` for a logger without images (the caller

@@ -17,12 +17,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from itertools import count
 from pathlib import Path
 from typing import Any
 
-from lightning_stiffness.images.drawing import Painter, render_all
+from lightning_stiffness.images.drawing import ImageSpec, Painter, render_all
 
 #: ``(context, answer)``: ``answer`` is ``{tag: png bytes}``, or the error text when rendering failed.
 Finished = tuple[Any, dict[str, bytes] | str]
@@ -70,7 +70,7 @@ class Renderer:
         if self.background:
             self._ensure_worker()
 
-    def submit(self, specs: dict[str, Any], context: Any) -> None:
+    def submit(self, specs: Mapping[str, ImageSpec], context: Any) -> None:
         """Queue ``specs`` for rendering; ``context`` comes back with the images from :meth:`finished`."""
         if self.background and self._ensure_worker():
             job = next(self._jobs)

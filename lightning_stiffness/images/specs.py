@@ -3,6 +3,8 @@
 :mod:`~lightning_stiffness.images.render_worker`.
 
 No pyplot: figures are :class:`matplotlib.figure.Figure` objects on an Agg canvas, so nothing depends on a display.
+Every spec is one of the classes of :data:`ImageSpec`, the union the drawing, the render worker and the image writer
+take (defined beside the classes, in the torch-free :mod:`~lightning_stiffness.images.drawing`).
 """
 
 from collections.abc import Iterator, Sequence
@@ -17,6 +19,7 @@ from lightning_stiffness.images.drawing import (
     DPI,
     STIFFNESS_CMAP,
     CurveSpec,
+    ImageSpec,
     LayersSpec,
     Line,
     MatrixSpec,
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
     from lightning_stiffness.measures.result import StiffnessResult
 
-__all__ = ["DPI", "STIFFNESS_CMAP", "new_figure", "probe_images", "probe_specs"]
+__all__ = ["DPI", "STIFFNESS_CMAP", "ImageSpec", "new_figure", "probe_images", "probe_specs"]
 
 
 @contextmanager
@@ -102,6 +105,10 @@ def _curve_spec(result: "StiffnessResult", pair: str, space: str, xlim: tuple[fl
 def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[str, ...], when: str) -> MatrixSpec:
     rows, cols = PAIRS[pair]
     whole = result.classes[pair][kind][MODEL]
+    if whole.matrix is None:
+        raise ValueError(
+            f"the result has no {pair} {kind} class matrix to draw (a version-1 file that did not keep it)."
+        )
     return MatrixSpec(
         matrix=whole.matrix.double().numpy(),
         class_names=names,
@@ -111,11 +118,11 @@ def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[s
     )
 
 
-def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: str = PREFIX) -> dict[str, Any]:
+def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: str = PREFIX) -> dict[str, ImageSpec]:
     """Every figure of one probe, by tag (see the README's table of logged names), as picklable specs."""
     when = probe_label(result.epoch, result.step)
     names = tuple(str(name) for name in class_names)
-    specs: dict[str, Any] = {}
+    specs: dict[str, ImageSpec] = {}
     # The curves of one distance space share their axis: pairs compare at a glance, and the worker draws the axis once.
     spaces = list(next(iter(result.spaces.values()), {}))
     ranges = {space: _shared_range([result.spaces[pair][space].curves for pair in result.pairs]) for space in spaces}
