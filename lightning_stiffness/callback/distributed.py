@@ -57,13 +57,20 @@ class Communicator:
     def from_trainer(cls, trainer: "Trainer") -> "Communicator":
         return cls(trainer.strategy, trainer.world_size, trainer.global_rank)
 
+    @property
+    def _strategy(self) -> "Strategy":
+        """The strategy, for a collective call: one is made only with more than one process, which needs one."""
+        if self.strategy is None:
+            raise RuntimeError(f"a Communicator of {self.world_size} processes was left without a `strategy`.")
+        return self.strategy
+
     def span(self, total: int) -> slice:
         """This process's share of ``total`` rows."""
         return row_span(total, self.world_size, self.rank)
 
     def broadcast(self, tensor: Tensor) -> Tensor:
         """Rank 0's ``tensor`` on every process."""
-        return tensor if self.world_size == 1 else self.strategy.broadcast(tensor, src=0)
+        return tensor if self.world_size == 1 else self._strategy.broadcast(tensor, src=0)
 
     def agree(self, error: BaseException | None) -> BaseException | None:
         """Every process learns whether any failed, and why, so that all skip the probe together and none waits.
@@ -73,7 +80,7 @@ class Communicator:
         """
         if self.world_size == 1:
             return error
-        if not self.strategy.reduce_boolean_decision(error is not None, all=False):
+        if not self._strategy.reduce_boolean_decision(error is not None, all=False):
             return None
         if error is not None:
             self._gather_objects((f"on process {self.rank}: {type(error).__name__}: {error}", is_expected(error)))
@@ -88,7 +95,7 @@ class Communicator:
         Raises:
             BaseException: this process's error, or a :class:`FailedElsewhere` when another process failed.
         """
-        error, value = None, None
+        error: BaseException | None = None
         try:
             value = compute()
         except AgreedFailure as agreed:  # the agreement already took place (in a gather of `term_gatherer`)
@@ -102,14 +109,14 @@ class Communicator:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over the processes (itself with one)."""
-        return tensor if self.world_size == 1 else self.strategy.reduce(tensor, reduce_op="sum")
+        return tensor if self.world_size == 1 else self._strategy.reduce(tensor, reduce_op="sum")
 
     def all_norms(self, rows: Tensor, span: slice, total: int) -> Tensor:
         """The diagonal of the Gram matrix [total], from each process's rows [R, total] of the span it holds."""
         local = rows.new_zeros(total)
         if rows.numel():
             local[span] = rows[:, span].diagonal()
-        return local if self.world_size == 1 else self.strategy.reduce(local, reduce_op="sum")
+        return local if self.world_size == 1 else self._strategy.reduce(local, reduce_op="sum")
 
     def gather_rows(self, rows: Tensor, total: int) -> Tensor:
         """All ``total`` rows, in order, from each process's share ``rows`` [span length, ...].
@@ -124,7 +131,7 @@ class Communicator:
         padded = rows.new_zeros((height, *rows.shape[1:]))
         kept = min(height, rows.shape[0])
         padded[:kept] = rows[:kept]
-        gathered = self.strategy.all_gather(padded)  # [world_size, height, ...]
+        gathered = self._strategy.all_gather(padded)  # [world_size, height, ...]
         return torch.cat([gathered[r, : s.stop - s.start] for r, s in enumerate(spans)])
 
     def term_gatherer(self, total: int) -> "Callable[[Term], Term]":

@@ -10,7 +10,7 @@ state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and
 checkpoint's indices.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,7 +225,11 @@ def draw_indices(
 def _checked_restore(dataset: Dataset, indices: Tensor, where: str) -> Tensor:
     """The probe indices saved in a checkpoint, checked against the dataset's size."""
     indices = torch.as_tensor(indices, dtype=torch.long)
-    if len(indices) and int(indices.max()) >= len(dataset):
+    if len(indices) == 0:
+        return indices
+    if not isinstance(dataset, Sized):  # as `dataset_labels` says for a dataset to draw from
+        raise ProbeDataError(f"{where}: StiffnessCallback needs a map-style dataset (with __len__ and __getitem__).")
+    if int(indices.max()) >= len(dataset):
         raise ProbeDataError(f"{where} has {len(dataset)} items, fewer than the checkpoint's probe indices need.")
     return indices
 

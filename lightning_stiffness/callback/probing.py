@@ -90,6 +90,7 @@ def measure_probe(
     rows = torch.arange(span.start, span.stop, device=device)
     parts = {key: GramRows(g, rows, comm.all_norms(g, span, total)) for key, g in grams.items()}
     whole = parts.pop("")
+    layer_grams: dict[str, Tensor | GramRows] = dict(parts)
     features = {name: input_features(x) for name, x in inputs.items()}
     return measure_stiffness(
         whole,
@@ -101,7 +102,7 @@ def measure_probe(
         num_distance_bins=options.num_distance_bins,
         epoch=epoch,
         step=step,
-        layer_grams=parts or None,
+        layer_grams=layer_grams or None,
         representations=_split_by_set(representations, features) if options.layers else None,
         distance_metric=options.layer_distance,
         full_gram=comm.gather_rows(whole.values, total) if options.keep_matrices else None,
@@ -160,7 +161,7 @@ def input_features(x: Inputs) -> Tensor:
     )
 
 
-def _checked_forward(model: nn.Module, x: Tensor, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
+def _checked_forward(model: nn.Module, x: Inputs, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
     """One forward without gradients: checks the losses, records the outputs of ``options.layers``."""
     gram = options.gram
     outputs, representations = forward_with_outputs(model, x, options.layers, gram.chunk_size or 512, gram.forward_fn)
@@ -174,7 +175,7 @@ def _checked_forward(model: nn.Module, x: Tensor, y: Tensor, options: ProbeOptio
 
 def _gram_rows(
     model: nn.Module,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
     span: slice,
     options: ProbeOptions,
@@ -193,10 +194,13 @@ def _gram_rows(
         rows = span if span.stop > span.start else slice(0, 1)
         grams = gradient_gram_with(gram, model, take(x, rows), y[rows], x, y)
         if span.stop == span.start:
-            grams = {k: g[:0] for k, g in grams.items()} if options.per_layer else grams[:0]
-    if not options.per_layer:
+            grams = {k: g[:0] for k, g in grams.items()} if isinstance(grams, dict) else grams[:0]
+    if not isinstance(grams, dict):  # without `per_layer`, the whole model's rows alone
         return {"": grams}
-    return {"": sum(grams.values()), **grams}
+    total = sum(grams.values())  # a new tensor (0 + each layer's rows), not one of the layers' own
+    if not isinstance(total, Tensor):  # `sum` of no layers is 0; gradient_gram refuses a model without parameters
+        raise ValueError("the model has no layer whose parameters give Gram rows.")
+    return {"": total, **grams}
 
 
 def _split_by_set(representations: dict[str, Tensor], inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:

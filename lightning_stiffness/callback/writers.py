@@ -55,7 +55,7 @@ def run_directory(trainer: Trainer) -> Path:
     if not trainer.loggers:
         return Path(trainer.default_root_dir)
     logger = trainer.loggers[0]
-    directory = None
+    directory = ""  # on every other process, rank 0's, broadcast below
     if trainer.is_global_zero:
         version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
         directory = str(Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version)
