@@ -141,3 +141,13 @@ def test_a_checkpoint_with_the_old_key_and_two_claimants_is_taken_by_none(tmp_pa
     assert not [w for w in caught if "drawn with" in str(w.message)]
     for callback in callbacks:
         assert not torch.equal(_indices(callback)["train"], drawn["train"])
+
+
+def test_a_layer_named_input_is_refused_at_construction_and_at_setup(tmp_path):
+    # "input" is the name of input space in the tags and results: a module of that name would be logged over it.
+    with pytest.raises(MisconfigurationException, match=r"`layers` may not name a module 'input'.*input space"):
+        StiffnessCallback(layers=["input"])
+    callback = StiffnessCallback(samples_per_class=2)
+    callback.layers = ["input"]
+    with pytest.raises(MisconfigurationException, match=r"`layers` may not name a module 'input'"):
+        trainer(tmp_path, [callback]).fit(TinyNet(), datamodule=DigitsData())

@@ -18,7 +18,7 @@ import importlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -52,13 +52,15 @@ from lightning_stiffness.measures.groups import ClassGroups, add_group_measures,
 from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.representations import check_layer_names
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import DISTANCE_METRICS, KINDS, PREFIX, probe_label
+from lightning_stiffness.names import DISTANCE_METRICS, INPUT, KINDS, PREFIX, probe_label
 
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 #: Bootstrap draws by default: with 50 examples a class (500 + 500 probe examples, the benchmark's setting) the
 #: intervals and curve bands add less than half of the probe's own time (benchmarks/README.md); percentiles at 2.5%
 #: and 97.5% of 200 draws move by about +-0.1 standard errors from one seed to the next.
 DEFAULT_NUM_BOOTSTRAP = 200
+
+_Built = TypeVar("_Built")
 
 
 class StiffnessCallback(Callback):
@@ -103,7 +105,8 @@ class StiffnessCallback(Callback):
         images_every_n_probes: images of every n-th probe, and always of the last.
         class_names: names for the class axes; default: the training dataset's ``classes`` attribute, or the labels.
         per_layer: also measure each layer's own gradients (``stiffness/{pair}/{kind}/by_layer/{layer}/...``).
-        layers: module names (``pl_module.named_modules()``) whose outputs give distances: a curve and a ξ each.
+        layers: module names (``pl_module.named_modules()``) whose outputs give distances: a curve and a ξ each
+            (not ``"input"``: that is input space's name).
         layer_distance: metric of the representation distances: ``"cosine"`` (1 - cos) or ``"euclidean"``.
         prefix: first part of every tag and of the raw folder: give each of several callbacks its own.
         strict: raise a probe's unexpected failures (bugs) instead of skipping the probe with a warning; expected
@@ -174,7 +177,8 @@ class StiffnessCallback(Callback):
         with _misconfiguration():
             settings = self._checked_settings()
         self.kinds = settings.kinds  # in the order of `names.KINDS`
-        self.epochs = None if epochs is None else list(settings.schedule.epochs)  # sorted, each once
+        schedule_epochs = settings.schedule.epochs  # None exactly when `epochs` is
+        self.epochs = None if schedule_epochs is None else list(schedule_epochs)  # sorted, each once
 
         # Derived in `setup` (and in `on_train_start`, where the run directory is known).
         self._settings: _Settings | None = None
@@ -207,6 +211,33 @@ class StiffnessCallback(Callback):
         """The key of checkpoints written before :attr:`state_key` held more than the prefix."""
         return self._generate_state_key(prefix=self.prefix)
 
+    # What `setup` (and `on_train_start`) build, for the code that runs after them: a clear error, not an
+    # AttributeError on None, if a hook is called before them.
+
+    @property
+    def _built_settings(self) -> "_Settings":
+        return _built(self._settings, "the checked settings")
+
+    @property
+    def _built_options(self) -> ProbeOptions:
+        return _built(self._probe_options, "the probe options")
+
+    @property
+    def _scalar_writer(self) -> ScalarWriter:
+        return _built(self._scalars, "the scalar writer")
+
+    @property
+    def _image_writer(self) -> ImageWriter:
+        return _built(self._images, "the image writer")
+
+    @property
+    def _raw_writer(self) -> RawWriter:
+        return _built(self._raw, "the raw writer", "on_train_start()")
+
+    @property
+    def _probe_sets(self) -> ProbeSets:
+        return _built(self._probes, "the probe sets", "on_train_start()")
+
     # ----------------------------------------------------------------------------------------------- Lightning hooks
 
     @override
@@ -214,11 +245,11 @@ class StiffnessCallback(Callback):
         if stage != "fit":
             return
         with _misconfiguration():
-            self._settings = self._checked_settings()
+            self._settings = settings = self._checked_settings()
         _check_trainer(trainer)
-        _check_forward(pl_module, self._settings.gram.forward_fn)
+        _check_forward(pl_module, settings.gram.forward_fn)
         self._start_fit()
-        self._idle = bool(trainer.fast_dev_run)
+        self._idle = bool(_fast_dev_run(trainer))
         if self._idle:
             rank_zero_info("StiffnessCallback: idle under `fast_dev_run` (no probes, nothing logged).")
             return
@@ -226,37 +257,37 @@ class StiffnessCallback(Callback):
         if self.layers:
             with _misconfiguration():
                 layers = check_layer_names(pl_module, self.layers)
-        self._probe_options = self._probe_options_for(layers)
+        self._probe_options = self._probe_options_for(settings, layers)
         self._warn_if_sharing_prefix(trainer)
         if self.log_images and trainer.is_global_zero:
-            self._images.start()
+            self._image_writer.start()
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._idle:
             return
         log_dir = run_directory(trainer)  # a collective call under DDP: here, on every process
-        self._raw, self._images.directory = RawWriter(log_dir / self.prefix), log_dir
+        self._raw, self._image_writer.directory = RawWriter(log_dir / self.prefix), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
-        if self._settings.schedule.due_at_start(trainer.global_step):
+        if self._built_settings.schedule.due_at_start(trainer.global_step):
             self._probe(trainer, pl_module)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._probes is not None and self._settings.schedule.due_at_step(trainer.global_step):
+        if self._probes is not None and self._built_settings.schedule.due_at_step(trainer.global_step):
             self._probe(trainer, pl_module)
-        self._images.deliver(trainer)
+        self._image_writer.deliver(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self._probes is not None and self._settings.schedule.due_at_epoch_end(epoch, trainer.global_step):
+        if self._probes is not None and self._built_settings.schedule.due_at_epoch_end(epoch, trainer.global_step):
             self._probe(trainer, pl_module)
         if self._probes is not None and _dataset_due(self.dataset_every_n_epochs, epoch):
             self._measure_dataset(trainer, pl_module)
-        self._scalars.publish(trainer, pl_module)  # the latest values, at every check until the next probe
-        self._images.deliver(trainer)
+        self._scalar_writer.publish(trainer, pl_module)  # the latest values, at every check until the next probe
+        self._image_writer.deliver(trainer)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -264,11 +295,12 @@ class StiffnessCallback(Callback):
             self._scalars.publish(trainer, pl_module)
 
     @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule, *exception: BaseException) -> None:
-        if self._images is not None:
-            self._images.finish(trainer)  # every probe's images, the last one's included; the worker stops
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._finish_images(trainer)
 
-    on_exception = on_train_end
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._finish_images(trainer)
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -298,7 +330,7 @@ class StiffnessCallback(Callback):
             return
         claimants = [
             cb
-            for cb in trainer.callbacks
+            for cb in _trainer_callbacks(trainer)
             if isinstance(cb, StiffnessCallback)
             and cb.state_key not in states
             and cb._prefix_state_key == self._prefix_state_key
@@ -336,11 +368,11 @@ class StiffnessCallback(Callback):
         gram = GramOptions(loss_fn=loss_fn, forward_fn=forward_fn, method=self.method, chunk_size=self.chunk_size)
         return _Settings(schedule, kinds, gram, batch_to_xy)
 
-    def _probe_options_for(self, layers: list[str]) -> ProbeOptions:
-        """How a probe measures, with ``layers`` resolved (in network order)."""
+    def _probe_options_for(self, settings: "_Settings", layers: list[str]) -> ProbeOptions:
+        """How a probe measures, from the checked ``settings``, with ``layers`` resolved (in network order)."""
         return ProbeOptions(
-            kinds=self._settings.kinds,
-            gram=self._settings.gram,
+            kinds=settings.kinds,
+            gram=settings.gram,
             per_layer=self.per_layer,
             layers=tuple(layers),
             layer_distance=self.layer_distance,
@@ -359,6 +391,11 @@ class StiffnessCallback(Callback):
             self._probes_done = 0
         self._ended_fit = False
 
+    def _finish_images(self, trainer: Trainer) -> None:
+        """At the end of training, also one ended by an exception."""
+        if self._images is not None:
+            self._images.finish(trainer)  # every probe's images, the last one's included; the worker stops
+
     def _end_fit(self) -> None:
         """After a fit (also one that never trained: the worker started at setup stops). The state stays as it is
         (a checkpoint saved after ``fit`` holds it) until a next ``fit`` starts (:meth:`_start_fit`)."""
@@ -368,7 +405,9 @@ class StiffnessCallback(Callback):
 
     def _warn_if_sharing_prefix(self, trainer: Trainer) -> None:
         """Callbacks with one prefix share the tags that do not name a kind and the raw folder: say so, once."""
-        sharing = [cb for cb in trainer.callbacks if isinstance(cb, StiffnessCallback) and cb.prefix == self.prefix]
+        sharing = [
+            cb for cb in _trainer_callbacks(trainer) if isinstance(cb, StiffnessCallback) and cb.prefix == self.prefix
+        ]
         if len(sharing) > 1 and sharing[0] is self:
             rank_zero_warn(
                 f"StiffnessCallback: {len(sharing)} callbacks write under the prefix {self.prefix!r}. Their kinds' "
@@ -386,7 +425,7 @@ class StiffnessCallback(Callback):
                 _datasets(trainer, self._warn_once),
                 self.samples_per_class,
                 self.seed,
-                batch_to_xy=self._settings.batch_to_xy,
+                batch_to_xy=self._built_settings.batch_to_xy,
                 collate_fn=find_collate_fn(trainer.train_dataloader),
                 restored=self._restored_indices,
                 broadcast=broadcast,
@@ -404,7 +443,7 @@ class StiffnessCallback(Callback):
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch, step = trainer.current_epoch, trainer.global_step
-        self._settings.schedule.done(step)
+        self._built_settings.schedule.done(step)
         started = time.perf_counter()
         try:
             result = self._measure(trainer, pl_module, epoch, step)
@@ -414,7 +453,7 @@ class StiffnessCallback(Callback):
         seconds = time.perf_counter() - started
         self.last_result = result
         self._probes_done += 1
-        self._scalars.write(trainer, result, seconds)
+        self._scalar_writer.write(trainer, result, seconds)
         written = time.perf_counter()
         if trainer.is_global_zero:
             self._write_files(trainer, result)
@@ -426,13 +465,13 @@ class StiffnessCallback(Callback):
     def _measure(self, trainer: Trainer, pl_module: LightningModule, epoch: int, step: int) -> StiffnessResult:
         """One probe's result: eval mode, random states kept, gradients on, a progress bar on rank 0; its bootstrap
         intervals and class groups added from its matrices."""
-        probes, comm = self._probes, Communicator.from_trainer(trainer)
+        probes, comm = self._probe_sets, Communicator.from_trainer(trainer)
         with _measuring(trainer, pl_module, f"Stiffness probe ({probe_label(epoch, step)})") as progress:
             # Inputs converted as the precision plugin converts a batch (bf16-true, 64-true); the hooks run outside
             # the training step's autocast, so under mixed precision the probe runs in full precision.
             options = {"epoch": epoch, "step": step, "progress": progress}
             options["convert_input"] = trainer.precision_plugin.convert_input
-            result = measure_probe(pl_module, probes.sets, probes.num_classes, self._probe_options, comm, **options)
+            result = measure_probe(pl_module, probes.sets, probes.num_classes, self._built_options, comm, **options)
             if self.num_bootstrap > 0 and result.has_stiffness:
                 add_intervals(result, self.num_bootstrap, self.seed)
             if self.class_groups is not None and result.has_stiffness:
@@ -443,32 +482,32 @@ class StiffnessCallback(Callback):
         """The whole training set's class matrix (each process its shard, sums reduced), written as a probe's result
         is: scalars to every logger at the global step, its raw file and its image. A failure is skipped like a
         probe's."""
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch, step, settings = trainer.current_epoch, trainer.global_step, self._built_settings
         try:
             with _measuring(trainer, pl_module, f"Stiffness over the training set (epoch {epoch})") as progress:
                 result = measure_dataset(
-                    pl_module, first_loader(trainer.train_dataloader), self._probes.num_classes, self._settings.gram,
+                    pl_module, first_loader(trainer.train_dataloader), self._probe_sets.num_classes, settings.gram,
                     Communicator.from_trainer(trainer), epoch=epoch, step=step,
-                    batch_to_xy=self._settings.batch_to_xy, convert_input=trainer.precision_plugin.convert_input,
+                    batch_to_xy=settings.batch_to_xy, convert_input=trainer.precision_plugin.convert_input,
                     progress=progress,
                 )  # fmt: skip
         except Exception as err:  # like a failed probe: reported and skipped, training goes on
             self._skip(err, is_expected(err), f"measuring the training set at epoch {epoch} was skipped")
             return
-        self._scalars.write_dataset(trainer, result)
+        self._scalar_writer.write_dataset(trainer, result)
         if trainer.is_global_zero and self.save_raw:
-            self._raw.write_dataset(result)
+            self._raw_writer.write_dataset(result)
         if trainer.is_global_zero and self.log_images:
-            specs = dataset_specs(result.class_matrix, self._probes.class_names, epoch, step, self.prefix)
-            self._images.write_specs(specs, epoch, step)
+            specs = dataset_specs(result.class_matrix, self._probe_sets.class_names, epoch, step, self.prefix)
+            self._image_writer.write_specs(specs, epoch, step)
 
     def _write_files(self, trainer: Trainer, result: StiffnessResult) -> None:
         """Send the probe's images to be drawn and write its raw results, as the callback's arguments say."""
         try:
             if self.log_images:
-                self._images.write(trainer, result, self._probes.class_names, probe_number=self._probes_done)
+                self._image_writer.write(trainer, result, self._probe_sets.class_names, probe_number=self._probes_done)
             if self.save_raw:
-                self._raw.write(result)
+                self._raw_writer.write(result)
         except Exception as err:  # a full disk or a broken logger must not stop training either
             what = f"writing the images or raw results of the probe at {probe_label(result.epoch, result.step)} failed"
             self._skip(err, isinstance(err, OSError), what)
@@ -492,6 +531,25 @@ class _Settings(NamedTuple):
     kinds: tuple[str, ...]
     gram: GramOptions
     batch_to_xy: Callable[[Any], tuple[Any, Any]] | None
+
+
+def _built(value: _Built | None, what: str, where: str = "setup()") -> _Built:
+    """``value``, built by the callback's ``where`` hook; a ``RuntimeError`` if that hook has not run yet."""
+    if value is None:
+        raise RuntimeError(f"StiffnessCallback: {what} is built in {where}; call Trainer.fit first.")
+    return value
+
+
+def _fast_dev_run(trainer: Trainer) -> int | bool:
+    """The Trainer's ``fast_dev_run`` (``False``, ``True`` or a number of batches)."""
+    # Lightning sets it in `Trainer.__init__` (trainer/setup.py, `_init_debugging_flags`) without declaring it.
+    return trainer.fast_dev_run  # type: ignore[attr-defined]
+
+
+def _trainer_callbacks(trainer: Trainer) -> list[Callback]:
+    """The Trainer's callbacks."""
+    # Lightning sets them in `Trainer.__init__` (`_CallbackConnector.on_trainer_init`) without declaring them.
+    return trainer.callbacks  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -518,7 +576,8 @@ def _check_extras(num_bootstrap: int, class_groups: ClassGroups | None, dataset_
 
 def _check_forward(pl_module: LightningModule, forward_fn: Callable[[Any, Any], Any] | None) -> None:
     """A module without its own ``forward`` needs ``forward_fn`` (the probe cannot guess how to call it)."""
-    defaults = {cls.forward for cls in lightning_classes("core", "LightningModule")} | {torch.nn.Module.forward}
+    modules = [cls for cls in lightning_classes("core", "LightningModule") if issubclass(cls, torch.nn.Module)]
+    defaults = {cls.forward for cls in modules} | {torch.nn.Module.forward}
     if forward_fn is None and type(pl_module).forward in defaults:
         raise MisconfigurationException(
             f"StiffnessCallback: {type(pl_module).__name__} has no `forward`, so the probe cannot call it. Pass "
@@ -580,7 +639,7 @@ def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Calla
     return resolved
 
 
-def _check_kinds(kinds: list[str] | None) -> tuple[str, ...]:
+def _check_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
     """The chosen kinds, in the order of :data:`~lightning_stiffness.names.KINDS`."""
     chosen = list(KINDS) if kinds is None else list(kinds)
     if not chosen or any(kind not in KINDS for kind in chosen) or len(set(chosen)) != len(chosen):
@@ -602,6 +661,11 @@ def _check_names(class_names: list[str] | None, layers: list[str] | None, layer_
         raise ValueError(f"`class_names` must be a list of strings, got {class_names!r}.")
     if layers is not None and (not isinstance(layers, (list, tuple)) or not layers):
         raise ValueError(f"`layers` must be a non-empty list of module names, got {layers!r}.")
+    if layers is not None and INPUT in layers:
+        raise ValueError(
+            f"`layers` may not name a module {INPUT!r}: that name is reserved for input space (the distances between "
+            "the inputs themselves, always measured). Give the module another name to measure its outputs."
+        )
     if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip().strip("/"):
         raise ValueError(f"`prefix` must be a non-empty tag prefix such as 'stiffness', got {prefix!r}.")
 
@@ -614,7 +678,7 @@ def _check_trainer(trainer: Trainer) -> None:
             "holds only part of the parameters, so per-example gradients over all of them cannot be formed. Use a "
             "single device or `strategy='ddp'`."
         )
-    if not trainer.fast_dev_run and not trainer.loggers:
+    if not _fast_dev_run(trainer) and not trainer.loggers:
         raise MisconfigurationException(
             "StiffnessCallback needs a logger to write its scalars and images; the Trainer has none "
             "(`logger=False`). Pass `logger=True` or a logger such as TensorBoardLogger."
