@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the test dependencies and run the whole test suite (and the linter).
+# Install the test dependencies and run the linter, the type checker and the whole test suite.
 source "$(dirname "$0")/_env.sh" test
 ruff check lightning_stiffness tests examples benchmarks
+mypy
 python -m pytest "$@"
