@@ -495,8 +495,7 @@ def factored_grams(
     grams = _factored_part(rows, cols, plan, dtype, progress)
     for name in covered - set(rows) - set(plan.fallback):  # the loss reaches none of its per-example gradients
         plan.forms[name] = "unused"
-        rows_here = n if gather_columns is None else targets.shape[0]
-        grams.setdefault(owner(name), torch.zeros(rows_here, m, dtype=dtype, device=targets.device))
+        grams.setdefault(owner(name), torch.zeros(targets.shape[0], m, dtype=dtype, device=targets.device))
     if plan.fallback:
         rest = [name for name in objective.params if name in plan.fallback]
         engine, per_example = fallback_engine(objective, rest, reference)

@@ -915,12 +915,14 @@ def _folded_lazy(items: LazyPositions, source: Tensor) -> LazyPositions:
     def folded_expand(s: Tensor) -> Tensor:  # [B, k, ...] -> [B, k * L, d]
         return expand(s.flatten(0, 1)).unflatten(0, (s.shape[0], -1)).flatten(1, 2)
 
+    if gradients is None:
+        return LazyPositions(source, folded_expand)
+
     def folded_gradients(s: Tensor, b: Tensor) -> Tensor:  # b [B, k * L, p] -> [B, numel]
-        assert gradients is not None
         per_item = gradients(s.flatten(0, 1), b.unflatten(1, (s.shape[1], -1)).flatten(0, 1))
         return per_item.unflatten(0, (s.shape[0], -1)).sum(1)
 
-    return LazyPositions(source, folded_expand, folded_gradients if gradients is not None else None)
+    return LazyPositions(source, folded_expand, folded_gradients)
 
 
 def rows_per_example(factors: Factors) -> Tensor:
