@@ -1,8 +1,6 @@
 """The callback on real batches: dict items of different lengths with a padding collate, a module without
 ``forward``, ``forward_fn``, and true bf16/float64 precision; probe values against a float64 loop."""
 
-import copy
-
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -12,10 +10,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.gram.inputs import take
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import MODEL
 from tests.helpers import raw_results, trainer
+from tests.reference import reference_gradients
 
 VOCAB, PAD, CLASSES = 12, 0, 3
 
@@ -102,14 +100,9 @@ class NoForward(SentenceModule):
 
 def _reference_cosine(network: nn.Module, x: dict, y: torch.Tensor) -> torch.Tensor:
     """Cosine stiffness from one float64 autograd call per (padded) probe example."""
-    network = copy.deepcopy(network).double().eval()
-    params = [p for p in network.parameters() if p.requires_grad]
-    rows = []
-    for i in range(y.shape[0]):
-        xi = take(x, slice(i, i + 1))
-        loss = F.cross_entropy(network(xi["input_ids"], xi["attention_mask"]), y[i : i + 1])
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
-    g = torch.stack(rows)
+    g = reference_gradients(
+        network, x, y, forward_fn=lambda m, xi: m(xi["input_ids"], xi["attention_mask"]), float64_copy=True
+    )
     unit = g / g.norm(dim=1, keepdim=True)
     return unit @ unit.T
 

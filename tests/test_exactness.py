@@ -27,10 +27,6 @@ ENGINES = ("auto", "factored", "loop", "torch.func")
 TOLERANCE = {"rtol": 1e-7, "atol": 1e-9}
 
 
-def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
-    return nn.functional.cross_entropy(outputs, targets, reduction="none")
-
-
 # --- the reference ----------------------------------------------------------------------------------------------------
 
 
@@ -63,34 +59,10 @@ class ModelState:
                         value.copy_(values[key])
 
 
-def _per_example_gradients(model, inputs, targets, loss_fn, names, state) -> dict[str, Tensor]:
-    """name -> [N, numel] gradients of each example's own loss, each example from the saved ``state``."""
-    params = dict(model.named_parameters())
-    chosen = [params[name] for name in names]
-    rows: dict[str, list[Tensor]] = {name: [] for name in names}
-    for i in range(inputs.shape[0]):
-        state.restore()
-        loss = loss_fn(model(inputs[i : i + 1]), targets[i : i + 1]).sum()
-        grads = torch.autograd.grad(loss, chosen, allow_unused=True)
-        for name, g, p in zip(names, grads, chosen, strict=True):
-            rows[name].append((torch.zeros_like(p) if g is None else g).detach().double().flatten())
-    state.restore()
-    return {name: torch.stack(r) for name, r in rows.items()}
-
-
 def exact_gram(model, x, y, x2=None, y2=None, loss_fn=None, params=None, per_layer=False):
     """Float64 Gram [N, M] (or module name -> [N, M]), one backward per example, state restored before each."""
-    loss_fn = loss_fn or _cross_entropy
-    names = [n for n, p in model.named_parameters() if (n in params if params is not None else p.requires_grad)]
     state = ModelState(model)
-    rows = _per_example_gradients(model, x, y, loss_fn, names, state)
-    cols = rows if x2 is None else _per_example_gradients(model, x2, y2, loss_fn, names, state)
-    blocks: dict[str, Tensor] = {}
-    for name in names:
-        key = name.rpartition(".")[0] or name
-        block = rows[name] @ cols[name].T
-        blocks[key] = block if key not in blocks else blocks[key] + block
-    return blocks if per_layer else sum(blocks.values())
+    return reference_gram(model, x, y, x2, y2, loss_fn, params, per_layer=per_layer, before_each=state.restore)
 
 
 def _close(got: Tensor, expected: Tensor) -> None:

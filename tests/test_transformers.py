@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from lightning_stiffness.functional import gradient_gram, layer_outputs
 from lightning_stiffness.gram import gram_plan
 from tests import transformer_models as tm
+from tests.reference import call, cross_entropy, reference_gram
 
 RTOL = 1e-7
 EXACT_ENGINES = ("torch.func", "loop")
@@ -23,51 +24,8 @@ EXACT_ENGINES = ("torch.func", "loop")
 # ---- a reference for structured inputs ----
 
 
-def _one(x, i):
-    if isinstance(x, dict):
-        return {key: value[i : i + 1] for key, value in x.items()}
-    if isinstance(x, tuple | list):
-        return type(x)(value[i : i + 1] for value in x)
-    return x[i : i + 1]
-
-
-def _call(model, x, forward_fn=None):
-    if forward_fn is not None:
-        return forward_fn(model, x)
-    if isinstance(x, dict):
-        return model(**x)
-    if isinstance(x, tuple | list):
-        return model(*x)
-    return model(x)
-
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
-
-
-def ref_gradients(model, x, y, loss_fn=None, forward_fn=None, params=None):
-    """Per-example gradients [N, P] in float64, one autograd call per example."""
-    loss_fn = loss_fn or _ce
-    named = dict(model.named_parameters())
-    params = [p for name, p in named.items() if (p.requires_grad if params is None else name in params)]
-    rows = []
-    for i in range(y.shape[0]):
-        loss = loss_fn(_call(model, _one(x, i), forward_fn), y[i : i + 1]).sum()
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(
-            torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params, strict=True)])
-        )
-    return torch.stack(rows).double()
-
-
-def ref_gram(model, x, y, x2=None, y2=None, loss_fn=None, forward_fn=None, params=None):
-    rows = ref_gradients(model, x, y, loss_fn, forward_fn, params)
-    cols = rows if x2 is None else ref_gradients(model, x2, y2, loss_fn, forward_fn, params)
-    return rows @ cols.T
-
-
 def ref_losses(model, x, y, loss_fn=None, forward_fn=None):
-    return (loss_fn or _ce)(_call(model, x, forward_fn), y)
+    return (loss_fn or cross_entropy)(call(model, x, forward_fn), y)
 
 
 def _state(model):
@@ -109,8 +67,8 @@ def check_engines(
     forward_fn=None,
 ):
     """Square (with ``chunk_size``) and cross Gram matrices of every engine against the reference."""
-    want = ref_gram(model, x, y, loss_fn=loss_fn, forward_fn=forward_fn)
-    want_cross = ref_gram(model, x, y, x2, y2, loss_fn=loss_fn, forward_fn=forward_fn)
+    want = reference_gram(model, x, y, loss_fn=loss_fn, forward_fn=forward_fn)
+    want_cross = reference_gram(model, x, y, x2, y2, loss_fn=loss_fn, forward_fn=forward_fn)
     before = _state(model)
     for method in engines:
         kwargs = {"loss_fn": loss_fn, "forward_fn": forward_fn, "method": method}
@@ -243,7 +201,7 @@ def test_tied_embedding_with_padding(functional, padding_idx):
     assert_all_factored_with_loss(model, x, y, loss_fn)
     layers = gradient_gram(model, x, y, loss_fn=loss_fn, per_layer=True)
     assert list(layers) == ["embed", "mix"]
-    assert_gram_close(sum(layers.values()), ref_gram(model, x, y, loss_fn=loss_fn))
+    assert_gram_close(sum(layers.values()), reference_gram(model, x, y, loss_fn=loss_fn))
 
 
 def assert_all_factored_with_loss(model, x, y, loss_fn):
@@ -308,7 +266,7 @@ def test_dict_inputs_with_padding():
             alone.append(ref_losses(model, single, y[i : i + 1]))
         # and so is its gradient: the diagonal of the padded Gram matrix
         own = gradient_gram(model, single, y[i : i + 1])
-        torch.testing.assert_close(own[0, 0], ref_gram(model, x, y)[i, i], rtol=1e-9, atol=0)
+        torch.testing.assert_close(own[0, 0], reference_gram(model, x, y)[i, i], rtol=1e-9, atol=0)
     torch.testing.assert_close(padded_losses, torch.cat(alone), rtol=1e-10, atol=1e-12)
 
 
@@ -387,7 +345,7 @@ def test_bfloat16_encoder(batch_first):
     high = copy.deepcopy(low).double()  # the same (rounded) weights in float64
     x, x2 = _ids(6, 5, 130), _ids(4, 5, 131)
     y, y2 = _labels(6, 132), _labels(4, 133)
-    want, want_cross = ref_gram(high, x, y), ref_gram(high, x, y, x2, y2)
+    want, want_cross = reference_gram(high, x, y), reference_gram(high, x, y, x2, y2)
     before = _state(low)
 
     def bf16_loss(outputs, targets):
@@ -505,7 +463,7 @@ def test_cross_gram_with_another_sequence_length(t2):
     model = _prepared(_Pooled())
     x, x2 = _ids(4, 3, 180), _ids(4, t2, 181)
     y, y2 = _labels(4, 182), _labels(4, 183)
-    want = ref_gram(model, x, y, x2, y2)
+    want = reference_gram(model, x, y, x2, y2)
     assert_gram_close(gradient_gram(model, x, y, x2, y2), want)
 
 
@@ -515,7 +473,7 @@ def test_cross_gram_padded_against_unpadded():
     torch.manual_seed(19)
     model = _prepared(tm.MaskedEncoder())
     x, y = _padded(LENGTHS, 190), _labels(len(LENGTHS), 191)
-    square = ref_gram(model, x, y)
+    square = reference_gram(model, x, y)
     single = {key: value[1:2, : LENGTHS[1]] for key, value in x.items()}
     got = gradient_gram(model, x, y, single, y[1:2])
     assert_gram_close(got, square[:, 1:2], rtol=1e-9)
@@ -534,7 +492,7 @@ def test_chunks_of_different_lengths():
     torch.manual_seed(20)
     model = _prepared(_Trimming())
     x, y = _padded([2, 2, 6, 5, 3, 1], 200), _labels(6, 201)
-    assert_gram_close(gradient_gram(model, x, y, chunk_size=2), ref_gram(model, x, y))
+    assert_gram_close(gradient_gram(model, x, y, chunk_size=2), reference_gram(model, x, y))
 
 
 def test_checkpointed_encoder_with_some_parameters():
@@ -543,7 +501,7 @@ def test_checkpointed_encoder_with_some_parameters():
     model = _prepared(tm.Checkpointed(4))
     x, y = _ids(5, 4, 210), _labels(5, 211)
     for params in (["pos"], ["pos", "layers.0.linear1.weight", "head.bias"]):
-        want = ref_gram(model, x, y, params=params)
+        want = reference_gram(model, x, y, params=params)
         for method in ("auto", "loop"):
             assert_gram_close(gradient_gram(model, x, y, params=params, method=method), want)
 
@@ -570,7 +528,7 @@ def test_one_row_example_against_many_columns(batch_first):
     model = _prepared(tm.SelfAttention(batch_first=batch_first))
     x, x2 = _float(1, 4, tm.WIDTH, seed=230), _float(3, 4, tm.WIDTH, seed=231)
     y, y2 = _labels(1, 232), _labels(3, 233)
-    assert_gram_close(gradient_gram(model, x, y, x2, y2), ref_gram(model, x, y, x2, y2))
+    assert_gram_close(gradient_gram(model, x, y, x2, y2), reference_gram(model, x, y, x2, y2))
 
 
 def test_an_embedding_with_max_norm_leaves_its_table_as_it_was():
