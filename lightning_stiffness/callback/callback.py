@@ -38,7 +38,7 @@ from lightning_stiffness.callback.probe_sets import (
     find_datasets,
     first_loader,
 )
-from lightning_stiffness.callback.probing import ProbeOptions, measure_dataset, measure_probe
+from lightning_stiffness.callback.probing import ProbeOptions, check_probe_loss, measure_dataset, measure_probe
 from lightning_stiffness.callback.progress import progress_bar
 from lightning_stiffness.callback.schedule import ProbeSchedule
 from lightning_stiffness.callback.writers import RawWriter, ScalarWriter, run_directory
@@ -270,6 +270,10 @@ class StiffnessCallback(Callback):
         self._raw, self._image_writer.directory = RawWriter(log_dir / self.prefix), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
+            # Once, before any probe: a loss every probe would fail on (a mean, outputs without logits) is refused.
+            with eval_mode(pl_module), _misconfiguration(ValueError, TypeError):
+                convert = trainer.precision_plugin.convert_input
+                check_probe_loss(pl_module, self._probe_sets.sets["train"], self._built_options, convert)
         if self._built_settings.schedule.due_at_start(trainer.global_step):
             self._probe(trainer, pl_module)
 
@@ -600,11 +604,13 @@ def _warn_if_drawn_differently(state_dict: dict[str, Any], settings: dict[str, A
 
 
 @contextmanager
-def _misconfiguration() -> Iterator[None]:
-    """A ``ValueError`` about the callback's arguments or data, as Lightning's ``MisconfigurationException``."""
+def _misconfiguration(*kinds: type[Exception]) -> Iterator[None]:
+    """An error of ``kinds`` (default ``ValueError``) about the callback's arguments or data, as Lightning's
+    ``MisconfigurationException``."""
+    caught = kinds or (ValueError,)
     try:
         yield
-    except ValueError as err:
+    except caught as err:
         # The callback's own message, first and once (LightningCLI shows the first exception of a chain first).
         raise MisconfigurationException(f"StiffnessCallback: {err}") from None
 

@@ -22,7 +22,7 @@ from lightning_stiffness.callback.progress import Progress
 from lightning_stiffness.exceptions import ProbeSkipped
 from lightning_stiffness.gram import GramOptions, gradient_gram_with
 from lightning_stiffness.gram.inputs import Inputs, apply, concat, take, tensors
-from lightning_stiffness.gram.validation import default_loss_fn
+from lightning_stiffness.gram.validation import checked_losses, default_loss_fn
 from lightning_stiffness.measures.batches import default_batch_to_xy
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.representations import forward_with_outputs
@@ -161,13 +161,48 @@ def input_features(x: Inputs) -> Tensor:
     )
 
 
+def check_probe_loss(
+    model: nn.Module,
+    probe_set: ProbeSet,
+    options: ProbeOptions,
+    convert_input: Callable[[Inputs], Inputs] | None = None,
+) -> None:
+    """The forward and the loss on two probe examples, once when training starts, so that a loss every probe would
+    fail on is refused then rather than skipped at each probe.
+
+    Raises:
+        ValueError: when ``loss_fn`` does not return one loss per example (a mean, ``reduction="mean"``).
+        TypeError: when the default loss finds no logits in the model's outputs.
+    """
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    n = min(2, len(probe_set))
+    x = (convert_input or (lambda v: v))(apply(take(probe_set.inputs, slice(0, n)), lambda t: t.to(device)))
+    y = probe_set.labels[:n].to(device)
+    loss_fn = options.gram.loss_fn or default_loss_fn
+
+    def losses(outputs: Any, chunk: slice) -> Tensor:
+        return checked_losses(loss_fn(outputs, y), n)
+
+    forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
+
+
 def _checked_forward(model: nn.Module, x: Inputs, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
-    """One forward without gradients: checks the losses, records the outputs of ``options.layers``."""
+    """One forward without gradients: checks the losses, records the outputs of ``options.layers``.
+
+    The model's outputs are only handed to the loss, chunk by chunk, so that any output the loss takes (a Hugging
+    Face ``ModelOutput``, a tuple with auxiliary logits, a dict) works.
+    """
     gram = options.gram
-    outputs, representations = forward_with_outputs(model, x, options.layers, gram.chunk_size or 512, gram.forward_fn)
-    with torch.no_grad():
-        losses = (gram.loss_fn or default_loss_fn)(outputs, y)
-    bad = int((~torch.isfinite(losses)).sum())
+    loss_fn = gram.loss_fn or default_loss_fn
+
+    def losses(outputs: Any, chunk: slice) -> Tensor:
+        return checked_losses(loss_fn(outputs, y[chunk]), chunk.stop - chunk.start)
+
+    losses_all, representations = forward_with_outputs(
+        model, x, options.layers, gram.chunk_size or 512, gram.forward_fn, per_chunk=losses
+    )
+    assert losses_all is not None  # per_chunk given
+    bad = int((~torch.isfinite(losses_all)).sum())
     if bad:
         raise ProbeSkipped(f"the loss is not finite for {bad} of {len(y)} probe examples")
     return representations

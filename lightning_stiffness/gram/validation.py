@@ -170,10 +170,20 @@ def check_loss_fn(forward: Callable[[Inputs], Any], loss_fn: LossFn, inputs: Inp
     """Run the loss on a few examples (``forward(x) -> outputs``) and check it returns one loss per example."""
     n = min(2, targets.shape[0])
     with torch.no_grad():
-        losses = loss_fn(forward(take(inputs, slice(0, n))), targets[:n])
+        checked_losses(loss_fn(forward(take(inputs, slice(0, n))), targets[:n]), n)
+
+
+def checked_losses(losses: Any, n: int) -> Tensor:
+    """``losses``, checked to be what ``loss_fn`` must return on ``n`` examples: a tensor of shape [n].
+
+    Raises:
+        ValueError: naming ``loss_fn``, the shape it returned and ``reduction='none'`` (a mean or a sum over the
+            batch is the usual cause).
+    """
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (n,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
             f"`loss_fn` must return per-example losses of shape [N]; on {n} examples it returned {shape}. "
             "Use reduction='none' (for example `nn.CrossEntropyLoss(reduction='none')`)."
         )
+    return losses

@@ -5,8 +5,9 @@ smaller stiff domains. :func:`layer_outputs` runs the model once (no gradients) 
 the named modules; the callback takes them from the same forward pass that checks the probe examples' losses.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,23 +66,31 @@ def forward_with_outputs(
     layers: Sequence[str] = (),
     chunk_size: int = 512,
     forward_fn: ForwardFn | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The model's outputs and the named modules' flattened outputs, over ``inputs`` in chunks, without gradients.
+    per_chunk: Callable[[Any, slice], Tensor] | None = None,
+) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """``per_chunk``'s tensors and the named modules' flattened outputs, over ``inputs`` in chunks, without gradients.
 
-    ``inputs`` and ``forward_fn`` as for :func:`~lightning_stiffness.gram.gradient_gram`. Buffers the forward updates
-    are restored (bitwise) after each chunk.
+    ``inputs`` and ``forward_fn`` as for :func:`~lightning_stiffness.gram.gradient_gram`. The model's outputs may be
+    anything (a tensor, a Hugging Face ``ModelOutput``, a tuple, a dict): they are never joined, only handed to
+    ``per_chunk(outputs, examples)`` (``examples`` the chunk's slice of ``inputs``), whose tensors (examples along
+    dim 0, for example per-example losses) are joined; without ``per_chunk`` the first value is ``None``. Buffers the
+    forward updates are restored (bitwise) after each chunk.
 
     Raises:
         ValueError: when a named module runs more than once (or not at all) per forward, so that one example has no
             single representation there.
     """
-    outputs: list[Tensor] = []
+    reduced: list[Tensor] = []
     per_layer: dict[str, list[Tensor]] = {name: [] for name in layers}
     with torch.no_grad(), untouched_buffers(model) as guard, recording(model, layers) as records:
         for start in range(0, num_examples(inputs), chunk_size):
             for calls in records.values():
                 calls.clear()
-            outputs.append((forward_fn or default_forward)(model, take(inputs, slice(start, start + chunk_size))))
+            chunk = slice(start, min(start + chunk_size, num_examples(inputs)))
+            outputs = (forward_fn or default_forward)(model, take(inputs, chunk))
+            if per_chunk is not None:
+                reduced.append(per_chunk(outputs, chunk))
+            del outputs  # before the next chunk runs: a large model's outputs (hidden states, caches) are not kept
             guard.restore()  # every chunk sees the buffers as they were, and none is left changed
             for name, calls in records.items():
                 if len(calls) != 1:
@@ -90,7 +99,8 @@ def forward_with_outputs(
                         "needs a module that runs exactly once."
                     )
                 per_layer[name].append(calls[0])
-    return torch.cat(outputs), {name: torch.cat(parts) for name, parts in per_layer.items()}
+    joined = torch.cat(reduced) if per_chunk is not None else None
+    return joined, {name: torch.cat(parts) for name, parts in per_layer.items()}
 
 
 def layer_outputs(
