@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_stiffness.names import PREFIX
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.names import PREFIX, class_matrix_tag
 
 #: A raw file of format version 1, written by the code before version 2 (TinyNet on digits, 2 examples a class,
 #: ``per_layer``, ``layers=["net.1"]``, class groups, 20 bootstrap draws), and the scalars that code logged for it.
@@ -113,3 +114,24 @@ def events(log_dir: Path) -> EventAccumulator:
 
 def raw_results(log_dir: Path, prefix: str = PREFIX) -> dict[str, dict]:
     return {p.name: torch.load(p, weights_only=True) for p in sorted((Path(log_dir) / prefix).glob("*.pt"))}
+
+
+# Shared by the image tests (test_images, test_loggers, test_render_worker, test_schedule).
+CLASS_MATRIX_TAG = class_matrix_tag("train-val", "cosine")
+
+
+def _callback(**kwargs) -> StiffnessCallback:
+    options = dict(samples_per_class=2, num_bootstrap=0, kinds=["cosine"])
+    options.update(kwargs)
+    return StiffnessCallback(**options)
+
+
+def _image_steps(log_dir, tag=CLASS_MATRIX_TAG) -> list[int]:
+    accumulator = events(log_dir)
+    if tag not in accumulator.Tags()["images"]:
+        return []
+    return [event.step for event in accumulator.Images(tag)]
+
+
+def _stiffness_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "Stiffness" in str(w.message)]

@@ -1,19 +1,24 @@
 """Images: drawn off the training process, every probe's (the last one's always) in TensorBoard event files of either
-Lightning package and as PNG files, figures that show the fitted line, ξ and the probe sets as they are."""
+Lightning package and as PNG files, figures that show the fitted line, ξ and the probe sets as they are, thirty classes
+with long names, titles and labels inside the figure, PNG files that decode."""
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 from matplotlib.legend import Legend
 from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import critical_distance
-from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, Painter
+from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, MatrixSpec, Painter
 from lightning_stiffness.images.render_worker import Renderer
 from lightning_stiffness.images.specs import probe_specs
 from lightning_stiffness.measures.fitted_lines import observed_range
@@ -21,7 +26,7 @@ from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
-from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
+from tests.helpers import DigitsData, TinyNet, _callback, events, raw_results, trainer
 
 TAG = class_matrix_tag("train-val", "cosine")
 
@@ -254,3 +259,113 @@ def test_every_spec_is_an_image_spec_and_a_missing_class_matrix_is_named():
     result.classes["train-train"]["cosine"][MODEL].matrix = None  # as a version-1 file without it
     with pytest.raises(ValueError, match="no train-train cosine class matrix to draw"):
         probe_specs(result, [str(c) for c in range(6)])
+
+
+# ------------------------------------------------------------------------------------------------------- figures
+
+
+class _ThirtyClasses(LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        y = torch.arange(30).repeat(6)
+        x = torch.randn(len(y), 8, generator=generator) + nn.functional.one_hot(y % 8, 8).float()
+        self.train_set, self.val_set = TensorDataset(x[:120], y[:120]), TensorDataset(x[120:], y[120:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=30, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=30)
+
+
+class _ThirtyWay(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 30))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_thirty_classes_with_long_names_as_png_files(tmp_path):
+    names = [f"a rather long class name number {c}" for c in range(30)]
+    callback = _callback(class_names=names)
+    fit = trainer(tmp_path, [callback], max_epochs=1, logger=CSVLogger(tmp_path), limit_train_batches=2)
+    fit.fit(_ThirtyWay(), datamodule=_ThirtyClasses())
+    for pair in ("train-train", "train-val", "val-val"):
+        files = sorted((Path(fit.log_dir) / class_matrix_tag(pair, "cosine")).glob("*.png"))
+        assert [p.name for p in files] == ["epoch=0-step=0.png", "epoch=0-step=2.png"]
+        with Image.open(files[-1]) as picture:
+            assert picture.mode == "RGB" and max(picture.size) <= 2000
+    spec_names = callback._probes.class_names
+    assert list(spec_names) == names
+
+
+def _texts_outside(figure) -> list[tuple[str, list[int]]]:
+    """The title, axis labels and figure texts that reach beyond the figure's edges (as matplotlib lays them out,
+    which the fast drawing copies)."""
+    figure.canvas.draw()
+    renderer, frame = figure.canvas.get_renderer(), figure.bbox
+    texts = [*figure.texts]
+    for axes in figure.axes[:1]:
+        texts += [axes.title, axes.xaxis.label, axes.yaxis.label]
+    outside = []
+    for text in texts:
+        if not text.get_visible() or not text.get_text():
+            continue
+        box = text.get_window_extent(renderer)
+        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > frame.x1 + 0.5 or box.y1 > frame.y1 + 0.5:
+            outside.append((text.get_text(), [round(v) for v in box.extents]))
+    return outside
+
+
+def test_two_class_matrix_title_fits_a_long_run(tmp_path):
+    title = "sign stiffness, train-val (epoch 12, step 4567): within -0.12, between -0.01"  # as _matrix_spec writes it
+    spec = MatrixSpec(
+        np.zeros((2, 2)),
+        ("0", "1"),  # the labels, as named when the dataset has no `classes`
+        title,
+        "class of the train example (rows: train set)",
+        "class of the val example (columns: val set)",
+    )
+    assert _texts_outside(Painter().figure(spec)) == []
+
+
+def test_layer_distance_curve_title_fits(tmp_path):
+    layer = "encoder.layer.11.output"
+    edges = np.linspace(0.1, 0.9, 5)
+    mean, count = np.array([0.5, 0.3, 0.2, 0.1]), np.array([10, 10, 10, 10])
+    spec = CurveSpec(
+        edges,
+        mean,
+        count,
+        mean - 0.3,
+        count,
+        Line(0.7, -1.0, 0.7, 0.1, 0.9),
+        None,
+        f"cosine stiffness against distance in {layer}, train-val (epoch 9, step 4500)",  # as _curve_spec writes it
+        f"cosine distance between outputs of {layer}",
+        "mean cosine stiffness",
+    )
+    assert _texts_outside(Painter().figure(spec)) == []
+    assert math.isfinite(spec.fit.xi)
+
+
+def test_pngs_decode_and_images_are_the_drawn_ones(tmp_path):
+    fit = trainer(tmp_path, [_callback()], max_epochs=1, logger=CSVLogger(tmp_path))
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    for path in (Path(fit.log_dir) / distance_curve_tag("train-val")).glob("*.png"):
+        with Image.open(io.BytesIO(path.read_bytes())) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 400

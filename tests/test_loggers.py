@@ -1,11 +1,20 @@
-"""Images reach W&B (offline) and MLflow (a local file store) through their own APIs; the files are checked on disk."""
+"""Images reach W&B (offline) and MLflow (a local file store) through their own APIs; the files are checked on disk.
+Two callbacks with their own prefixes log to W&B, MLflow, CSV and TensorBoard at once, and a logger whose image store
+raises costs the other loggers none of their images."""
+
+import warnings
+from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
-from lightning_stiffness.names import KINDS, PAIRS
-from tests.helpers import DigitsData, TinyNet, trainer
+from lightning_stiffness.names import KINDS, PAIRS, class_matrix_tag, distance_curve_tag
+from tests.helpers import DigitsData, TinyNet, _callback, _image_steps, _stiffness_warnings, trainer
+from tests.test_render_worker import _workers, _workers_left
 
+TAG = class_matrix_tag("train-val", "cosine")
 IMAGES_PER_PROBE = len(PAIRS) * len(KINDS) + len(PAIRS)  # class matrices and distance curves
 
 
@@ -65,3 +74,96 @@ def test_wandb_first_gives_each_run_its_own_directory(tmp_path, monkeypatch):
             "epoch=0-step=4.pt",
         ]
         assert len(list(run.rglob("class_matrix/*.png"))) == 2 * len(PAIRS)  # CSV takes no images: PNG files
+
+
+# ---------------------------------------------------------------------------- two prefixes, a logger that raises
+
+
+def test_two_prefixes_in_wandb_mlflow_csv_and_tensorboard_at_once(tmp_path, system_temp, monkeypatch):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    before = _workers()
+    wandb_logger = WandbLogger(project="review", save_dir=str(tmp_path), offline=True)
+    mlflow_logger = MLFlowLogger(experiment_name="review", tracking_uri=(tmp_path / "mlruns").as_uri())
+    tb = TensorBoardLogger(tmp_path, name="tb", version=0)
+    loggers = [tb, wandb_logger, mlflow_logger, CSVLogger(tmp_path, name="csv", version=0)]
+    callbacks = [_callback(), _callback(kinds=["sign"], prefix="sign2", every_n_steps=3)]
+    fit = trainer(tmp_path, callbacks, max_epochs=2, logger=loggers)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(TinyNet(), datamodule=DigitsData())
+    wandb_logger.experiment.finish()
+    assert not _stiffness_warnings(caught)
+    steps = {"stiffness": [0, 4, 8], "sign2": [0, 3, 6]}
+    per_probe = 6  # three pairs: a class matrix and a distance curve each
+    for prefix, probed in steps.items():
+        kind = "cosine" if prefix == "stiffness" else "sign"
+        assert _image_steps(tb.log_dir, class_matrix_tag("train-val", kind, prefix)) == probed
+        assert _image_steps(tb.log_dir, distance_curve_tag("val-val", prefix=prefix)) == probed
+        (run,) = (tmp_path / "wandb").glob("offline-run-*")
+        media = list((run / "files" / "media" / "images" / prefix).rglob("*.png"))
+        assert len(media) == per_probe * len(probed), prefix
+        artifacts = tmp_path / "mlruns" / mlflow_logger.experiment_id / mlflow_logger.run_id / "artifacts" / "images"
+        pictures = [p for p in artifacts.glob(f"{prefix}~*.png") if "compressed" not in p.name]
+        assert len(pictures) == per_probe * len(probed), prefix
+        for step in probed:  # the CSV logger's PNG files, beside the raw results (in trainer.log_dir)
+            epoch = step // 5
+            png = Path(fit.log_dir) / class_matrix_tag("val-val", kind, prefix) / f"epoch={epoch}-step={step}.png"
+            with Image.open(png) as picture:
+                assert picture.mode == "RGB"
+    assert not _workers_left(before)
+    assert not list(system_temp.glob("stiffness-images-*"))
+
+
+class _FileWriterWithoutImages:
+    """A TensorBoard file writer whose image summaries fail (a full disk, a broken store): scalars go through."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def add_summary(self, summary, *args, **kwargs):
+        if any(value.HasField("image") for value in summary.value):
+            raise RuntimeError("image store down")
+        return self._writer.add_summary(summary, *args, **kwargs)
+
+
+class _Experiment:
+    def __init__(self, writer):
+        self._writer = writer
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def _get_file_writer(self):
+        return _FileWriterWithoutImages(self._writer._get_file_writer())
+
+
+class _ImagesBrokenLogger(TensorBoardLogger):
+    @property
+    def experiment(self):
+        return _Experiment(super().experiment)
+
+
+def test_a_logger_that_raises_costs_the_other_loggers_nothing(tmp_path):
+    broken = _ImagesBrokenLogger(tmp_path, name="broken", version=0)
+    good = TensorBoardLogger(tmp_path, name="good", version=0)
+    csv = CSVLogger(tmp_path, name="csv", version=0)
+    fit = trainer(tmp_path, [_callback()], max_epochs=1, logger=[broken, good, csv])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(TinyNet(), datamodule=DigitsData())
+    assert fit.current_epoch == 1  # training went on
+    assert any("image store down" in message for message in _stiffness_warnings(caught))  # a warning instead
+    assert _image_steps(good.log_dir) == [0, 4]  # the next TensorBoard logger still gets every probe's images
+    assert sorted(p.name for p in (Path(fit.log_dir) / TAG).glob("*.png")) == [  # and the CSV logger its files
+        "epoch=0-step=0.png",
+        "epoch=0-step=4.png",
+    ]

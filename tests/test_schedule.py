@@ -1,5 +1,6 @@
-"""Step schedules (alone and with epochs, never a step twice), monitors that find the latest stiffness at every check,
-and a quiet callback: no progress-bar escape codes off a terminal, its own message first in LightningCLI errors."""
+"""Step schedules (alone and with epochs, never a step twice, each probe's images once), the same callback probing in a
+second fit as in the first, monitors that find the latest stiffness at every check, and a quiet callback: no
+progress-bar escape codes or text off a terminal, its own message first in LightningCLI errors."""
 
 import importlib.util
 import sys
@@ -13,7 +14,7 @@ from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.callback.progress import progress_bar
 from lightning_stiffness.callback.schedule import ProbeSchedule
 from lightning_stiffness.names import MODEL, class_tag
-from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
+from tests.helpers import DigitsData, TinyNet, _callback, _image_steps, events, raw_results, trainer
 
 TAG = class_tag("train-val", "cosine", "within")
 
@@ -103,3 +104,57 @@ def test_cli_error_shows_the_callbacks_message_first(tmp_path):
     first = chain[-1]  # the first exception of the chain, which a traceback prints first
     assert isinstance(first, MisconfigurationException)
     assert str(first).startswith("StiffnessCallback: `samples_per_class` must be an integer >= 2, got 0.")
+
+
+# --------------------------------------------------------------------------------------------------- with images
+
+
+@pytest.mark.parametrize(
+    "run, schedule, probed",
+    [
+        ({"max_epochs": -1, "max_steps": 6}, {"every_n_steps": 3}, [0, 3, 6]),
+        ({"max_epochs": -1, "max_steps": 6}, {"every_n_steps": 4, "every_n_epochs": 1}, [0, 4, 6]),
+        ({"max_epochs": 1}, {"steps": [2, 100]}, [0, 2]),  # a step beyond the run: simply never reached
+        ({"max_epochs": 2, "accumulate_grad_batches": 2}, {"every_n_steps": 1, "every_n_epochs": 1}, [0, 1, 2, 3, 4]),
+        ({"max_epochs": 2, "val_check_interval": 0.5}, {"steps": [2, 4], "every_n_epochs": 1}, [0, 2, 4, 8]),
+    ],
+)
+def test_step_schedules_probe_each_step_once_with_images(tmp_path, run, schedule, probed):
+    fit = trainer(tmp_path, [_callback(**schedule)], **run)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    steps = [event.step for event in events(fit.log_dir).Scalars(class_tag("train-val", "cosine", "within"))]
+    assert steps == probed
+    assert len(raw_results(fit.log_dir)) == len(probed)
+    assert _image_steps(fit.log_dir) == probed
+
+
+def test_monitors_with_every_n_epochs_and_checks_after_validation(tmp_path):
+    tag = class_tag("train-val", "cosine", "within")
+    stop = EarlyStopping(monitor=tag, mode="max", patience=100, check_on_train_epoch_end=False)
+    best = ModelCheckpoint(monitor=tag, mode="max", every_n_epochs=2, save_top_k=1)
+    callback = _callback(every_n_epochs=2, log_images=False)
+    fit = trainer(tmp_path, [callback, stop, best], max_epochs=4, val_check_interval=0.5)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    assert fit.current_epoch == 4
+    assert best.best_model_score is not None
+    within = callback.last_result.classes["train-val"]["cosine"][MODEL].within
+    assert float(fit.callback_metrics[tag]) == pytest.approx(within)
+
+
+def test_no_progress_bar_text_off_a_terminal(tmp_path, capfd):
+    fit = trainer(tmp_path, [_callback(log_images=False)], max_epochs=1, enable_progress_bar=True)
+    fit.fit(TinyNet(), datamodule=DigitsData())
+    captured = capfd.readouterr()
+    assert "Stiffness probe" not in captured.err + captured.out
+
+
+def test_same_callback_in_a_second_fit_probes_as_in_the_first(tmp_path):
+    callback = _callback(probe_at_start=False)
+    first = trainer(tmp_path, [callback], max_epochs=1)
+    first.fit(TinyNet(), datamodule=DigitsData())
+    assert sorted(raw_results(first.log_dir)) == ["epoch=0-step=4.pt"]
+    second = trainer(tmp_path, [callback], max_epochs=1)
+    second.fit(TinyNet(), datamodule=DigitsData())
+    assert second.log_dir != first.log_dir
+    assert sorted(raw_results(second.log_dir)) == ["epoch=0-step=4.pt"]  # the same schedule, a new run
+    assert _image_steps(second.log_dir) == [4]
