@@ -37,6 +37,7 @@ from lightning_stiffness.callback.probe_sets import (
     find_collate_fn,
     find_datasets,
     first_loader,
+    with_collate,
 )
 from lightning_stiffness.callback.probing import ProbeOptions, check_probe_loss, measure_dataset, measure_probe
 from lightning_stiffness.callback.progress import progress_bar
@@ -94,9 +95,13 @@ class StiffnessCallback(Callback):
         seed: seed of the callback's own generator, which draws the probe examples.
         loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``, a callable or an import path
             ``"package.module.function"``. Default: cross-entropy with ``reduction="none"``.
-        batch_to_xy: turns a batch of probe examples (collated by the training dataloader's ``collate_fn``) into
+        batch_to_xy: turns a batch of probe examples (collated by ``probe_collate_fn``) into
             ``(x, y)``, a callable or an import path. Default: a tuple's first two entries, or a dict's label
             (``y``, ``label``, ``labels``, ...) and every other entry (one: positional; several: keyword arguments).
+        probe_collate_fn: batches the probe examples (and the training set's, for ``dataset_every_n_epochs``), a
+            callable or an import path. Default: the training dataloader's ``collate_fn``, which must then be
+            deterministic: one that mixes or augments examples at random (mixup, CutMix) is refused, since every
+            probe would measure other blends; pass the collate without its augmentation here.
         forward_fn: ``forward_fn(pl_module, x) -> outputs``, a callable or an import path, for a module called
             otherwise than ``pl_module(x)`` / ``(*x)`` / ``(**x)`` (required when it has no ``forward``).
         num_distance_bins: bins of the stiffness-against-distance curves.
@@ -119,7 +124,8 @@ class StiffnessCallback(Callback):
     Raises:
         MisconfigurationException: In ``__init__`` for an argument out of range. At setup without a logger, with a
             sharded strategy (FSDP, DeepSpeed) or an unknown module in ``layers``; when training starts if the
-            training data has no integer class labels.
+            training data has no integer class labels, the collate is random (``probe_collate_fn``), or ``loss_fn``
+            does not return one loss per example of the model's outputs.
 
     Example::
 
@@ -144,6 +150,7 @@ class StiffnessCallback(Callback):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
         batch_to_xy: Callable[[Any], tuple[Any, Any]] | str | None = None,
         forward_fn: Callable[[Any, Any], Any] | str | None = None,
+        probe_collate_fn: Callable[[list[Any]], Any] | str | None = None,
         num_distance_bins: int = 20,
         save_raw: bool = True,
         log_images: bool = True,
@@ -166,6 +173,7 @@ class StiffnessCallback(Callback):
         self.kinds: Sequence[str] | None = kinds
         self.method, self.chunk_size = method, chunk_size
         self.loss_fn, self.batch_to_xy, self.forward_fn = loss_fn, batch_to_xy, forward_fn
+        self.probe_collate_fn = probe_collate_fn
         self.num_distance_bins = num_distance_bins
         self.save_raw, self.log_images, self.images_every_n_probes = save_raw, log_images, images_every_n_probes
         self.class_names, self.per_layer = class_names, per_layer
@@ -366,11 +374,12 @@ class StiffnessCallback(Callback):
         _check_engine(self.method, self.chunk_size, self.num_distance_bins, self.images_every_n_probes)
         loss_fn = resolve_callable(self.loss_fn, "loss_fn") or default_loss_fn
         batch_to_xy = resolve_callable(self.batch_to_xy, "batch_to_xy")
+        probe_collate_fn = resolve_callable(self.probe_collate_fn, "probe_collate_fn")
         forward_fn = resolve_callable(self.forward_fn, "forward_fn")
         _check_names(self.class_names, self.layers, self.layer_distance, self.prefix)
         _check_extras(self.num_bootstrap, self.class_groups, self.dataset_every_n_epochs)
         gram = GramOptions(loss_fn=loss_fn, forward_fn=forward_fn, method=self.method, chunk_size=self.chunk_size)
-        return _Settings(schedule, kinds, gram, batch_to_xy)
+        return _Settings(schedule, kinds, gram, batch_to_xy, probe_collate_fn)
 
     def _probe_options_for(self, settings: "_Settings", layers: list[str]) -> ProbeOptions:
         """How a probe measures, from the checked ``settings``, with ``layers`` resolved (in network order)."""
@@ -430,7 +439,8 @@ class StiffnessCallback(Callback):
                 self.samples_per_class,
                 self.seed,
                 batch_to_xy=self._built_settings.batch_to_xy,
-                collate_fn=find_collate_fn(trainer.train_dataloader),
+                collate_fn=self._built_settings.probe_collate_fn or find_collate_fn(trainer.train_dataloader),
+                collate_name="probe_collate_fn" if self._built_settings.probe_collate_fn else None,
                 restored=self._restored_indices,
                 broadcast=broadcast,
                 class_names=self.class_names,
@@ -489,8 +499,9 @@ class StiffnessCallback(Callback):
         epoch, step, settings = trainer.current_epoch, trainer.global_step, self._built_settings
         try:
             with _measuring(trainer, pl_module, f"Stiffness over the training set (epoch {epoch})") as progress:
+                loader = with_collate(first_loader(trainer.train_dataloader), settings.probe_collate_fn)
                 result = measure_dataset(
-                    pl_module, first_loader(trainer.train_dataloader), self._probe_sets.num_classes, settings.gram,
+                    pl_module, loader, self._probe_sets.num_classes, settings.gram,
                     Communicator.from_trainer(trainer), epoch=epoch, step=step,
                     batch_to_xy=settings.batch_to_xy, convert_input=trainer.precision_plugin.convert_input,
                     progress=progress,
@@ -535,6 +546,7 @@ class _Settings(NamedTuple):
     kinds: tuple[str, ...]
     gram: GramOptions
     batch_to_xy: Callable[[Any], tuple[Any, Any]] | None
+    probe_collate_fn: Callable[[list[Any]], Any] | None
 
 
 def _built(value: _Built | None, what: str, where: str = "setup()") -> _Built:
@@ -618,7 +630,7 @@ def _misconfiguration(*kinds: type[Exception]) -> Iterator[None]:
 def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[str, Any]:
     """The first training dataset and, when validation runs, the first validation dataset."""
     found = {"train": find_datasets(trainer.train_dataloader)}
-    if trainer.val_dataloaders is not None and trainer.limit_val_batches != 0:
+    if trainer.limit_val_batches != 0 and _validation_loaders(trainer) is not None:
         found["val"] = find_datasets(trainer.val_dataloaders)
     if not found["train"]:
         raise MisconfigurationException("StiffnessCallback could not find the training dataset.")
@@ -627,6 +639,21 @@ def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[s
             what = SET_WORDS[name]
             warn_once(what, f"StiffnessCallback: several {what} dataloaders; probing the first one's dataset.")
     return {name: datasets[0] for name, datasets in found.items() if datasets}
+
+
+def _validation_loaders(trainer: Trainer) -> Any:
+    """The validation dataloaders, requested now when Lightning has not yet done so.
+
+    Lightning requests them when validation first runs: with ``check_val_every_n_epoch=2`` and no sanity check, after
+    the first epoch, when the probe sets are long drawn. Its fit loop's own ``setup_data`` is what it would call then
+    (the loaders are requested once, and reloaded as ``reload_dataloaders_every_n_epochs`` says); it loads nothing when
+    the module has no ``validation_step`` or ``limit_val_batches=0``.
+    """
+    if trainer.val_dataloaders is None:
+        val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+        if val_loop is not None and callable(getattr(val_loop, "setup_data", None)):
+            val_loop.setup_data()
+    return trainer.val_dataloaders
 
 
 def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Callable[..., Any] | None:

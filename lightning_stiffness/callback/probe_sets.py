@@ -1,23 +1,31 @@
 """Probe sets: the fixed examples whose gradients a probe compares, drawn once, stratified by class.
 
 The probe examples of all sets are batched together with the training dataloader's own ``collate_fn`` (so padding
-collates pad them to one length), then turned into ``(x, y)`` by
-:func:`~lightning_stiffness.measures.batches.default_batch_to_xy` (tuples, lists, dicts) or a user's ``batch_to_xy``,
-exactly as a training batch would be. ``x`` may be a tensor, a tuple or a dict of tensors with the examples along
-dim 0 (:mod:`lightning_stiffness.gram.inputs`). Sampling uses only the generator it is given, never the global random
-state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and their
+collates pad them to one length; the callback's ``probe_collate_fn`` instead, when given), then turned into
+``(x, y)`` by :func:`~lightning_stiffness.measures.batches.default_batch_to_xy` (tuples, lists, dicts) or a user's
+``batch_to_xy``, exactly as a training batch would be. ``x`` may be a tensor, a tuple or a dict of tensors with the
+examples along dim 0 (:mod:`lightning_stiffness.gram.inputs`). Sampling uses only the generator it is given, never
+the global random state. Pure PyTorch: the callback finds the datasets (:func:`find_datasets`) and their
 ``collate_fn`` (:func:`find_collate_fn`), and :func:`build_probe_sets` draws each probe set or restores it from a
 checkpoint's indices.
+
+The collate is run more than once on the same probe examples, under other random seeds: a collate whose batch
+changes (mixup, CutMix, random augmentation) would make every probe measure other blends of the examples, with
+validation examples mixed into training ones, so it is refused (:func:`collate_probe_sets`). A collate that mixes
+deterministically cannot be told from one that does not.
 """
 
+import random
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
+from lightning_stiffness.callback.isolation import preserved_rng
 from lightning_stiffness.exceptions import ProbeDataError
 from lightning_stiffness.gram.inputs import Inputs, num_examples, take
 from lightning_stiffness.measures.batches import default_batch_to_xy
@@ -26,6 +34,9 @@ BatchToXY = Callable[[Any], tuple[Any, Any]]
 Collate = Callable[[list[Any]], Any]
 #: Items collated at a time when labels must be read from the items themselves.
 LABEL_CHUNK = 256
+#: Seeds of the extra collates that tell a random collate: four, so that one applying its augmentation to half the
+#: batches (``p=0.5``) escapes with probability 1/16 at most, on every example at once.
+RECOLLATE_SEEDS = (1, 2, 3, 4)
 
 
 def _label_value(y: Any, where: str) -> int:
@@ -101,8 +112,14 @@ def _labels_of(y: Any, count: int, where: str) -> Tensor:
     """``y`` of a collated batch as ``count`` integer class labels."""
     labels = torch.as_tensor(y) if not isinstance(y, Tensor) else y
     if labels.dim() != 1 or labels.shape[0] != count:
+        soft = labels.dim() == 2 and labels.shape[0] == count and labels.is_floating_point()
+        hint = (
+            " These look like soft labels, which a collate_fn that mixes examples (mixup, CutMix) makes: pass "
+            "`probe_collate_fn` (for example torch.utils.data.default_collate) to batch the probe examples unmixed."
+        )
         raise ProbeDataError(
             f"{where}: expected one class label per example ({count}), got labels of shape {tuple(labels.shape)}."
+            + (hint if soft else "")
         )
     return _checked_labels(labels, where)
 
@@ -143,30 +160,82 @@ def collate_probe_sets(
     indices: dict[str, Tensor],
     collate_fn: Collate | None = None,
     batch_to_xy: BatchToXY | None = None,
+    collate_name: str | None = None,
 ) -> dict[str, ProbeSet]:
     """The items at ``indices`` of each dataset, batched together by ``collate_fn`` and split back into probe sets.
 
     One batch for all sets, so that a padding ``collate_fn`` pads every probe example to the same length.
 
+    Args:
+        collate_name: what ``collate_fn`` is called in messages; default the training dataloader's.
+
     Raises:
         ProbeDataError: when the batch's ``x`` is not a tensor, tuple or dict of tensors holding every example along
-            dim 0 (the message names the entry), or its ``y`` is not one integer label per example.
+            dim 0 (the message names the entry), its ``y`` is not one integer label per example, or collating the
+            same items again under other random seeds gives another batch (a random collate).
     """
     items = [datasets[name][i] for name in indices for i in indices[name].tolist()]
+    where = collate_name or "the training dataloader's `collate_fn`"
     x, y = _collated_xy(items, collate_fn, batch_to_xy)
+    _check_deterministic(items, collate_fn, batch_to_xy, (x, y), where)
     try:
         count = num_examples(x, "x")
     except ValueError as err:
         raise ProbeDataError(f"the probe examples' batch (from `collate_fn` and `batch_to_xy`): {err}") from err
     if count != len(items):
         raise ProbeDataError(f"the probe examples' batch holds {count} examples along dim 0 for {len(items)} items.")
-    labels = _labels_of(y, len(items), "the probe examples' batch")
+    labels = _labels_of(y, len(items), f"the probe examples' batch (from {where})")
     sets, start = {}, 0
     for name, chosen in indices.items():
         span = slice(start, start + len(chosen))
         sets[name] = ProbeSet(indices=chosen.clone(), inputs=take(x, span), labels=labels[span])
         start = span.stop
     return sets
+
+
+def _check_deterministic(
+    items: list[Any], collate_fn: Collate | None, batch_to_xy: BatchToXY | None, first: tuple[Any, Any], where: str
+) -> None:
+    """Collate ``items`` again under each of :data:`RECOLLATE_SEEDS`; refuse a collate whose batch changes. The
+    random states are restored after."""
+    for seed in RECOLLATE_SEEDS:
+        with preserved_rng(torch.device("cpu")):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+            again = _collated_xy(items, collate_fn, batch_to_xy)
+        if not _same(first, again):
+            raise ProbeDataError(
+                f"{where} is random: collating the same probe examples again gave another batch. A collate that mixes "
+                "or augments examples (mixup, CutMix, random crops) would make every probe measure other blends, "
+                "with validation examples mixed into training ones. Pass `probe_collate_fn` to StiffnessCallback "
+                "(for example torch.utils.data.default_collate, or your padding collate without the augmentation)."
+            )
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two collated ``(x, y)`` are equal: the same structure, and tensors equal bit for bit (NaN to NaN)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return torch.equal(a, b) or bool(
+            torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+        )
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b, strict=True))
+    return type(a) is type(b) and bool(a == b)
+
+
+def with_collate(loader: Any, collate_fn: Collate | None) -> Any:
+    """``loader`` itself, or, with ``collate_fn``, a DataLoader over its dataset with its sampler (the distributed
+    one under DDP) and batch size that batches with ``collate_fn`` (no worker processes)."""
+    if collate_fn is None:
+        return loader
+    if getattr(loader, "batch_size", None) is None:  # a loader with its own batch sampler
+        return DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=collate_fn)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, collate_fn=collate_fn)
 
 
 def find_datasets(loaders: Any) -> list[Any]:
@@ -257,6 +326,7 @@ def build_probe_sets(
     restored: dict[str, Tensor] | None = None,
     broadcast: Callable[[Tensor], Tensor] = lambda indices: indices,
     class_names: Sequence[str] | None = None,
+    collate_name: str | None = None,
 ) -> tuple[ProbeSets, dict[str, dict[int, int]]]:
     """Draw (or restore) a probe set from each dataset with one ``torch.Generator(seed)``, in the order given.
 
@@ -266,6 +336,7 @@ def build_probe_sets(
         seed: seed of the generator that draws them.
         batch_to_xy: collated batch -> ``(x, y)``; default :func:`default_batch_to_xy`.
         collate_fn: batches items, as the training dataloader does; default ``torch.utils.data.default_collate``.
+        collate_name: what ``collate_fn`` is called in messages; default the training dataloader's.
         restored: probe set name -> indices saved in a checkpoint, used instead of a draw.
         broadcast: makes every process use rank 0's draw (under DDP).
         class_names: names given by the user; default: the first dataset's ``classes`` attribute, or the labels.
@@ -291,7 +362,7 @@ def build_probe_sets(
                 where,
             )
             indices[name] = broadcast(drawn)
-    sets = collate_probe_sets(datasets, indices, collate_fn, batch_to_xy)
+    sets = collate_probe_sets(datasets, indices, collate_fn, batch_to_xy, collate_name)
     num_classes = max(int(p.labels.max()) + 1 for p in sets.values())
     names = _class_names(class_names, next(iter(datasets.values())), num_classes)
     return ProbeSets(sets, num_classes, names), {name: s for name, s in short.items() if s}
