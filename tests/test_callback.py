@@ -217,6 +217,32 @@ def test_probe_failure_warns_and_training_goes_on(tmp_path):
     assert model.training
 
 
+class MaskedNaN(TinyNet):
+    """Masks the hidden units a NaN input feature reaches (``torch.where``): the loss stays finite, the weights'
+    gradient (input times upstream gradient, 0 * NaN) does not."""
+
+    def forward(self, x):
+        h = self.net[0](x.flatten(1))
+        return self.net[3](self.net[1](torch.where(h.isnan(), torch.zeros_like(h), h)))
+
+
+def test_a_nan_gradient_with_a_finite_loss_skips_the_probe_naming_the_examples(tmp_path):
+    data = DigitsData()
+    x, y = data.val_set.tensors
+    x[[0, 5], 3] = float("nan")  # two validation examples (never trained on) with a missing feature
+    callback = StiffnessCallback(samples_per_class=40, log_images=False)  # every validation example is probed
+    fit = trainer(tmp_path, [callback], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(MaskedNaN(), datamodule=data)
+    skipped = [str(w.message) for w in caught if "was skipped" in str(w.message)]
+    assert len(skipped) == 2  # the probe at initialisation and the one at the epoch's end, one warning each
+    assert all(
+        "ProbeSkipped: the gradient is not finite (NaN or inf) for 2 of" in m and "val #0, val #5" in m for m in skipped
+    )
+    assert callback.last_result is None and not raw_results(fit.log_dir)
+
+
 def test_short_class_uses_what_it_has_with_one_warning(tmp_path):
     with pytest.warns(UserWarning, match="fewer than 40 examples") as caught:
         fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=40, log_images=False)], max_epochs=1)

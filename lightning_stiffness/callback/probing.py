@@ -73,7 +73,8 @@ def measure_probe(
     the trainer's precision plugin converts a batch (``bf16-true``, ``64-true``).
 
     Raises:
-        ProbeSkipped: when the loss of a probe example is not finite.
+        ProbeSkipped: when the loss of a probe example is not finite, or its gradient is not (NaN or inf with a
+            finite loss, for example from a masked NaN input); the message names the examples.
         FailedElsewhere: when the probe failed on another process.
     """
     comm = comm or Communicator()
@@ -85,11 +86,13 @@ def measure_probe(
     total = len(all_y)
     span = comm.span(total)
     # Every failure is agreed on by all processes before the next collective call, so that none is left waiting.
-    representations = comm.agreed(lambda: _checked_forward(model, all_x, all_y, options))
+    named = _ExampleNames(probe_sets)
+    representations = comm.agreed(lambda: _checked_forward(model, all_x, all_y, options, named))
     grams = comm.agreed(lambda: _gram_rows(model, all_x, all_y, span, options, comm, progress))
     rows = torch.arange(span.start, span.stop, device=device)
     parts = {key: GramRows(g, rows, comm.all_norms(g, span, total)) for key, g in grams.items()}
     whole = parts.pop("")
+    _check_finite_gradients(whole, span, total, comm, named)
     layer_grams: dict[str, Tensor | GramRows] = dict(parts)
     features = {name: input_features(x) for name, x in inputs.items()}
     return measure_stiffness(
@@ -186,7 +189,9 @@ def check_probe_loss(
     forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
 
 
-def _checked_forward(model: nn.Module, x: Inputs, y: Tensor, options: ProbeOptions) -> dict[str, Tensor]:
+def _checked_forward(
+    model: nn.Module, x: Inputs, y: Tensor, options: ProbeOptions, named: "_ExampleNames"
+) -> dict[str, Tensor]:
     """One forward without gradients: checks the losses, records the outputs of ``options.layers``.
 
     The model's outputs are only handed to the loss, chunk by chunk, so that any output the loss takes (a Hugging
@@ -202,10 +207,44 @@ def _checked_forward(model: nn.Module, x: Inputs, y: Tensor, options: ProbeOptio
         model, x, options.layers, gram.chunk_size or 512, gram.forward_fn, per_chunk=losses
     )
     assert losses_all is not None  # per_chunk given
-    bad = int((~torch.isfinite(losses_all)).sum())
-    if bad:
-        raise ProbeSkipped(f"the loss is not finite for {bad} of {len(y)} probe examples")
+    bad = torch.nonzero(~torch.isfinite(losses_all)).flatten()
+    if bad.numel():
+        raise ProbeSkipped(f"the loss is not finite for {bad.numel()} of {len(y)} probe examples: {named(bad)}")
     return representations
+
+
+def _check_finite_gradients(
+    whole: GramRows, span: slice, total: int, comm: Communicator, named: "_ExampleNames"
+) -> None:
+    """Refuse a probe with an example whose gradient holds a NaN or an inf although its loss is finite (its squared
+    norm, the Gram matrix's diagonal, is then not finite), or whose Gram matrix overflows elsewhere. Every measure
+    would otherwise quietly leave the example out (its cosines are NaN) or turn NaN (coherence). The diagonal is
+    every process's, and the overflow count is summed over processes, so that all of them raise alike."""
+    bad = torch.nonzero(~torch.isfinite(whole.sq_norms)).flatten()
+    if bad.numel():
+        raise ProbeSkipped(
+            f"the gradient is not finite (NaN or inf) for {bad.numel()} of {total} probe examples although their "
+            f"loss is: {named(bad)}. A NaN in an input that the model masks (torch.where, masked_fill) still "
+            "reaches the gradient; clean such inputs (torch.nan_to_num) before the model"
+        )
+    overflow = comm.sum((~torch.isfinite(whole.values)).sum().reshape(1).to(whole.values.dtype))
+    if bool(overflow.item() > 0):
+        raise ProbeSkipped(
+            f"{int(overflow.item())} dot products of finite per-example gradients overflow {whole.values.dtype}"
+        )
+
+
+class _ExampleNames:
+    """Positions among all probe examples (the sets one after the other) as ``"train #12, val #3"``: each set's
+    name and the example's index in its dataset, the first ten."""
+
+    def __init__(self, probe_sets: dict[str, ProbeSet]) -> None:
+        self.names = [(name, int(i)) for name, p in probe_sets.items() for i in p.indices.tolist()]
+
+    def __call__(self, positions: Tensor) -> str:
+        shown = [f"{self.names[k][0]} #{self.names[k][1]}" for k in positions.tolist()[:10]]
+        more = positions.numel() - len(shown)
+        return ", ".join(shown) + (f" and {more} more" if more else "") + " (probe set #dataset index)"
 
 
 def _gram_rows(
