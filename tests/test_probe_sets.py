@@ -3,9 +3,12 @@ sanity check, a datamodule that builds its sets in ``setup``) is probed from the
 training; a collate that mixes examples at random (mixup, CutMix) is refused with a message naming
 ``probe_collate_fn``, which batches the probe examples (and the whole training set's) unmixed instead."""
 
+import re
+import warnings
+
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
@@ -72,9 +75,29 @@ def test_a_validation_set_loaded_late_is_probed_from_the_first_probe(tmp_path, d
         assert torch.equal(a, b), name  # requesting the validation loader early changes no training step
 
 
-def test_limit_val_batches_zero_probes_the_training_set_alone(tmp_path):
+class NoValidationStep(TinyNet):
+    validation_step = LightningModule.validation_step  # Lightning's own: no validation runs
+
+
+class TrainOnly(LateData):
+    val_dataloader = LightningDataModule.val_dataloader  # Lightning's own: no validation loader
+
+
+@pytest.mark.parametrize(
+    ("module", "data", "trainer_args", "reason"),
+    [
+        (TinyNet, LateData, {"limit_val_batches": 0}, r"`limit_val_batches=0` turns validation off"),
+        (NoValidationStep, LateData, {}, r"the module has no `validation_step`"),
+        (TinyNet, TrainOnly, {}, r"there is no validation dataloader"),
+    ],
+)
+def test_without_a_validation_set_one_warning_says_why(tmp_path, module, data, trainer_args, reason):
     callback = StiffnessCallback(samples_per_class=2, log_images=False, num_bootstrap=0)
-    _fit(tmp_path, [callback], LateData(), limit_val_batches=0, max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [callback], max_epochs=2, **trainer_args).fit(module(), datamodule=data())
+    said = [str(w.message) for w in caught if "take the training set alone" in str(w.message)]
+    assert len(said) == 1 and re.search(reason, said[0]), said
     assert sorted(callback._probe_sets.sets) == ["train"]
     assert callback.last_result.pairs == ["train-train"]
 

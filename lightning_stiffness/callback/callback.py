@@ -632,6 +632,12 @@ def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[s
     found = {"train": find_datasets(trainer.train_dataloader)}
     if trainer.limit_val_batches != 0 and _validation_loaders(trainer) is not None:
         found["val"] = find_datasets(trainer.val_dataloaders)
+    if not found.get("val"):
+        warn_once(
+            "no validation",
+            f"StiffnessCallback: {_no_validation_reason(trainer)}, so the probes take the training set alone: "
+            "train-val and val-val are not measured.",
+        )
     if not found["train"]:
         raise MisconfigurationException("StiffnessCallback could not find the training dataset.")
     for name, datasets in found.items():
@@ -641,18 +647,33 @@ def _datasets(trainer: Trainer, warn_once: Callable[[str, str], None]) -> dict[s
     return {name: datasets[0] for name, datasets in found.items() if datasets}
 
 
+def _no_validation_reason(trainer: Trainer) -> str:
+    """Why a run has no validation set to probe, in a few words."""
+    if trainer.limit_val_batches == 0:
+        return "`limit_val_batches=0` turns validation off"
+    defaults = {getattr(cls, "validation_step", None) for cls in lightning_classes("core", "LightningModule")}
+    if getattr(type(trainer.lightning_module), "validation_step", None) in defaults:
+        return "the module has no `validation_step`, so Lightning runs no validation"
+    if not trainer.enable_validation:
+        return "there is no validation dataloader"
+    return "the validation dataloader has no dataset"
+
+
 def _validation_loaders(trainer: Trainer) -> Any:
     """The validation dataloaders, requested now when Lightning has not yet done so.
 
-    Lightning requests them when validation first runs: with ``check_val_every_n_epoch=2`` and no sanity check, after
-    the first epoch, when the probe sets are long drawn. Its fit loop's own ``setup_data`` is what it would call then
-    (the loaders are requested once, and reloaded as ``reload_dataloaders_every_n_epochs`` says); it loads nothing when
-    the module has no ``validation_step`` or ``limit_val_batches=0``.
+    Lightning requests them when training starts only if the first epoch validates; with
+    ``check_val_every_n_epoch=2`` and no sanity check, after the first epoch, when the probe sets are long drawn.
+    This does what its fit loop does then (``val_loop.setup_data()`` in the validating state): the loaders are
+    requested once, and reloaded as ``reload_dataloaders_every_n_epochs`` says. Nothing is requested when validation
+    is off (``trainer.enable_validation``: no ``validation_step``, no loader, ``limit_val_batches=0``).
     """
-    if trainer.val_dataloaders is None:
-        val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
-        if val_loop is not None and callable(getattr(val_loop, "setup_data", None)):
-            val_loop.setup_data()
+    if trainer.val_dataloaders is None and trainer.enable_validation:
+        trainer.validating = True
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        finally:
+            trainer.training = True
     return trainer.val_dataloaders
 
 
