@@ -1,16 +1,21 @@
 """A small digits setup for callback tests: scikit-learn's bundled digits, nothing downloaded."""
 
+import copy
+import warnings
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import PREFIX, class_matrix_tag
+from tests.reference import PAIRS, cos64, input_distance64, reference_gradients
 
 #: A raw file of format version 1, written by the code before version 2 (TinyNet on digits, 2 examples a class,
 #: ``per_layer``, ``layers=["net.1"]``, class groups, 20 bootstrap draws), and the scalars that code logged for it.
@@ -135,3 +140,139 @@ def _image_steps(log_dir, tag=CLASS_MATRIX_TAG) -> list[int]:
 
 def _stiffness_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if "Stiffness" in str(w.message)]
+
+
+# Shared by the probe tests against float64 references (test_intervals, test_coherence, test_groups, test_dataset).
+
+GROUPS = {"round": [0, 6, 8, 9], "straight": [1, 4, 7], "curly": [2, 3, 5]}
+
+
+class Data(LightningDataModule):
+    def __init__(self, train, val=None, batch_size=16, shuffle=True):
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.batch_size, self.shuffle = batch_size, shuffle
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle)
+
+    def val_dataloader(self):
+        return [] if self.val_set is None else DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class Net(LightningModule):
+    """Digits MLP; ``kind="bn"`` adds BatchNorm1d, ``"gru"`` reads the 8x8 image as 8 steps of 8 pixels;
+    ``dead_pixel``: examples whose pixel 36 is below 0.3 get constant outputs (zero gradient, NaN stiffness)."""
+
+    def __init__(self, kind="mlp", dead_pixel=False, dropout=0.0, lr=0.1):
+        super().__init__()
+        self.kind, self.dead_pixel, self.lr = kind, dead_pixel, lr
+        if kind == "gru":
+            self.gru = nn.GRU(8, 8, batch_first=True)
+            self.head = nn.Linear(8, 10)
+        else:
+            hidden = [nn.Linear(64, 12)] + ([nn.BatchNorm1d(12)] if kind == "bn" else [])
+            self.net = nn.Sequential(*hidden, nn.ReLU(), nn.Dropout(dropout), nn.Linear(12, 10))
+
+    def forward(self, x):
+        if self.kind == "gru":
+            out = self.head(self.gru(x.reshape(-1, 8, 8))[0][:, -1])
+        else:
+            out = self.net(x.flatten(1))
+        if self.dead_pixel:
+            out = out * (x.flatten(1)[:, 36:37] >= 0.3).to(out.dtype)
+        return out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class Snapshots(Callback):
+    """The module's state at the start of training and at each epoch's end (put it before the stiffness callback)."""
+
+    def __init__(self):
+        self.states = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.states[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
+def digits_sets(per_class_train=None, per_class_val=None, n=600):
+    x, y = digits_tensors(n)
+    xt, yt, xv, yv = x[:400], y[:400], x[400:], y[400:]
+
+    def cut(xs, ys, counts):
+        if counts is None:
+            return xs, ys
+        keep = torch.cat([torch.nonzero(ys == c).flatten()[: counts.get(c, 10**6)] for c in range(10)])
+        keep = keep.sort().values
+        return xs[keep], ys[keep]
+
+    xt, yt = cut(xt, yt, per_class_train)
+    xv, yv = cut(xv, yv, per_class_val)
+    return TensorDataset(xt, yt), TensorDataset(xv, yv)
+
+
+def fit(tmp_path, model, data, stiffness, **kwargs):
+    snaps = Snapshots()
+    options = dict(max_epochs=1, limit_train_batches=2)
+    options.update(kwargs)
+    t = trainer(tmp_path, [snaps, stiffness], **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t.fit(model, datamodule=data)
+    return t, snaps
+
+
+def probe_results(t):
+    return {
+        name: StiffnessResult.from_dict(d)
+        for name, d in raw_results(t.log_dir).items()
+        if not name.startswith("dataset")
+    }
+
+
+def probe_reference(model_cls_kwargs, state, result, data, layer=None):
+    """Float64 per-example gradients of the probe examples (model rebuilt from ``state``), their cosines, input
+    distances (and a layer's cosine distances) per pair."""
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    model = Net(**model_cls_kwargs).to(dtype)
+    model.load_state_dict(state)
+    sets = {"train": data.train_set, "val": data.val_set}
+    xs, g = {}, {}
+    for name, idx in result.indices.items():
+        x, y = sets[name].tensors[0][idx], sets[name].tensors[1][idx]
+        assert torch.equal(y, result.labels[name])
+        xs[name] = x
+        g[name] = reference_gradients(model, x, y, float64_copy=True)
+    cos, dist, ldist = {}, {}, {}
+    m64 = copy.deepcopy(model).double().eval()
+    for pair, (r, c) in PAIRS.items():
+        if r in g and c in g:
+            cos[pair] = cos64(g[r], g[c])
+            dist[pair] = input_distance64(xs[r], xs[c])
+            if layer is not None:
+                module = dict(m64.named_modules())[layer]
+                outs = {}
+                for name in (r, c):
+                    captured = []
+                    handle = module.register_forward_hook(lambda mod, i, o, out=captured: out.append(o))
+                    with torch.no_grad():
+                        m64(xs[name].double())
+                    handle.remove()
+                    outs[name] = captured[0]
+                ldist[pair] = input_distance64(outs[r], outs[c])
+    return g, cos, dist, ldist

@@ -2,7 +2,9 @@
 parameters are factored, convolutional, or left to the exact fallback (a GRU), and under 2-process DDP."""
 
 import contextlib
+import copy
 import io
+import math
 import warnings
 
 import numpy as np
@@ -11,7 +13,8 @@ import torch
 from lightning.pytorch import seed_everything
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import (
@@ -23,8 +26,21 @@ from lightning_stiffness.functional import (
 )
 from lightning_stiffness.images.specs import dataset_specs
 from lightning_stiffness.names import dataset_class_matrix_tag, dataset_class_tag
-from tests.helpers import DigitsData, TinyNet, events, raw_results, trainer
-from tests.reference import reference_gradients
+from tests.helpers import (
+    Data,
+    DigitsData,
+    Net,
+    Snapshots,
+    TinyNet,
+    digits_tensors,
+    events,
+    fit,
+    probe_reference,
+    probe_results,
+    raw_results,
+    trainer,
+)
+from tests.reference import class_matrix_loop, coherence64, cos64, reference_gradients, within_between64
 
 
 class SmallGRU(nn.Module):
@@ -147,3 +163,293 @@ def test_callback_logs_the_whole_training_set(tmp_path, ddp):
     spec = dataset_specs(got["class_matrix"], [str(c) for c in range(10)], 0, 4)[dataset_class_matrix_tag()]
     np.testing.assert_allclose(spec.matrix, got["class_matrix"].double().numpy())
     assert f"within {within:.2f}, between {between:.2f}" in spec.title and "epoch 0, step 4" in spec.title
+
+
+def _dataset_loop(g, y, num_classes):
+    """Mean cosine over all pairs i != j by class pair; examples with a zero gradient left out."""
+    keep = g.norm(dim=1) > 0
+    g, y = g[keep], y[keep]
+    return class_matrix_loop(cos64(g, g), y, y, num_classes, same_set=True)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 10)
+        )
+
+    def forward(self, x):
+        return self.body(x.reshape(-1, 1, 8, 8))
+
+
+class SeqGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(8, 6, batch_first=True)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.head(self.gru(x.reshape(-1, 8, 8))[0][:, -1])
+
+
+def _dataset_case(name):
+    torch.manual_seed(0)
+    x, y = digits_tensors(301)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    elif name == "cnn":
+        model = SmallCNN()
+        bn = model.body[1]
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    else:
+        model = SeqGRU()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gru"])
+def test_dataset_class_stiffness_against_a_float64_loop(name):
+    """301 examples in batches of 30 (the last one holds a single example), shuffled; class 9 reduced to a single
+    example (its diagonal entry NaN)."""
+    model, x, y = _dataset_case(name)
+    y = y.clone()
+    nines = torch.nonzero(y == 9).flatten()
+    y[nines[1:]] = 8  # one example of class 9 left
+    before = copy.deepcopy(model.state_dict())
+    expected = _dataset_loop(reference_gradients(model, x, y, float64_copy=True), y, 10)
+    loader = DataLoader(TensorDataset(x, y), batch_size=30, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(x) % 30 == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = dataset_class_stiffness(model, loader, num_classes=10)
+    assert got.dtype == torch.float64 and got.shape == (10, 10)
+    assert math.isnan(got[9, 9]) and math.isnan(expected[9, 9])
+    assert torch.allclose(got, expected, atol=2e-6, equal_nan=True), (got - expected).abs().nan_to_num().max()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+class Tokens(Dataset):
+    def __init__(self, n=120, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            length = int(torch.randint(3, 9, (1,), generator=g))
+            label = int(torch.randint(0, 4, (1,), generator=g))
+            tokens = torch.randint(1, 20, (length,), generator=g)
+            tokens[0] = 1 + label  # a class signal
+            self.items.append({"tokens": tokens, "cls": torch.tensor(label)})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def pad_collate(items):
+    longest = max(len(it["tokens"]) for it in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    mask = torch.zeros(len(items), longest)
+    for k, it in enumerate(items):
+        ids[k, : len(it["tokens"])] = it["tokens"]
+        mask[k, : len(it["tokens"])] = 1
+    return {"ids": ids, "mask": mask, "cls": torch.stack([it["cls"] for it in items])}
+
+
+class MeanPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 4)
+
+    def classify(self, ids, mask):
+        h = torch.tanh(self.mix(self.emb(ids)))
+        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def test_dataset_class_stiffness_dict_batches_with_padding():
+    torch.manual_seed(0)
+    data = Tokens()
+    model = MeanPool().eval()
+    forward = lambda m, x: m.classify(x["ids"], x["mask"])  # noqa: E731
+    to_xy = lambda batch: ({"ids": batch["ids"], "mask": batch["mask"]}, batch["cls"])  # noqa: E731
+    # Reference: each example alone, unpadded.
+    rows, labels = [], []
+    for item in data.items:
+        x = {"ids": item["tokens"][None], "mask": torch.ones(1, len(item["tokens"]))}
+        rows.append(reference_gradients(model, x, item["cls"][None], forward_fn=forward, float64_copy=True))
+        labels.append(int(item["cls"]))
+    y = torch.tensor(labels)
+    expected = _dataset_loop(torch.cat(rows), y, 4)
+    loader = DataLoader(data, batch_size=16, shuffle=True, collate_fn=pad_collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = dataset_class_stiffness(model, loader, 4, forward_fn=forward, batch_to_xy=to_xy)
+    assert torch.allclose(got, expected, atol=2e-6, equal_nan=True), (got - expected).abs().max()
+
+
+def test_dataset_class_stiffness_with_zero_gradient_examples():
+    """Examples with no gradient have no direction: left out (as their NaN stiffness is in a probe)."""
+    x, y = digits_tensors(120)
+    torch.manual_seed(0)
+    model = Net(dead_pixel=True).eval()
+    g = reference_gradients(model, x, y, float64_copy=True)
+    assert (g.norm(dim=1) == 0).any() and (g.norm(dim=1) > 0).sum() > 50
+    expected = _dataset_loop(g, y, 10)
+    got = dataset_class_stiffness(model, DataLoader(TensorDataset(x, y), batch_size=25), 10)
+    assert torch.allclose(got, expected, atol=2e-6, equal_nan=True)
+
+
+class BNNet(Net):
+    def __init__(self):
+        super().__init__(kind="bn", dropout=0.2)
+
+
+def test_callback_dataset_measure_logs_saves_and_leaves_training_unchanged(tmp_path):
+    x, y = digits_tensors(180)
+    train = TensorDataset(x[:130], y[:130])
+    val = TensorDataset(x[130:], y[130:])
+    data = Data(train, val, batch_size=16, shuffle=True)
+
+    def run(path, callbacks):
+        seed_everything(0)
+        model = BNNet()
+        t = trainer(path, callbacks, max_epochs=2, limit_train_batches=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t.fit(model, datamodule=data)
+        return t, model
+
+    _, plain = run(tmp_path / "plain", [])
+    snaps = Snapshots()
+    cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], dataset_every_n_epochs=1, num_bootstrap=0)
+    t, measured = run(tmp_path / "measured", [snaps, cb])
+    for (k, a), (k2, b) in zip(plain.state_dict().items(), measured.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+
+    raw = raw_results(t.log_dir)
+    files = sorted(name for name in raw if name.startswith("dataset"))
+    assert files == ["dataset-epoch=0-step=3.pt", "dataset-epoch=1-step=6.pt"]
+    acc = events(t.log_dir)
+    within = {e.step: e.value for e in acc.Scalars("stiffness/dataset/cosine/within_class")}
+    between = {e.step: e.value for e in acc.Scalars("stiffness/dataset/cosine/between_class")}
+    images = {e.step for e in acc.Images("stiffness/dataset/cosine/class_matrix")}
+    assert set(within) == set(between) == images == {3, 6}
+    for event in acc.Images("stiffness/dataset/cosine/class_matrix"):
+        picture = Image.open(io.BytesIO(event.encoded_image_string))
+        assert picture.size[0] > 100 and picture.size[1] > 100
+    for name in files:
+        saved = raw[name]
+        assert set(saved) == {"class_matrix", "epoch", "step", "seconds"}
+        step = saved["step"]
+        model = BNNet()
+        model.load_state_dict(snaps.states[step])
+        expected = _dataset_loop(reference_gradients(model, x[:130], y[:130], float64_copy=True), y[:130], 10)
+        assert torch.allclose(saved["class_matrix"].double(), expected, atol=2e-6, equal_nan=True)
+        w, b = within_between64(expected)
+        assert within[step] == pytest.approx(w, abs=1e-5)
+        assert between[step] == pytest.approx(b, abs=1e-5)
+
+
+def test_float64_training_probe_and_dataset_measure_agree_with_float64_loops(tmp_path):
+    """precision="64-true": the probe and the whole-training-set measure run in float64 (no dtype clash with the
+    loader's float32 inputs) and agree with float64 loops to ~1e-10."""
+    x, y = digits_tensors(150)
+    train, val = TensorDataset(x[:100], y[:100]), TensorDataset(x[100:], y[100:])
+    data = Data(train, val, batch_size=32)
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], dataset_every_n_epochs=1, num_bootstrap=0,
+                           log_images=False, probe_at_start=False)  # fmt: skip
+    t, snaps = fit(tmp_path, Net(kind="bn"), data, cb, precision="64-true")
+    raw = raw_results(t.log_dir)
+    assert "dataset-epoch=0-step=2.pt" in raw, sorted(raw)
+    model = Net(kind="bn").double()
+    model.load_state_dict(snaps.states[2])
+    expected = _dataset_loop(reference_gradients(model, x[:100], y[:100], float64_copy=True), y[:100], 10)
+    got = raw["dataset-epoch=0-step=2.pt"]["class_matrix"]
+    assert torch.allclose(got, expected, atol=1e-10, equal_nan=True), (got - expected).abs().nan_to_num().max()
+    (result,) = probe_results(t).values()
+    g, _, _, _ = probe_reference({"kind": "bn"}, snaps.states[result.step], result, data)
+    coherence, diversity = coherence64(g["train"])
+    assert result.gradient_coherence["train"] == pytest.approx(coherence, rel=1e-9)
+    assert result.gradient_diversity["train"] == pytest.approx(diversity, rel=1e-9)
+
+
+def test_dataset_class_stiffness_frozen_layer_custom_loss_and_errors():
+    torch.manual_seed(0)
+    x, y = digits_tensors(90)
+    model = nn.Sequential(nn.Linear(64, 10), nn.Tanh(), nn.Linear(10, 10)).eval()
+    model[0].requires_grad_(False)
+
+    def loss_fn(out, t):  # per-example squared error to the one-hot target
+        return ((out - F.one_hot(t, 10).to(out.dtype)) ** 2).sum(1)
+
+    expected = _dataset_loop(reference_gradients(model, x, y, loss_fn, float64_copy=True), y, 10)
+    got = dataset_class_stiffness(model, DataLoader(TensorDataset(x, y), batch_size=7), 10, loss_fn=loss_fn)
+    assert torch.allclose(got, expected, atol=2e-6, equal_nan=True)
+    assert model[0].weight.grad is None and model[2].weight.grad is None
+    with pytest.raises(ValueError, match="num_classes"):
+        dataset_class_stiffness(model, DataLoader(TensorDataset(x, y), batch_size=7), 0)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        dataset_class_stiffness(model, DataLoader(TensorDataset(x, y), batch_size=7), 5)
+    bn = nn.Sequential(nn.Linear(64, 4), nn.BatchNorm1d(4), nn.Linear(4, 10)).train()
+    with pytest.raises(ValueError, match=r"(?i)batchnorm|train"):
+        dataset_class_stiffness(bn, DataLoader(TensorDataset(x, y), batch_size=7), 10)
+
+
+def test_bf16_true_training_still_gets_the_dataset_measure(tmp_path):
+    """The probe converts its inputs as the precision plugin does; the whole-training-set measure must too."""
+    x, y = digits_tensors(150)
+    data = Data(TensorDataset(x[:100], y[:100]), TensorDataset(x[100:], y[100:]), batch_size=32)
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], dataset_every_n_epochs=1, num_bootstrap=0,
+                           log_images=False, probe_at_start=False, strict=False)  # fmt: skip
+    t, _ = fit(tmp_path, Net(), data, cb, precision="bf16-true")
+    assert "dataset-epoch=0-step=2.pt" in raw_results(t.log_dir)
+
+
+class PackedGRU(nn.Module):
+    """A GRU over padded token sequences, packed by their lengths (so padding cannot change the outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 5)
+        self.gru = nn.GRU(5, 6, batch_first=True)
+        self.head = nn.Linear(6, 4)
+
+    def classify(self, ids, mask):
+        lengths = mask.sum(1).long().cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, h = self.gru(packed)
+        return self.head(h[-1])
+
+
+def test_dataset_class_stiffness_packed_gru_dict_batches():
+    torch.manual_seed(0)
+    data = Tokens(n=90, seed=1)
+    model = PackedGRU().eval()
+    forward = lambda m, x: m.classify(x["ids"], x["mask"])  # noqa: E731
+    to_xy = lambda batch: ({"ids": batch["ids"], "mask": batch["mask"]}, batch["cls"])  # noqa: E731
+    rows = [
+        reference_gradients(
+            model,
+            {"ids": it["tokens"][None], "mask": torch.ones(1, len(it["tokens"]))},
+            it["cls"][None],
+            forward_fn=forward,
+            float64_copy=True,
+        )
+        for it in data.items
+    ]
+    y = torch.tensor([int(it["cls"]) for it in data.items])
+    expected = _dataset_loop(torch.cat(rows), y, 4)
+    loader = DataLoader(data, batch_size=8, shuffle=True, collate_fn=pad_collate)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = dataset_class_stiffness(model, loader, 4, forward_fn=forward, batch_to_xy=to_xy)
+    assert torch.allclose(got, expected, atol=2e-6, equal_nan=True), (got - expected).abs().max()

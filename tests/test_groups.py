@@ -6,7 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import (
     class_stiffness,
     cosine_stiffness,
@@ -24,8 +27,9 @@ from lightning_stiffness.measures.metrics import GradientAlignment
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import gradient_coherence_tag, gradient_diversity_tag, group_tag
+from tests.helpers import GROUPS, Data, Net, digits_sets, events, fit, probe_reference, probe_results, trainer
 from tests.models import build, make_inputs
-from tests.reference import reference_gradients
+from tests.reference import PAIRS, class_matrix_loop, reference_gradients
 
 
 def test_resolve_groups_from_a_list_or_a_dict():
@@ -175,3 +179,93 @@ def test_groups_without_the_stiffness_matrices_are_refused():
     result = measure_stiffness(rows, {"train": torch.randn(24, 5)}, {"train": labels}, {"train": labels}, num_classes=4)
     with pytest.raises(ValueError, match="class groups need the train-train cosine stiffness and class matrices"):
         add_group_measures(result, ["a", "a", "b", "b"])
+
+
+def test_group_matrix_and_scalars_against_loops(tmp_path):
+    train, val = digits_sets(None, {7: 0})
+    data = Data(train, val)
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=3, class_groups=GROUPS, num_bootstrap=0, every_n_epochs=0)
+    t, snaps = fit(tmp_path, Net(), data, cb)
+    (result,) = probe_results(t).values()
+    _, cos, _, _ = probe_reference({}, snaps.states[result.step], result, data)
+    of_class = torch.zeros(10, dtype=torch.long)
+    for gi, classes in enumerate(GROUPS.values()):
+        of_class[classes] = gi
+    assert result.group_names == list(GROUPS)
+    acc = events(t.log_dir)
+    for pair, (r, c) in PAIRS.items():
+        la, lb = result.labels[r], result.labels[c]
+        sign = torch.sign(cos[pair])  # sign of g_i . g_j
+        for kind, s in (("cosine", cos[pair]), ("sign", sign)):
+            # Group matrix: mean over pairs of examples (i != j), by group, in a plain loop.
+            sums, counts = torch.zeros(3, 3, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64)
+            for i in range(len(la)):
+                for j in range(len(lb)):
+                    if (r == c and i == j) or not math.isfinite(float(s[i, j])):
+                        continue
+                    gi, gj = of_class[la[i]], of_class[lb[j]]
+                    sums[gi, gj] += s[i, j]
+                    counts[gi, gj] += 1
+            expected = torch.where(counts > 0, sums / counts, torch.full_like(sums, math.nan))
+            got = result.group_matrices[f"{pair}/{kind}"].double()
+            assert torch.allclose(got, expected, atol=1e-5, equal_nan=True), (pair, kind, got, expected)
+            m = class_matrix_loop(s, la, lb, 10, r == c)
+            same = of_class[:, None] == of_class[None, :]
+            off = ~torch.eye(10, dtype=torch.bool)
+            within_group = float(m[same & off].nanmean())
+            between_groups = float(m[~same].nanmean())
+            assert result.between_class_within_group[f"{pair}/{kind}"] == pytest.approx(within_group, abs=1e-5)
+            assert result.between_groups[f"{pair}/{kind}"] == pytest.approx(between_groups, abs=1e-5)
+            for tag, want in (("between_class_within_group", within_group), ("between_groups", between_groups)):
+                (event,) = acc.Scalars(f"stiffness/{pair}/{kind}/{tag}")
+                assert event.step == result.step and event.value == pytest.approx(want, abs=1e-5)
+            assert f"stiffness/{pair}/{kind}/group_matrix" in acc.Tags()["images"]
+
+
+def test_group_list_form_and_groups_of_one_class(tmp_path):
+    train, val = digits_sets()
+    data = Data(train, val)
+    seed_everything(0)
+    groups = ["a", "b", "b", "b", "b", "b", "b", "b", "b", "c"]  # "a" and "c" hold one class each
+    cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], class_groups=groups, num_bootstrap=0,
+                           every_n_epochs=0, log_images=False)  # fmt: skip
+    t, _ = fit(tmp_path / "list", Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert result.group_names == ["a", "b", "c"]
+    assert math.isfinite(result.between_class_within_group["train-train/cosine"])
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], class_groups=list(range(10)), num_bootstrap=0,
+                           every_n_epochs=0, log_images=False)  # fmt: skip
+    t, _ = fit(tmp_path / "singletons", Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert math.isnan(result.between_class_within_group["train-train/cosine"])  # no two classes share a group
+    assert math.isfinite(result.between_groups["train-train/cosine"])
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        {"a": [0, 1, 2, 3, 4], "b": [4, 5, 6, 7, 8, 9]},  # a class in two groups
+        {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8]},  # class 9 in no group
+        {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9, 10]},  # unknown class 10
+        {"a": [-1, 0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]},  # negative class
+        [0, 0, 1, 1],  # a list with the wrong length
+    ],
+)
+@pytest.mark.parametrize("strict", [True, False])
+def test_bad_class_groups_raise_an_error_naming_the_argument(tmp_path, groups, strict):
+    """Errors that only show once the classes are known must still stop the run, naming `class_groups`, not turn
+    every probe into a skipped one."""
+    train, val = digits_sets()
+    data = Data(train, val)
+    cb = StiffnessCallback(samples_per_class=2, class_groups=groups, strict=strict, log_images=False, num_bootstrap=0)
+    t = trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
+    with pytest.raises((MisconfigurationException, ValueError), match="class_groups"):
+        t.fit(Net(), datamodule=data)
+
+
+@pytest.mark.parametrize("groups", ["abc", {"a": "0123"}, {}, [], [0.5] * 10, {"a": [0, 1.0]}, [True] * 10])
+def test_malformed_class_groups_are_refused_at_construction(groups):
+    with pytest.raises(MisconfigurationException, match="class_groups"):
+        StiffnessCallback(class_groups=groups)

@@ -5,16 +5,41 @@ import math
 
 import pytest
 import torch
+from lightning.pytorch import LightningDataModule, seed_everything
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
-from lightning_stiffness.functional import class_stiffness, cosine_stiffness, critical_distance, within_between
+from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.functional import (
+    class_stiffness,
+    cosine_stiffness,
+    critical_distance,
+    distance_bin_edges,
+    within_between,
+)
 from lightning_stiffness.measures.intervals import (
     bootstrap_intervals,
     bootstrap_weights,
+    curve_bands,
+    draw_weights,
     percentile_interval,
     weighted_class_sums,
     xi_draws,
 )
-from lightning_stiffness.names import INPUT
+from lightning_stiffness.names import INPUT, SIDES, class_tag, critical_distance_tag
+from tests.helpers import GROUPS, Data, Net, digits_sets, events, fit, probe_reference, probe_results
+from tests.reference import (
+    PAIRS,
+    bin_means64,
+    check_intervals_against_brute_force,
+    class_matrix_loop,
+    cos64,
+    input_distance64,
+    percentile64,
+    weights_are_within_class_resamples,
+    within_between64,
+    xi64,
+)
 
 
 def _population(classes: int = 3, per_class: int = 300, dim: int = 12, seed: int = 0):
@@ -151,3 +176,246 @@ def test_intervals_without_a_source_of_draws_or_the_stiffness_matrices_are_refus
     result = measure_stiffness(rows, {"train": torch.randn(4, 2)}, {"train": y}, {"train": y}, num_classes=2)
     with pytest.raises(ValueError, match="intervals need the train-train cosine stiffness matrix"):
         add_intervals(result, 5, seed=0)
+
+
+def _input_space(by_pair):
+    """Pair -> a value of input space, as pair -> space -> value (the layout of curve_bands and bootstrap_intervals)."""
+    return {pair: {INPUT: value} for pair, value in by_pair.items()}
+
+
+def test_intervals_and_bands_equal_per_draw_loops_with_tiny_classes_missing_val_class_and_nan(tmp_path):
+    """Class 9 has one training example, class 8 two; class 7 is missing from val; some examples have a zero
+    gradient (NaN stiffness). Point estimates, every interval and every band against float64 loops."""
+    train, val = digits_sets({9: 1, 8: 2}, {7: 0})
+    data = Data(train, val)
+    seed_everything(0)
+    model = Net(dead_pixel=True)
+    cb = StiffnessCallback(samples_per_class=4, kinds=["cosine"], seed=3, every_n_epochs=1, log_images=False)
+    t, snaps = fit(tmp_path, model, data, cb)
+    results = probe_results(t)
+    assert len(results) == 2
+    for result in results.values():
+        _, cos, dist, _ = probe_reference({"dead_pixel": True}, snaps.states[result.step], result, data)
+        assert any(torch.isnan(c).any() for c in cos.values()), "the case must have NaN stiffness"
+        for pair, (r, c) in PAIRS.items():
+            assert torch.allclose(result.stiffness[f"{pair}/cosine"].double(), cos[pair], atol=1e-5, equal_nan=True)
+            m = class_matrix_loop(cos[pair], result.labels[r], result.labels[c], 10, r == c)
+            wi, be = within_between64(m)
+            assert result.within_class[f"{pair}/cosine"] == pytest.approx(wi, abs=1e-5)
+            assert result.between_class[f"{pair}/cosine"] == pytest.approx(be, abs=1e-5)
+            assert result.critical_distance[pair] == pytest.approx(
+                xi64(cos[pair], dist[pair], result.labels[r], result.labels[c], r == c), rel=1e-4, abs=1e-5
+            )
+        check_intervals_against_brute_force(result, cos, dist, seed=3)
+
+
+def test_intervals_with_layers_two_draws_and_zero_draws(tmp_path):
+    train, val = digits_sets()
+    data = Data(train, val)
+    seed_everything(1)
+    cb = StiffnessCallback(
+        samples_per_class=3, kinds=["cosine"], layers=["net.1"], num_bootstrap=2, every_n_epochs=0, log_images=False
+    )
+    t, snaps = fit(tmp_path / "two", Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert "train-val/net.1" in result.curve_intervals
+    assert "stiffness/train-val/critical_distance/net.1" in result.intervals
+    _, cos, dist, ldist = probe_reference({}, snaps.states[result.step], result, data, layer="net.1")
+    check_intervals_against_brute_force(result, cos, dist, seed=0, ldist=ldist, layer="net.1", num_draws=2)
+
+    seed_everything(1)
+    cb = StiffnessCallback(samples_per_class=3, kinds=["cosine"], num_bootstrap=0, every_n_epochs=0)
+    t, _ = fit(tmp_path / "zero", Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert result.intervals == {} and result.curve_intervals == {}
+    assert "stiffness/train-val/distance_curve" in events(t.log_dir).Tags()["images"]
+
+
+def test_num_bootstrap_one_or_negative_is_refused_naming_the_argument():
+    for bad in (1, -1):
+        with pytest.raises(MisconfigurationException, match="num_bootstrap"):
+            StiffnessCallback(num_bootstrap=bad)
+
+
+def test_intervals_are_reproducible_seeded_contain_the_estimate_and_bands_bracket_bin_means(tmp_path):
+    train, val = digits_sets()
+    data = Data(train, val)
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        seed_everything(0)
+        cb = StiffnessCallback(samples_per_class=6, seed=seed, every_n_epochs=0, log_images=False)
+        t, _ = fit(tmp_path / name, Net(), data, cb)
+        (runs[name],) = probe_results(t).values()
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert a.intervals == b.intervals
+    for key in a.curve_intervals:
+        for side in ("within", "between"):
+            for x, y in zip(a.curve_intervals[key][side], b.curve_intervals[key][side], strict=True):
+                assert torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0))
+    assert a.intervals != c.intervals  # another seed: other probe examples and other draws
+    # Typical case: each interval contains its estimate; band ends bracket well-filled bins' means.
+    for pair in a.pairs:
+        for kind in a.kinds:
+            for side, values in (("within_class", a.within_class), ("between_class", a.between_class)):
+                low, high = a.intervals[f"stiffness/{pair}/{kind}/{side}"]
+                assert low <= values[f"{pair}/{kind}"] <= high, (pair, kind, side)
+        low, high = a.intervals[f"stiffness/{pair}/critical_distance/input"]
+        assert low <= a.critical_distance[pair] <= high
+        for side in ("within", "between"):
+            curve = a.curves[pair][side]
+            band_low, band_high = a.curve_intervals[pair][side]
+            for k in range(len(curve.count)):
+                if curve.count[k] >= 100:
+                    assert band_low[k] <= curve.mean[k] <= band_high[k], (pair, side, k)
+
+
+def test_quantile_edges_bands_against_a_loop():
+    """curve_bands with unequal-width (quantile) edges, NaN stiffness and a class of one example."""
+    g = torch.Generator().manual_seed(0)
+    labels = {"train": torch.tensor([0] * 6 + [1] * 5 + [2] * 1), "val": torch.tensor([0] * 4 + [1] * 5)}
+    feats = {k: torch.randn(len(v), 5, generator=g, dtype=torch.float64) + v[:, None] for k, v in labels.items()}
+    grads = {k: torch.randn(len(v), 7, generator=g, dtype=torch.float64) + v[:, None] for k, v in labels.items()}
+    grads["train"][2] = 0
+    stiffness, distances, edges = {}, {}, {}
+    for pair, (r, c) in PAIRS.items():
+        stiffness[f"{pair}/cosine"] = cos64(grads[r], grads[c])
+        distances[pair] = input_distance64(feats[r], feats[c])
+        mask = ~torch.eye(len(labels[r]), dtype=torch.bool) if r == c else None
+        edges[pair] = distance_bin_edges(distances[pair], mask, 4, binning="quantile")
+    weights = draw_weights(labels, 60, torch.Generator().manual_seed(1))
+    weights_are_within_class_resamples(weights, labels)
+    nested = {pair: {"cosine": stiffness[f"{pair}/cosine"]} for pair in PAIRS}
+    bands = curve_bands(nested, _input_space(distances), _input_space(edges), labels, "cosine", weights)
+    bands = {pair: by_space[INPUT] for pair, by_space in bands.items()}
+    for pair, (r, c) in PAIRS.items():
+        means = torch.stack(
+            [
+                bin_means64(
+                    stiffness[f"{pair}/cosine"],
+                    distances[pair],
+                    edges[pair],
+                    labels[r],
+                    labels[c],
+                    r == c,
+                    weights[r][b],
+                    weights[c][b],
+                )
+                for b in range(60)
+            ]
+        )
+        for si, side in enumerate(("within", "between")):
+            for k in range(4):
+                want = percentile64(means[:, si, k].tolist())
+                got = (float(bands[pair][side][0][k]), float(bands[pair][side][1][k]))
+                assert got == pytest.approx(want, abs=1e-6, nan_ok=True), (pair, side, k)
+
+
+@pytest.mark.parametrize("n", [900, 1100])
+def test_bands_and_intervals_of_large_probe_sets_against_vectorised_definitions(n):
+    """Sizes past the int16 sort keys (n * 2 * bins >= 2**15) and past the cached pair list (n > 1024)."""
+    g = torch.Generator().manual_seed(n)
+    labels = {"train": torch.randint(0, 10, (n,), generator=g)}
+    grads = torch.randn(n, 6, generator=g, dtype=torch.float64) + 0.5 * labels["train"][:, None].double()
+    feats = torch.randn(n, 5, generator=g, dtype=torch.float64) + labels["train"][:, None].double()
+    cos = cos64(grads, grads)
+    dist = input_distance64(feats, feats).clamp_min(0)
+    distances = {"train-train": dist}
+    mask = ~torch.eye(n, dtype=torch.bool)
+    edges = {"train-train": distance_bin_edges(dist, mask, 20)}
+    weights = draw_weights(labels, 3, torch.Generator().manual_seed(2))
+    nested = {"train-train": {"cosine": cos}}
+    bands = curve_bands(nested, _input_space(distances), _input_space(edges), labels, "cosine", weights)
+    bands = {pair: by_space[INPUT] for pair, by_space in bands.items()}
+    found = bootstrap_intervals(
+        nested, _input_space(distances), labels, ("cosine",), "cosine", 10, 3, None, weights=weights
+    )
+    intervals = {
+        class_tag("train-train", "cosine", side): found.classes["train-train"]["cosine"][side] for side in SIDES
+    }
+    intervals[critical_distance_tag("train-train")] = found.critical_distances["train-train"][INPUT]
+    y = labels["train"]
+    k = torch.bucketize(dist, edges["train-train"][1:-1], right=True).clamp_max(19)
+    side = (y[:, None] != y[None, :]).long()
+    slot = (side * 20 + k)[mask]
+    draws, within, between, xis = [], [], [], []
+    for b in range(3):
+        w = (weights["train"][b].double()[:, None] * weights["train"][b].double()[None, :])[mask]
+        num = torch.bincount(slot, weights=w * cos[mask], minlength=40)
+        den = torch.bincount(slot, weights=w, minlength=40)
+        draws.append(torch.where(den > 0, num / den, torch.full_like(num, math.nan)))
+        m = class_matrix_loop(cos, y, y, 10, True, weights["train"][b], weights["train"][b])
+        within.append(within_between64(m)[0])
+        between.append(within_between64(m)[1])
+        xis.append(xi64(cos, dist, y, y, True, weights["train"][b], weights["train"][b]))
+    draws = torch.stack(draws).view(3, 2, 20)
+    for si, s in enumerate(("within", "between")):
+        for b in range(20):
+            want = percentile64(draws[:, si, b].tolist())
+            got = (float(bands["train-train"][s][0][b]), float(bands["train-train"][s][1][b]))
+            assert got == pytest.approx(want, abs=1e-5, nan_ok=True), (s, b)
+    assert intervals["stiffness/train-train/cosine/within_class"] == pytest.approx(percentile64(within), abs=1e-5)
+    assert intervals["stiffness/train-train/cosine/between_class"] == pytest.approx(percentile64(between), abs=1e-5)
+    assert intervals["stiffness/train-train/critical_distance/input"] == pytest.approx(percentile64(xis), rel=1e-4)
+
+
+def test_sign_and_cosine_intervals_with_a_class_missing_from_train(tmp_path):
+    """Both kinds, class 3 absent from the training data (present in val), zero-gradient examples."""
+    train, val = digits_sets({3: 0, 9: 2}, None)
+    data = Data(train, val)
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=3, seed=1, every_n_epochs=0, log_images=False, num_bootstrap=50)
+    t, snaps = fit(tmp_path, Net(dead_pixel=True), data, cb)
+    (result,) = probe_results(t).values()
+    assert result.num_classes == 10 and 3 not in result.labels["train"].tolist()
+    g, cos, dist, _ = probe_reference({"dead_pixel": True}, snaps.states[result.step], result, data)
+    sign = {}
+    for pair, (r, c) in PAIRS.items():
+        gram = g[r] @ g[c].T
+        sign[pair] = torch.sign(gram)
+        stored = result.stiffness[f"{pair}/sign"].double()
+        clear = cos[pair].abs().nan_to_num(1.0) > 1e-4  # signs of near-zero products may round either way
+        assert torch.equal(stored[clear], sign[pair][clear]), pair
+        m = class_matrix_loop(sign[pair], result.labels[r], result.labels[c], 10, r == c)
+        assert result.within_class[f"{pair}/sign"] == pytest.approx(within_between64(m)[0], abs=1e-6)
+    check_intervals_against_brute_force(result, cos, dist, seed=1, num_draws=50, sign=sign)
+
+
+def test_a_sign_only_probe_fits_xi_and_its_interval_on_sign(tmp_path):
+    train, val = digits_sets()
+    data = Data(train, val)
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=3, kinds=["sign"], every_n_epochs=0, log_images=False, num_bootstrap=40)
+    t, snaps = fit(tmp_path, Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert result.xi_kind == "sign"
+    g, cos, dist, _ = probe_reference({}, snaps.states[result.step], result, data)
+    sign = {pair: torch.sign(g[r] @ g[c].T) for pair, (r, c) in PAIRS.items()}
+    check_intervals_against_brute_force(result, cos, dist, seed=0, num_draws=40, sign=sign)
+
+
+class TrainOnly(LightningDataModule):
+    def __init__(self, train):
+        super().__init__()
+        self.train_set = train
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=16, shuffle=True)
+
+
+def test_without_validation_data_everything_is_train_train(tmp_path):
+    train, _ = digits_sets()
+    data = TrainOnly(train)
+    data.val_set = None
+    seed_everything(0)
+    cb = StiffnessCallback(samples_per_class=3, kinds=["cosine"], every_n_epochs=0, num_bootstrap=30,
+                           class_groups=GROUPS, log_images=True)  # fmt: skip
+    t, snaps = fit(tmp_path, Net(), data, cb)
+    (result,) = probe_results(t).values()
+    assert result.pairs == ["train-train"]
+    assert set(result.gradient_coherence) == {"train"}
+    assert set(result.group_matrices) == {"train-train/cosine"}
+    _, cos, dist, _ = probe_reference({}, snaps.states[result.step], result, data)
+    check_intervals_against_brute_force(result, cos, dist, seed=0, num_draws=30)
+    tags = events(t.log_dir).Tags()
+    assert "stiffness/train-train/cosine/group_matrix" in tags["images"]
+    assert "stiffness/val/gradient_coherence" not in tags["scalars"]
