@@ -108,6 +108,12 @@ def critical_distance_tag(pair: str, layer: str | None = None, prefix: str = PRE
     return f"{prefix}/{pair}/critical_distance/{layer or INPUT}"
 
 
+def extrapolated_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) -> str:
+    """Scalar beside :func:`critical_distance_tag`: 1 when that xi is extrapolated (outside the distances of the
+    same-class pairs it was fitted on), 0 when it lies among them, NaN when there is no xi."""
+    return f"{prefix}/{pair}/critical_distance_extrapolated/{layer or INPUT}"
+
+
 def layer_class_tag(pair: str, kind: str, layer: str, side: str, prefix: str = PREFIX) -> str:
     """Scalar: within/between-class stiffness of one layer's own gradients (:func:`class_tag` with ``layer``)."""
     return class_tag(pair, kind, side, prefix, layer)

@@ -228,7 +228,7 @@ class MaskedNaN(TinyNet):
 
 def test_a_nan_gradient_with_a_finite_loss_skips_the_probe_naming_the_examples(tmp_path):
     data = DigitsData()
-    x, y = data.val_set.tensors
+    x = data.val_set.tensors[0]
     x[[0, 5], 3] = float("nan")  # two validation examples (never trained on) with a missing feature
     callback = StiffnessCallback(samples_per_class=40, log_images=False)  # every validation example is probed
     fit = trainer(tmp_path, [callback], max_epochs=1)

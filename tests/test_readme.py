@@ -81,6 +81,7 @@ def test_every_logged_tag_is_documented():
         names.critical_distance_tag(pair, layer),
         names.distance_curve_tag(pair, layer),
         names.critical_distance_by_layer_tag(pair),
+        names.extrapolated_tag(pair, "{space}"),
         names.probe_seconds_tag(),
         names.gradient_coherence_tag("{set}"),
         names.gradient_diversity_tag("{set}"),

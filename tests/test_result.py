@@ -101,11 +101,19 @@ def test_a_version_1_file_loads_into_the_structure_with_the_same_numbers():
 def test_a_version_1_file_logs_the_scalars_it_logged_then():
     result = StiffnessResult.from_dict(_v1())
     expected = json.loads(FIXTURE_V1_SCALARS.read_text())
-    scalars = result.scalars()
-    assert list(scalars) == list(expected)  # the same tags, in the same order
-    assert _same(list(scalars.values()), list(expected.values()))  # bit for bit
-    custom = result.scalars("custom")
-    assert list(custom) == [tag.replace("stiffness/", "custom/", 1) for tag in expected]
+    # The same tags, in the same order, bit for bit; and beside each xi the flag added since (critical_distance_
+    # extrapolated), which version 1 did not log.
+    scalars = {tag: v for tag, v in result.scalars().items() if "/critical_distance_extrapolated/" not in tag}
+    assert list(scalars) == list(expected)
+    assert _same(list(scalars.values()), list(expected.values()))
+    flags = [tag for tag in result.scalars() if "/critical_distance_extrapolated/" in tag]
+    assert flags == [
+        tag.replace("/critical_distance/", "/critical_distance_extrapolated/")
+        for tag in expected
+        if "/critical_distance/" in tag
+    ]
+    custom = [tag for tag in result.scalars("custom") if "/critical_distance_extrapolated/" not in tag]
+    assert custom == [tag.replace("stiffness/", "custom/", 1) for tag in expected]
 
 
 def test_version_1_intervals_under_another_prefix_are_found_by_their_tags():

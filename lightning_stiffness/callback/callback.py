@@ -448,10 +448,7 @@ class StiffnessCallback(Callback):
             if self.class_groups is not None:  # now that the classes are known, before any probe
                 resolve_groups(self.class_groups, self._probes.num_classes)
         for name, counts in short.items():
-            rank_zero_warn(
-                f"StiffnessCallback: in the {SET_WORDS[name]} dataset, some classes have fewer than "
-                f"{self.samples_per_class} examples and are probed with all they have: {counts} (class: count)."
-            )
+            rank_zero_warn(_short_classes_message(name, counts, self.samples_per_class))
         sizes = ", ".join(f"{len(p)} {name}" for name, p in self._probes.sets.items())
         rank_zero_info(f"StiffnessCallback: probing {sizes} examples over {self._probes.num_classes} classes.")
 
@@ -575,6 +572,17 @@ def _measuring(trainer: Trainer, pl_module: LightningModule, title: str) -> Iter
     with preserved_rng(pl_module.device), eval_mode(pl_module), torch.inference_mode(False), torch.enable_grad():
         with progress_bar(show_progress, title) as progress:
             yield progress
+
+
+def _short_classes_message(name: str, counts: dict[int, int], samples_per_class: int) -> str:
+    """The warning about the classes of probe set ``name`` with fewer examples than asked: a few lines whatever
+    the number of classes (the first ten named)."""
+    shown = ", ".join(f"{label}: {count}" for label, count in list(counts.items())[:10])
+    more = f" and {len(counts) - 10} more" if len(counts) > 10 else ""
+    return (
+        f"StiffnessCallback: in the {SET_WORDS[name]} dataset, {len(counts)} classes have fewer than "
+        f"{samples_per_class} examples and are probed with all they have: {{{shown}{more}}} (class: count)."
+    )
 
 
 def _dataset_due(every_n_epochs: int, epoch: int) -> bool:

@@ -173,9 +173,12 @@ def check_probe_loss(
     """The forward and the loss on two probe examples, once when training starts, so that a loss every probe would
     fail on is refused then rather than skipped at each probe.
 
+    Any other error is left to the probes, which skip or raise it under their own rules, agreed by every process:
+    raised here, on one process only, it would leave the others waiting.
+
     Raises:
         ValueError: when ``loss_fn`` does not return one loss per example (a mean, ``reduction="mean"``).
-        TypeError: when the default loss finds no logits in the model's outputs.
+        TypeError: when the default loss finds no logits in the model's outputs, or the loss cannot take them.
     """
     device = next(iter(model.parameters()), torch.empty(0)).device
     n = min(2, len(probe_set))
@@ -186,7 +189,12 @@ def check_probe_loss(
     def losses(outputs: Any, chunk: slice) -> Tensor:
         return checked_losses(loss_fn(outputs, y), n)
 
-    forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
+    try:
+        forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
+    except (ValueError, TypeError):
+        raise
+    except Exception:  # not a misconfiguration (out of memory, a failure on one process only):
+        return  # the probes meet it under their own rules (skipped or raised, agreed by every process)
 
 
 def _checked_forward(

@@ -107,11 +107,13 @@ class LayersSpec:
 
 @dataclass(frozen=True)
 class XiBarsSpec:
-    """ξ in input space and in each layer's representation, in network order."""
+    """ξ in input space and in each layer's representation, in network order; ``extrapolated`` says, per value,
+    whether it lies beyond the distances its line was fitted on (None: no ξ; empty: not known)."""
 
     names: tuple[str, ...]
     values: tuple[float, ...]
     title: str
+    extrapolated: tuple[bool | None, ...] = ()
 
 
 #: Any figure spec: what :class:`Painter` draws, the render worker receives and the image writer sends.
@@ -460,8 +462,13 @@ def _xi_bars_figure(spec: XiBarsSpec) -> Figure:
     figure, axes, positions = _named_axis_figure(spec.names, inches_each=0.6, rotate_beyond=5)
     heights = [v if math.isfinite(v) else 0.0 for v in spec.values]
     bars = axes.bar(positions, heights, color=["tab:grey"] + ["tab:blue"] * (len(spec.names) - 1))
-    for bar, value in zip(bars, spec.values, strict=True):
+    flags = spec.extrapolated or (None,) * len(spec.values)
+    for bar, value, flag in zip(bars, spec.values, flags, strict=True):
         label = f"{value:.3f}" if math.isfinite(value) else "no fit"
+        if flag:  # drawn open and hatched: where the line would cross zero, not a distance that was observed
+            bar.set_fill(False)
+            bar.set_hatch("//")
+            label += "\nextrapolated"
         axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
     axes.set_xlabel("representation (input, then layers in network order)")
     axes.set_ylabel("critical distance ξ")

@@ -136,6 +136,7 @@ def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: s
                 names=tuple(spaces),
                 values=tuple(result.spaces[pair][space].critical_distance for space in spaces),
                 title=f"stiff-domain size by layer, {pair} ({when})",
+                extrapolated=tuple(result.spaces[pair][space].extrapolated for space in spaces),
             )
         own = {layer: m for layer, m in result.classes[pair].get("cosine", {}).items() if layer != MODEL}
         if own:

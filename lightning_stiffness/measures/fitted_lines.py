@@ -37,6 +37,15 @@ def observed_range(curve: DistanceCurve) -> tuple[float, float]:
     return float(curve.edges[seen[0]]), float(curve.edges[seen[-1] + 1])
 
 
+def extrapolated(xi: float, low: float, high: float) -> bool | None:
+    """Whether ``xi`` lies outside the observed range ``[low, high]`` of the distances its line was fitted on: it is
+    then where the line would cross zero if it went on, not a distance at which stiffness was seen to vanish. None
+    when there is no xi (NaN or inf: the line does not fall) or no observed range."""
+    if not math.isfinite(xi) or not (math.isfinite(low) and math.isfinite(high)):
+        return None
+    return not low <= xi <= high
+
+
 def line_fits(pair_sums: LineFitSums, within: DistanceCurve) -> dict[str, dict[str, float]]:
     """Both fits of one distance curve, by name in :data:`~lightning_stiffness.names.FITS`: ``intercept``,
     ``slope``, ``xi`` (the zero crossing, NaN unless the line falls) and the observed range ``low``, ``high``."""

@@ -7,12 +7,15 @@ them back), ``from_dict`` is its inverse; :class:`~lightning_stiffness.measures.
 structure: pair -> kind -> layer, pair -> space, pair -> kind.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
 
+from lightning_stiffness.measures.fitted_lines import extrapolated
 from lightning_stiffness.measures.functional import DistanceCurve
+from lightning_stiffness.names import FITS
 
 #: An interval's ends ``(low, high)``.
 Interval = tuple[float, float]
@@ -70,6 +73,8 @@ class DistanceMeasures:
             means) -> ``intercept``, ``slope``, ``xi``, ``low``, ``high``
             (:mod:`~lightning_stiffness.measures.fitted_lines`).
         interval: xi's 95% bootstrap interval ``(low, high)``; None when not measured.
+        extrapolated: (a property, also in the raw dict) whether ``critical_distance`` lies outside the observed
+            range ``line_fits["pairs"]["low"]..["high"]`` (True), inside it (False), or there is no xi (None).
         bands: side -> ``(low, high)``, float64 [bins] each, the 95% bootstrap band of each bin's mean (NaN for a bin
             without pairs); empty when not measured.
     """
@@ -81,12 +86,21 @@ class DistanceMeasures:
     interval: Interval | None = None
     bands: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
+    @property
+    def extrapolated(self) -> bool | None:
+        """Whether xi is extrapolated (:func:`~lightning_stiffness.measures.fitted_lines.extrapolated`) beyond the
+        same-class distances it was fitted on; None without xi or without the fit's observed range."""
+        fit = self.line_fits.get(FITS[0], {})
+        return extrapolated(self.critical_distance, fit.get("low", math.nan), fit.get("high", math.nan))
+
     def to_dict(self) -> dict[str, Any]:
         curves = {side: curve._asdict() for side, curve in self.curves.items()}
-        return {**_fields(self), "curves": curves, "line_fits": dict(self.line_fits), "bands": dict(self.bands)}
+        data = {**_fields(self), "curves": curves, "line_fits": dict(self.line_fits), "bands": dict(self.bands)}
+        return {**data, "extrapolated": self.extrapolated}  # derived: for readers of the raw file
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DistanceMeasures":
+        data = {key: value for key, value in data.items() if key != "extrapolated"}
         curves = {side: DistanceCurve(**curve) for side, curve in data["curves"].items()}
         interval = tuple(data["interval"]) if data.get("interval") is not None else None
         bands = {side: tuple(ends) for side, ends in data.get("bands", {}).items()}

@@ -20,6 +20,7 @@ Example::
     0.63
 """
 
+import math
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -37,6 +38,7 @@ from lightning_stiffness.names import (
     SIDES,
     class_tag,
     critical_distance_tag,
+    extrapolated_tag,
     gradient_coherence_tag,
     gradient_diversity_tag,
     group_tag,
@@ -122,6 +124,8 @@ class StiffnessResult:
                 out.update({class_tag(pair, kind, side, prefix): whole.value(side) for side in SIDES})
             for space, measures in self.spaces[pair].items():
                 out[critical_distance_tag(pair, space, prefix)] = measures.critical_distance
+                flag = measures.extrapolated  # beside xi, so that xi stays one number a monitor can read
+                out[extrapolated_tag(pair, space, prefix)] = math.nan if flag is None else float(flag)
             for kind in self.kinds:
                 for layer, own in self.classes[pair][kind].items():
                     if layer != MODEL:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_stiffness.exceptions import ReportError
+from lightning_stiffness.measures.fitted_lines import extrapolated
+from lightning_stiffness.measures.records import DistanceMeasures
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import FITS, INITIALISATION, INPUT, MODEL, PREFIX, probe_label
 from lightning_stiffness.report.figures import class_matrices_figure, lr_figure, stiffness_figure, xi_figure
@@ -54,6 +56,16 @@ def _check_epochs(epochs: Sequence[int | str] | None) -> None:
 
 def _fmt(value: float) -> str:
     return "–" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _fmt_xi(measures: DistanceMeasures | None, fit: str = FITS[0]) -> str:
+    """ξ of one fit, marked "(extrapolated)" when it lies beyond the observed same-class distances."""
+    if measures is None:
+        return "–"
+    line = measures.line_fits.get(fit, {})
+    xi = measures.critical_distance if fit == FITS[0] else line.get("xi", math.nan)
+    flag = extrapolated(xi, line.get("low", math.nan), line.get("high", math.nan))
+    return _fmt(xi) + (" (extrapolated)" if flag else "")
 
 
 def write_report(
@@ -106,7 +118,9 @@ def write_report(
 
 _FIT_NOTE = (
     "ξ: where the least-squares line through all same-class (distance, stiffness) pairs crosses zero (the paper's, "
-    "logged as critical_distance); ξ bins: the same through the within-class bin means, each bin weighted equally."
+    "logged as critical_distance); ξ bins: the same through the within-class bin means, each bin weighted equally. "
+    "(extrapolated): the line crosses zero beyond the same-class distances it was fitted on (logged as "
+    "critical_distance_extrapolated = 1), so that ξ is not a distance at which stiffness was seen to vanish."
 )
 
 
@@ -143,9 +157,9 @@ def _run_section(
                 str(r.step),
                 _fmt(whole.within),
                 _fmt(whole.between),
-                _fmt(spaces[INPUT].critical_distance),
-                _fmt(spaces[INPUT].line_fits.get(FITS[1], {}).get("xi", math.nan)),
-                *[_fmt(spaces[layer].critical_distance if layer in spaces else math.nan) for layer in layers],
+                _fmt_xi(spaces[INPUT]),
+                _fmt_xi(spaces[INPUT], FITS[1]),
+                *[_fmt_xi(spaces.get(layer)) for layer in layers],
             ]
         )
     lr = run.hparams.get(lr_key)
