@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_gram import _peak_rss_reset, _rss_kib  # noqa: E402
-from tests.hf_models import Wrapper, class_loss  # noqa: E402
+from tests.models.hugging_face import Wrapper, class_loss  # noqa: E402
 
 T, CLASSES, IMAGE = 64, 3, 32
 VOCAB = {"bert": 30522, "gpt2": 50257, "llama": 32000}  # the families' own, as in the issue's table

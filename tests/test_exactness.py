@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from lightning_stiffness.functional import gradient_gram
 from lightning_stiffness.gram import gram_plan
 from lightning_stiffness.measures.representations import layer_outputs
-from tests.layouts import LAYOUTS, MUTATING, random_model
-from tests.models import MODELS, build
-from tests.models import make_inputs as model_inputs
+from tests.models.basic import MODELS, build
+from tests.models.basic import make_inputs as model_inputs
+from tests.models.layouts import BLOCKS, FRONTS, LAYOUTS, MUTATING, random_model
 from tests.reference import reference_gram
 
 FACTORED_FORMS = {"outer", "flat", "ghost", "materialised", "materialised-blocked", "tokens"}
@@ -372,8 +372,6 @@ def test_random_model_gram_is_exact(seed):
 
 def test_random_models_cover_the_menu():
     """The seeds draw every front and block kind, and some N == T."""
-    from tests.layouts import BLOCKS, FRONTS
-
     fronts, blocks, square = set(), set(), 0
     for seed in RANDOM_SEEDS:
         model, x, _ = random_model(seed)

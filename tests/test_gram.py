@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_stiffness.functional import METHODS, gradient_gram
-from tests.models import MODELS, build, make_inputs
+from tests.models.basic import MODELS, build, make_inputs
 from tests.reference import reference_gram
 
 ENGINES = [m for m in METHODS]

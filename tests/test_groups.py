@@ -28,7 +28,7 @@ from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffn
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import gradient_coherence_tag, gradient_diversity_tag, group_tag
 from tests.helpers import GROUPS, Data, Net, digits_sets, events, fit, probe_reference, probe_results, trainer
-from tests.models import build, make_inputs
+from tests.models.basic import build, make_inputs
 from tests.reference import PAIRS, class_matrix_loop, reference_gradients
 
 

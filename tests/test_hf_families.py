@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_stiffness.gram import gradient_gram, gram_plan
-from tests.hf_models import FAMILIES, Case
+from tests.models.hugging_face import FAMILIES, Case
 from tests.reference import reference_gram
 
 

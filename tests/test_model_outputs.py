@@ -20,7 +20,7 @@ from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.validation import logits_of
 from tests.helpers import trainer
-from tests.hf_models import _bert_like, _labels, _text
+from tests.models.hugging_face import _bert_like, _labels, _text
 from tests.reference import reference_gradients, reference_gram
 
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from lightning_stiffness.functional import gradient_gram, layer_outputs
 from lightning_stiffness.gram import gram_plan
-from tests import transformer_models as tm
+from tests.models import transformer as tm
 from tests.reference import call, cross_entropy, reference_gram
 
 RTOL = 1e-7
