@@ -147,10 +147,12 @@ class StiffnessCallback(Callback):
         method: Literal["auto", "factored", "torch.func", "loop"] = "auto",
         chunk_size: int | None = None,
         seed: int = 0,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
-        batch_to_xy: Callable[[Any], tuple[Any, Any]] | str | None = None,
-        forward_fn: Callable[[Any, Any], Any] | str | None = None,
-        probe_collate_fn: Callable[[list[Any]], Any] | str | None = None,
+        # `str` first: jsonargparse tries a union's members in order, so an import path stays the string given
+        # and `--print_config` and the saved config.yaml write it back as given.
+        loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
+        batch_to_xy: str | Callable[[Any], tuple[Any, Any]] | None = None,
+        forward_fn: str | Callable[[Any, Any], Any] | None = None,
+        probe_collate_fn: str | Callable[[list[Any]], Any] | None = None,
         num_distance_bins: int = 20,
         save_raw: bool = True,
         log_images: bool = True,
