@@ -1,10 +1,13 @@
 """The callback configured from YAML through LightningCLI, as users of examples/digits.py do."""
 
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from lightning_stiffness import StiffnessCallback
 from tests.helpers import raw_results
@@ -27,6 +30,7 @@ def digits_cli():
         ("fc.yaml", ["--model.hidden=[32, 16]"]),
         ("cnn.yaml", []),
         ("fc_layers.yaml", ["--model.hidden=[32, 16, 8]", "--trainer.callbacks.init_args.epochs=[0]"]),
+        ("fc_groups.yaml", ["--model.hidden=[32, 16]"]),
     ],
 )
 def test_yaml_config_trains_and_probes(tmp_path, digits_cli, config, overrides):
@@ -109,3 +113,104 @@ def test_missing_local_files_say_where(tmp_path, digits_cli):
         data.setup("fit")
     with pytest.raises(ValueError, match=r"--data\.data_dir is required"):
         digits_cli.DigitsDataModule(dataset="cifar10").setup("fit")
+
+
+# Functions for the configs below to name by import path, written as users write them: without annotations, so
+# jsonargparse cannot check what they return.
+def per_example_loss(outputs, targets):
+    return torch.nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def batch_xy(batch):
+    x, y = batch
+    return x, y
+
+
+def call_model(model, x):
+    return model(x)
+
+
+SETTINGS = [name for name in inspect.signature(StiffnessCallback.__init__).parameters if name != "self"]
+
+
+def _settings(cli) -> dict:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, StiffnessCallback)]
+    return {name: getattr(callback, name) for name in SETTINGS}
+
+
+@pytest.mark.parametrize(
+    "class_groups", ["[0, 0, 0, 0, 0, 1, 1, 1, 1, 1]", "{low: [0, 1, 2, 3, 4], high: [5, 6, 7, 8, 9]}"]
+)
+def test_printed_and_saved_configs_reproduce_the_callback(tmp_path, digits_cli, capsys, class_groups):
+    """`--print_config` and the config.yaml saved in the log dir write import paths back as given, so fitting with
+    either gives a callback with the same settings."""
+    callback = "--trainer.callbacks.init_args."
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "examples" / "configs" / "fc_groups.yaml"),
+        "--model.hidden=[32, 16]",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        f"{callback}samples_per_class=2",
+        f"{callback}loss_fn=tests.test_cli.per_example_loss",
+        f"{callback}batch_to_xy=tests.test_cli.batch_xy",
+        f"{callback}forward_fn=tests.test_cli.call_model",
+        f"{callback}class_groups={class_groups}",
+        f"{callback}layers=[net.2]",
+        f"{callback}kinds=[sign, cosine]",
+        f"{callback}class_names=[{', '.join(f'digit{d}' for d in range(10))}]",
+        f"{callback}epochs=[0]",
+        f"{callback}every_n_epochs=null",
+        f"{callback}steps=[1]",
+    ]
+    original = digits_cli.main([*args, f"--trainer.default_root_dir={tmp_path / 'original'}"])
+    expected = _settings(original)
+    assert expected["loss_fn"] == "tests.test_cli.per_example_loss"
+    assert (
+        expected["batch_to_xy"] == "tests.test_cli.batch_xy" and expected["forward_fn"] == "tests.test_cli.call_model"
+    )
+    assert expected["probe_collate_fn"] == "torch.utils.data.default_collate"
+    assert expected["class_groups"] == yaml.safe_load(class_groups)
+    assert expected["layers"] == ["net.2"] and expected["class_names"] == [f"digit{d}" for d in range(10)]
+    assert expected["epochs"] == [0] and expected["steps"] == [1] and expected["every_n_epochs"] is None
+    assert list(expected["kinds"]) == ["cosine", "sign"]
+    assert sorted(raw_results(original.trainer.log_dir)) == [
+        "epoch=0-step=0.pt",
+        "epoch=0-step=1.pt",
+        "epoch=0-step=2.pt",
+    ]
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        digits_cli.main([*args, "--print_config"])
+    printed = capsys.readouterr().out
+    saved = (Path(original.trainer.log_dir) / "config.yaml").read_text()
+    for name, text in (("printed", printed), ("saved", saved)):
+        assert "Unable to serialize" not in text, name
+        init_args = yaml.safe_load(text)["trainer"]["callbacks"][0]["init_args"]
+        assert init_args["loss_fn"] == "tests.test_cli.per_example_loss", name
+        assert init_args["probe_collate_fn"] == "torch.utils.data.default_collate", name
+        assert init_args["class_groups"] == yaml.safe_load(class_groups), name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        reloaded = digits_cli.main(["fit", "--config", str(path), f"--trainer.default_root_dir={tmp_path / name}"])
+        assert _settings(reloaded) == expected, name
+        assert sorted(raw_results(reloaded.trainer.log_dir)) == sorted(raw_results(original.trainer.log_dir)), name
+
+
+def test_a_callable_dumps_as_its_import_path():
+    """A function set in Python (not parsed from a string) is written as its import path, which parses back."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(StiffnessCallback, "stiffness")
+    config = parser.parse_args([])
+    config.stiffness.loss_fn = per_example_loss
+    config.stiffness.probe_collate_fn = torch.utils.data.default_collate
+    dumped = yaml.safe_load(parser.dump(config))["stiffness"]
+    assert dumped["loss_fn"] == "tests.test_cli.per_example_loss"
+    assert dumped["probe_collate_fn"] == "torch.utils.data.default_collate"
+    assert parser.parse_args([f"--stiffness.loss_fn={dumped['loss_fn']}"]).stiffness.loss_fn == dumped["loss_fn"]
