@@ -114,6 +114,16 @@ def extrapolated_tag(pair: str, layer: str | None = None, prefix: str = PREFIX) 
     return f"{prefix}/{pair}/critical_distance_extrapolated/{layer or INPUT}"
 
 
+#: The ends of a 95% bootstrap interval, in the order of ``(low, high)``.
+INTERVAL_ENDS = ("low", "high")
+
+
+def interval_tag(tag: str, end: str, prefix: str = PREFIX) -> str:
+    """Scalar: the ``end`` (``"low"`` or ``"high"``) of the 95% bootstrap interval of the scalar ``tag`` (under
+    ``prefix``), in a group of its own: ``{prefix}_intervals/{tag without its prefix}/{end}``."""
+    return f"{prefix}_intervals/{tag.removeprefix(prefix + '/')}/{end}"
+
+
 def layer_class_tag(pair: str, kind: str, layer: str, side: str, prefix: str = PREFIX) -> str:
     """Scalar: within/between-class stiffness of one layer's own gradients (:func:`class_tag` with ``layer``)."""
     return class_tag(pair, kind, side, prefix, layer)

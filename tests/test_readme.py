@@ -82,6 +82,7 @@ def test_every_logged_tag_is_documented():
         names.distance_curve_tag(pair, layer),
         names.critical_distance_by_layer_tag(pair),
         names.extrapolated_tag(pair, "{space}"),
+        names.interval_tag(names.class_tag(pair, kind, "within"), "low"),
         names.probe_seconds_tag(),
         names.gradient_coherence_tag("{set}"),
         names.gradient_diversity_tag("{set}"),

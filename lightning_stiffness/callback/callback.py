@@ -398,7 +398,7 @@ class StiffnessCallback(Callback):
     def _start_fit(self) -> None:
         """A ``fit`` starts its schedule (from the checked settings), its writers and monitored values afresh, and
         its probe count unless a checkpoint restored it after an earlier ``fit`` (``load_state_dict``)."""
-        self._scalars = ScalarWriter(self.prefix)
+        self._scalars = ScalarWriter(self.prefix, dataset=self.dataset_every_n_epochs > 0)
         if self._images is not None:
             self._images.close()
         self._images = ImageWriter(self.prefix, self.images_every_n_probes, rank_zero_warn)

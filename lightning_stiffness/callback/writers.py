@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
+from lightning_stiffness.callback.dashboard import DashboardPlan, write_layout
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.measures.whole_dataset import DatasetResult
 from lightning_stiffness.names import PREFIX, dataset_raw_file_name, probe_seconds_tag, raw_file_name
@@ -21,18 +22,26 @@ class ScalarWriter:
 
     Args:
         prefix: the tags' first part.
+        dataset: whether the whole training set is measured too (for the TensorBoard layout).
     """
 
-    def __init__(self, prefix: str = PREFIX) -> None:
-        self.prefix = prefix
+    def __init__(self, prefix: str = PREFIX, dataset: bool = False) -> None:
+        self.prefix, self.dataset = prefix, dataset
         self.latest: dict[str, float] = {}
+        self._laid_out = False
 
     def write(self, trainer: Trainer, result: StiffnessResult, seconds: float) -> None:
-        """Log ``result``'s scalars and the probe's duration, and keep them for :meth:`publish`."""
+        """Log ``result``'s scalars, the ends of its intervals and the probe's duration, and keep the scalars for
+        :meth:`publish`; with the first result, the TensorBoard layout of them all
+        (:mod:`~lightning_stiffness.callback.dashboard`)."""
         scalars = result.scalars(self.prefix)
+        logged = {**scalars, **result.interval_scalars(self.prefix), probe_seconds_tag(self.prefix): seconds}
         for logger in trainer.loggers:
-            logger.log_metrics({**scalars, probe_seconds_tag(self.prefix): seconds}, step=result.step)
+            logger.log_metrics(logged, step=result.step)
         self.latest = scalars
+        if not self._laid_out and trainer.is_global_zero:
+            write_layout(trainer, DashboardPlan.of(result, self.prefix, self.dataset))
+        self._laid_out = True
 
     def write_dataset(self, trainer: Trainer, result: DatasetResult) -> None:
         """Log the whole training set's scalars at its step (its own point: not kept for monitors)."""

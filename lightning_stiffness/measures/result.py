@@ -32,6 +32,7 @@ from lightning_stiffness.measures.result_v1 import DEPRECATED, flat_view, read_v
 from lightning_stiffness.names import (
     GROUP_SIDES,
     INPUT,
+    INTERVAL_ENDS,
     MODEL,
     PREFIX,
     RAW_FORMAT_VERSION,
@@ -42,6 +43,7 @@ from lightning_stiffness.names import (
     gradient_coherence_tag,
     gradient_diversity_tag,
     group_tag,
+    interval_tag,
 )
 
 #: How each nested field of a result is saved and read back: its record type, and how many dicts down the records lie.
@@ -131,6 +133,23 @@ class StiffnessResult:
                     if layer != MODEL:
                         out.update({class_tag(pair, kind, side, prefix, layer): own.value(side) for side in SIDES})
         return {**out, **self._extra_scalars(prefix)}
+
+    def interval_scalars(self, prefix: str = PREFIX) -> dict[str, float]:
+        """The ends of the 95% bootstrap intervals of the within/between-class scalars and of xi, by tag
+        (:func:`~lightning_stiffness.names.interval_tag`); empty without intervals (``num_bootstrap=0``)."""
+        found: dict[str, tuple[float, float] | None] = {}
+        for pair in self.pairs:
+            for kind in self.kinds:
+                whole = self.classes[pair][kind][MODEL]
+                found.update({class_tag(pair, kind, side, prefix): whole.intervals.get(side) for side in SIDES})
+            for space, measures in self.spaces[pair].items():
+                found[critical_distance_tag(pair, space, prefix)] = measures.interval
+        return {
+            interval_tag(tag, end, prefix): float(value)
+            for tag, ends in found.items()
+            if ends is not None
+            for end, value in zip(INTERVAL_ENDS, ends, strict=True)
+        }
 
     def _extra_scalars(self, prefix: str) -> dict[str, float]:
         """Coherence and diversity of each probe set, and the class-group measures."""
