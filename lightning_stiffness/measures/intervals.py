@@ -47,6 +47,11 @@ LEVEL = 0.95
 #: in cache (and below the size the C allocator maps afresh, page by page, on each call).
 BAND_CHUNK_BYTES = 5 * 2**20
 
+#: Memory for the class matrices of one chunk of draws, where a within/between draw needs its whole class matrix
+#: (left-out pairs other than whole rows and columns): the draws go in chunks whose [C, C] sums and counts and
+#: [N, C] column sums stay under it, whatever C.
+CLASS_CHUNK_BYTES = 256 * 2**20
+
 
 def bootstrap_weights(labels: Tensor, num_draws: int, generator: torch.Generator) -> Tensor:
     """Multinomial resampling weights [num_draws, N]: per draw, each class's n_c examples drawn n_c times with
@@ -78,27 +83,178 @@ def weighted_class_sums(
         num_classes: C.
 
     Returns:
-        [K, B, C, C] sums (float32: the weights are small integers and the values bounded).
+        [K, B, C, C] sums (float32: the weights are small integers and the values bounded), computed in float64.
     """
-    k, b = forms.shape[0], w_rows.shape[0]
-    out = torch.zeros(k, num_classes, b, num_classes)
-    rows_onehot_t = torch.nn.functional.one_hot(labels_r.long(), num_classes).float().T  # [C, N]
-    weights_t = w_rows.T.contiguous()  # [N, B]
-    for label, cols in _class_spans(labels_c):
-        per_row = forms[:, :, cols] @ w_cols[:, cols].T  # [K, N, B]: sum over j in class `label`
-        out[:, :, :, label] = rows_onehot_t @ (per_row * weights_t)  # [K, C, B]: sum over i by class
-    return out.transpose(1, 2)
+    w_rows, w_cols = w_rows.double(), w_cols.double()
+    draws, members_r = torch.arange(w_rows.shape[0]), _Members.of(labels_r, num_classes)
+    sums = [_chunk_class_sums(form.double(), w_rows, w_cols, members_r, labels_c, num_classes, draws) for form in forms]
+    return torch.stack(sums).permute(0, 3, 1, 2).float()
 
 
-def _class_spans(labels: Tensor) -> list[tuple[int, Tensor | slice]]:
-    """Each class and its examples: a slice when they are contiguous (sorted labels: views, no copies)."""
-    spans = []
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        first, last = int(members[0]), int(members[-1])
-        contiguous = last - first + 1 == members.numel()
-        spans.append((label, slice(first, last + 1) if contiguous else members))
-    return spans
+def _chunk_class_sums(
+    form: Tensor,
+    w_rows: Tensor,
+    w_cols: Tensor,
+    members_r: "_Members",
+    labels_c: Tensor,
+    num_classes: int,
+    draws: Tensor,
+) -> Tensor:
+    """The class sums [C, C, k] of one float64 form for the draws ``draws`` (k of them): the column sums by class
+    for all k draws at once, a product with a sparse [M, C k] matrix holding each column's k weights, then the rows
+    added by class, each weighted by its draw. O(k (N M + N C)), no [C, C] product per class."""
+    n, m = form.shape
+    k = draws.numel()
+    crow = torch.arange(0, m * k + 1, k)  # row j: its k weights, at columns y_j k + t (ascending)
+    cols = (labels_c.long()[:, None] * k + torch.arange(k)[None, :]).flatten()
+    values = w_cols[draws].T.contiguous().flatten()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        spread = torch.sparse_csr_tensor(crow, cols, values, (m, num_classes * k), check_invariants=False)
+        by_column_class = (form @ spread).view(n, num_classes, k)  # [N, C, k]: sum over j in class c
+    by_column_class.mul_(w_rows[draws].T[:, None, :])
+    return members_r.sums(by_column_class)  # rows added by class: [C, C, k]
+
+
+def _class_draws(
+    stiffness: dict[str, Tensor],
+    pair: str,
+    kinds: tuple[str, ...],
+    labels_r: Tensor,
+    labels_c: Tensor,
+    w_r: Tensor,
+    w_c: Tensor,
+    num_classes: int,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each kind's within- and between-class draws [B] for one pair (``stiffness``: kind -> its [N, M] matrix).
+
+    A draw's within (between) is the NaN-ignoring mean of its class matrix's diagonal (off-diagonal) entries, each
+    :math:`S_{ab} / N_{ab}`: weighted pair sum over weighted pair count, NaN where the count is 0. When the pairs left
+    out (non-finite, self-pairs) are whole rows and columns (a zero gradient) or none, the counts are products of the
+    classes' kept weights :math:`U_a V_b` (less the self-pairs on the diagonal), so the between mean is one bilinear
+    form per draw, :math:`\\sum_{y_i \\neq y_j} \\tilde w_i s_{ij} \\tilde w'_j / P` with
+    :math:`\\tilde w_i = w_i / U_{y_i}` and :math:`P` the number of class pairs with a count, and the within sums
+    need only the same-class pairs: O(B N M) in all, no [C, C] matrix per draw. Other patterns of left-out pairs take
+    the class matrices in chunks of draws (:data:`CLASS_CHUNK_BYTES`)."""
+    rows, cols = PAIRS[pair]
+    same_set = rows == cols
+    labels_r, labels_c = labels_r.long(), labels_c.long()
+    w_r, w_c = w_r.double(), w_c.double()
+    same_class = torch.nonzero(labels_r[:, None] == labels_c[None, :]).T  # [2, P], row-major
+    members_r, members_c = _Members.of(labels_r, num_classes), _Members.of(labels_c, num_classes)
+    out = {}
+    for kind in kinds:
+        form = stiffness[kind].to("cpu", torch.float64, copy=True)
+        # A sum is finite only if every entry is (stiffness is bounded: no overflow).
+        if bool(torch.isfinite(form.sum())):
+            if same_set:
+                form.fill_diagonal_(0.0)
+            out[kind] = _outer_kept_draws(form, None, None, same_class, w_r, w_c, members_r, members_c, same_set)
+            continue
+        valid = torch.isfinite(form)
+        if same_set:
+            valid.fill_diagonal_(False)
+        form.masked_fill_(~valid, 0.0)
+        kept_r, kept_c = valid.any(dim=1), valid.any(dim=0)
+        outer = kept_r[:, None] & kept_c[None, :]
+        if same_set:
+            outer.fill_diagonal_(False)
+        if torch.equal(valid, outer):
+            out[kind] = _outer_kept_draws(
+                form, kept_r.double(), kept_c.double(), same_class, w_r, w_c, members_r, members_c, same_set
+            )
+        else:
+            out[kind] = _chunked_draws(form, valid.double(), w_r, w_c, labels_c, members_r, num_classes)
+    return out
+
+
+def _outer_kept_draws(
+    form: Tensor,
+    kept_r: Tensor | None,
+    kept_c: Tensor | None,
+    same_class: Tensor,
+    w_r: Tensor,
+    w_c: Tensor,
+    members_r: "_Members",
+    members_c: "_Members",
+    same_set: bool,
+) -> tuple[Tensor, Tensor]:
+    """Within and between draws [B] when the kept pairs are those of kept rows and columns (``kept_r``, ``kept_c``;
+    None: all), self-pairs aside. ``form``: the float64 values, 0 where left out (overwritten); ``same_class``: the
+    [2, P] same-class pairs (row-major)."""
+    n, m = form.shape
+    kept_w_r = w_r if kept_r is None else w_r * kept_r
+    kept_w_c = w_c if kept_c is None else w_c * kept_c
+    totals_r = members_r.sums(kept_w_r.T)  # [C, B]: U_a (exact small integers)
+    totals_c = members_c.sums(kept_w_c.T)  # V_b
+    # Within: each class's own block (the same-class pairs, sparse), over its count U_a V_a less the self-pairs.
+    pair_rows, pair_cols = same_class
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(pair_rows, minlength=n), 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        blocks = torch.sparse_csr_tensor(crow, pair_cols, form[pair_rows, pair_cols], (n, m), check_invariants=False)
+        per_row = (blocks @ w_c.T.contiguous()).mul_(w_r.T)  # [N, B]
+    within_sums = members_r.sums(per_row)
+    counts = totals_r * totals_c
+    if same_set:  # an example's pairs with its own copies
+        self_pairs = kept_w_r * w_r if kept_c is None else kept_w_r * w_r * kept_c
+        counts -= members_r.sums(self_pairs.T)
+    within = _masked_means(within_sums, counts)
+    # Between: the mean over class pairs a != b with U_a V_b > 0 of S_ab / (U_a V_b).
+    form[pair_rows, pair_cols] = 0.0  # the pairs of different classes
+    scaled_r = kept_w_r / totals_r.T[:, members_r.labels].clamp_min(1)  # zero where U = 0 (then every weight is)
+    scaled_c = kept_w_c / totals_c.T[:, members_c.labels].clamp_min(1)
+    between_sums = ((scaled_r @ form) * scaled_c).sum(dim=1)
+    has_r, has_c = totals_r > 0, totals_c > 0
+    class_pairs = has_r.sum(dim=0) * has_c.sum(dim=0) - (has_r & has_c).sum(dim=0)
+    between = torch.where(class_pairs > 0, between_sums / class_pairs.clamp_min(1), torch.nan)
+    return within, between
+
+
+class _Members(NamedTuple):
+    """A set's examples by class: ``labels`` [n], their order by class and the class sizes [C]."""
+
+    labels: Tensor
+    order: Tensor
+    lengths: Tensor
+
+    @staticmethod
+    def of(labels: Tensor, num_classes: int) -> "_Members":
+        labels = labels.long()
+        return _Members(labels, torch.argsort(labels, stable=True), torch.bincount(labels, minlength=num_classes))
+
+    def sums(self, values: Tensor) -> Tensor:
+        """Per class, the sum of the rows of ``values`` [n, ...] of its examples: [C, ...] (0 for an empty class)."""
+        return torch.segment_reduce(values[self.order], "sum", lengths=self.lengths, axis=0)
+
+
+def _masked_means(sums: Tensor, counts: Tensor) -> Tensor:
+    """Per draw, the mean over classes of ``sums / counts`` ([C, B] each) where the count is positive (NaN: none)."""
+    has = counts > 0
+    ratios = torch.where(has, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    kept = has.sum(dim=0)
+    return torch.where(kept > 0, ratios.sum(dim=0) / kept.clamp_min(1), torch.nan)
+
+
+def _chunked_draws(
+    form: Tensor, valid: Tensor, w_r: Tensor, w_c: Tensor, labels_c: Tensor, members_r: "_Members", num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Within and between draws [B] from each draw's class matrix of sums and counts, in chunks of draws whose
+    class matrices and column sums stay under :data:`CLASS_CHUNK_BYTES`."""
+    num_draws, n = w_r.shape
+    per_draw = 8 * (2 * n * num_classes + 4 * num_classes * num_classes)
+    chunk = max(1, min(num_draws, CLASS_CHUNK_BYTES // per_draw))
+    within, between = torch.empty(num_draws, dtype=torch.float64), torch.empty(num_draws, dtype=torch.float64)
+    diagonal = torch.eye(num_classes, dtype=torch.bool)
+    for start in range(0, num_draws, chunk):
+        draws = torch.arange(start, min(num_draws, start + chunk))
+        sums = _chunk_class_sums(form, w_r, w_c, members_r, labels_c, num_classes, draws)
+        counts = _chunk_class_sums(valid, w_r, w_c, members_r, labels_c, num_classes, draws)
+        matrix = torch.where(counts > 0, sums.div_(counts.clamp_min(1)), torch.nan)  # [C, C, k]
+        within[draws] = matrix[diagonal].nanmean(dim=0)
+        between[draws] = matrix[~diagonal].nanmean(dim=0)
+    return within, between
 
 
 def percentile_interval(draws: Tensor) -> tuple[float, float]:
@@ -111,13 +267,6 @@ def percentile_interval(draws: Tensor) -> tuple[float, float]:
     low = torch.quantile(kept, tail, interpolation="lower")
     high = torch.quantile(kept, 1 - tail, interpolation="higher")
     return float(low), float(high)
-
-
-def _within_between_draws(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Within- and between-class means of each draw's class matrix ([B, C, C] sums and counts) -> [B], [B]."""
-    matrix = torch.where(counts > 0, sums / counts.clamp_min(1e-12), torch.full_like(sums, float("nan")))
-    diagonal = torch.eye(matrix.shape[-1], dtype=torch.bool)
-    return matrix[:, diagonal].nanmean(dim=1), matrix[:, ~diagonal].nanmean(dim=1)
 
 
 def xi_draws(sums: Tensor) -> Tensor:
@@ -161,17 +310,6 @@ def _class_layout(labels: Tensor, classes: Tensor, weights: Tensor) -> tuple[Ten
     for k, m in enumerate(members):
         index[k, : m.numel()], real[k, : m.numel()] = m, True
     return index, real, weights.T[index].contiguous()
-
-
-def _class_counts(w_rows: Tensor, w_cols: Tensor, labels_r: Tensor, labels_c: Tensor, num_classes: int, same_set):
-    """The weighted pair counts of every class pair [B, C, C] when every pair but the self-pairs counts: products of
-    the classes' total weights, less each example's pairs with its own copies within a set."""
-    onehot_r = torch.nn.functional.one_hot(labels_r.long(), num_classes).float()
-    onehot_c = torch.nn.functional.one_hot(labels_c.long(), num_classes).float()
-    counts = (w_rows @ onehot_r)[:, :, None] * (w_cols @ onehot_c)[:, None, :]
-    if same_set:
-        counts -= torch.diag_embed((w_rows * w_rows) @ onehot_r)
-    return counts
 
 
 class Intervals(NamedTuple):
@@ -224,8 +362,6 @@ def bootstrap_intervals(
         weights = draw_weights(labels, num_draws, generator)
     weights = {name: w.cpu().float() for name, w in weights.items()}
     labels = {name: y.cpu() for name, y in labels.items()}
-    # Columns ordered by class (the same draws, permuted), so that each class's block of columns is a slice.
-    order = {name: torch.argsort(y, stable=True) for name, y in labels.items()}
     classes = torch.unique(torch.cat(list(labels.values())))
     layouts = {name: _class_layout(labels[name], classes, weights[name]) for name in labels}
     # ("classes", pair, kind, side) or ("critical_distances", pair, space), and the draws of each.
@@ -234,9 +370,10 @@ def bootstrap_intervals(
     for pair, (rows, cols) in PAIRS.items():
         if rows not in labels or cols not in labels or pair not in stiffness:
             continue
-        labels_c, w_c = labels[cols][order[cols]], weights[cols][:, order[cols]]
-        for kind, sides in _class_draws(stiffness[pair], pair, kinds, labels[rows], labels_c, order[cols],
-                                        weights[rows], w_c, num_classes).items():  # fmt: skip
+        found = _class_draws(
+            stiffness[pair], pair, kinds, labels[rows], labels[cols], weights[rows], weights[cols], num_classes
+        )
+        for kind, sides in found.items():
             keys += [("classes", pair, kind, side) for side in SIDES]
             draws += list(sides)
         values = stiffness[pair][xi_kind].cpu()
@@ -255,62 +392,6 @@ def bootstrap_intervals(
             target.setdefault(rest[0], {})[rest[1]] = ends
         else:
             target[rest[0]] = ends
-    return out
-
-
-def _class_draws(
-    stiffness: dict[str, Tensor],
-    pair: str,
-    kinds: tuple[str, ...],
-    labels_r: Tensor,
-    labels_c: Tensor,
-    order_c: Tensor,
-    w_r: Tensor,
-    w_c: Tensor,
-    num_classes: int,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """Each kind's within- and between-class draws [B] for one pair (``stiffness``: kind -> its [N, M] matrix); its
-    columns taken in the order ``order_c``
-    (``labels_c`` and ``w_c`` already in it). Where every pair but the self-pairs is finite, the weighted counts come
-    from the class totals of the weights instead of a product with the whole matrix."""
-    rows, cols = PAIRS[pair]
-    n, m = labels_r.numel(), labels_c.numel()
-    in_order = torch.equal(order_c, torch.arange(m))
-    matrices = {kind: stiffness[kind].cpu() for kind in kinds}
-    # A sum is finite only if every entry is (stiffness is bounded: no overflow).
-    finite = {kind: bool(torch.isfinite(values.sum())) for kind, values in matrices.items()}
-    forms = torch.empty(len(kinds) + sum(not f for f in finite.values()), n, m)
-    position = torch.argsort(order_c)  # example j's column
-    index = 0
-    for kind, values in matrices.items():
-        form = forms[index]
-        if in_order:
-            form.copy_(values)
-        else:
-            torch.index_select(values.float(), 1, order_c, out=form)
-        if finite[kind]:
-            if rows == cols:
-                form[torch.arange(n), position] = 0.0
-        else:
-            valid = torch.isfinite(form)
-            if rows == cols:
-                valid[torch.arange(n), position] = False
-            form.masked_fill_(~valid, 0.0)
-            index += 1
-            forms[index] = valid
-        index += 1
-    sums = iter(weighted_class_sums(forms, w_r, w_c, labels_r, labels_c, num_classes))
-    counts = None
-    out = {}
-    for kind in kinds:
-        kind_sums = next(sums)
-        if finite[kind]:
-            if counts is None:
-                counts = _class_counts(w_r, w_c, labels_r, labels_c, num_classes, rows == cols)
-            kind_counts = counts
-        else:
-            kind_counts = next(sums)
-        out[kind] = _within_between_draws(kind_sums, kind_counts)
     return out
 
 
@@ -496,12 +577,6 @@ def _percentile_bounds(draws: Tensor) -> tuple[Tensor, Tensor]:
     low = ordered.gather(0, (tail * last).floor().long())
     high = ordered.gather(0, ((1 - tail) * last).ceil().long())
     return low[0], high[0]
-
-
-def _not_self(n: int, m: int, same_set: bool) -> Tensor:
-    if same_set:
-        return ~torch.eye(n, m, dtype=torch.bool)
-    return torch.ones(n, m, dtype=torch.bool)
 
 
 __all__ = [
