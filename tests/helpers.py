@@ -1,6 +1,9 @@
 """A small digits setup for callback tests: scikit-learn's bundled digits, nothing downloaded."""
 
 import copy
+import os
+import select
+import time
 import warnings
 from pathlib import Path
 
@@ -276,3 +279,76 @@ def probe_reference(model_cls_kwargs, state, result, data, layer=None):
                     outs[name] = captured[0]
                 ldist[pair] = input_distance64(outs[r], outs[c])
     return g, cos, dist, ldist
+
+
+# Shared by the render worker's tests (test_render_worker, test_loggers): the worker processes a fit leaves.
+
+#: The command line of a render worker (``python -c "from lightning_stiffness.images.drawing import serve; ..."``).
+WORKER = "lightning_stiffness.images.drawing import serve"
+
+
+def children(pid: int | None = None) -> list[tuple[int, str, str]]:
+    """(pid, state, command line) of the direct children of ``pid`` (this process), read from /proc."""
+    pid = pid or os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                found.append((int(entry), fields[0], command))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def workers() -> set[int]:
+    """The render workers this process started that are running (an exited one, a zombie, has no command line)."""
+    return {pid for pid, _, command in children() if WORKER in command}
+
+
+def _exited(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for_exit(pids: set[int], deadline_s: float = 120.0) -> set[int]:
+    """Wait until every process in ``pids`` has exited (a zombie not yet reaped counts), woken by each exit (a pidfd
+    becomes readable then); the processes still running after ``deadline_s``, a guard against a hang only."""
+    deadline = time.monotonic() + deadline_s
+    waiting: dict[int, int | None] = {}  # pid -> its pidfd, None where pidfds are not supported
+    for pid in pids:
+        try:
+            waiting[pid] = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already
+            continue
+        except (AttributeError, OSError):  # no pidfd_open: /proc is read until the process is gone
+            waiting[pid] = None
+    try:
+        while waiting and (remaining := deadline - time.monotonic()) > 0:
+            for pid in [pid for pid, fd in waiting.items() if fd is None and _exited(pid)]:
+                del waiting[pid]
+            fds = [fd for fd in waiting.values() if fd is not None]
+            polled = len(fds) < len(waiting)
+            if not waiting:
+                break
+            ready, _, _ = select.select(fds, [], [], min(remaining, 0.05) if polled else remaining)
+            for pid in [pid for pid, fd in waiting.items() if fd in ready]:
+                os.close(waiting.pop(pid))
+        return set(waiting)
+    finally:
+        for fd in waiting.values():
+            if fd is not None:
+                os.close(fd)
+
+
+def workers_left(before: set[int], deadline_s: float = 120.0) -> set[int]:
+    """Render workers started since ``before`` that do not exit. A closed worker exits by itself once it has read
+    the end of its input (the callback does not wait for it): each one's exit is waited for, ``deadline_s`` only
+    keeps a worker that never exits from hanging the test."""
+    return wait_for_exit(workers() - before, deadline_s)

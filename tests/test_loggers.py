@@ -11,8 +11,16 @@ from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.names import KINDS, PAIRS, class_matrix_tag, distance_curve_tag
-from tests.helpers import DigitsData, TinyNet, _callback, _image_steps, _stiffness_warnings, trainer
-from tests.test_render_worker import _workers, _workers_left
+from tests.helpers import (
+    DigitsData,
+    TinyNet,
+    _callback,
+    _image_steps,
+    _stiffness_warnings,
+    trainer,
+    workers,
+    workers_left,
+)
 
 TAG = class_matrix_tag("train-val", "cosine")
 IMAGES_PER_PROBE = len(PAIRS) * len(KINDS) + len(PAIRS)  # class matrices and distance curves
@@ -87,7 +95,7 @@ def test_two_prefixes_in_wandb_mlflow_csv_and_tensorboard_at_once(tmp_path, syst
     for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    before = _workers()
+    before = workers()
     wandb_logger = WandbLogger(project="review", save_dir=str(tmp_path), offline=True)
     mlflow_logger = MLFlowLogger(experiment_name="review", tracking_uri=(tmp_path / "mlruns").as_uri())
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
@@ -116,7 +124,7 @@ def test_two_prefixes_in_wandb_mlflow_csv_and_tensorboard_at_once(tmp_path, syst
             png = Path(fit.log_dir) / class_matrix_tag("val-val", kind, prefix) / f"epoch={epoch}-step={step}.png"
             with Image.open(png) as picture:
                 assert picture.mode == "RGB"
-    assert not _workers_left(before)
+    assert not workers_left(before)
     assert not list(system_temp.glob("stiffness-images-*"))
 
 

@@ -3,6 +3,7 @@ training raises, on a KeyboardInterrupt and on Ctrl+C at a terminal; with ddp_sp
 once; a killed worker is warned about and replaced; no worker is left behind, not even by a fit that trains nothing."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,43 +16,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_stiffness.names import class_matrix_tag
-from tests.helpers import DigitsData, TinyNet, _callback, _image_steps, _stiffness_warnings, raw_results, trainer
+from tests.helpers import (
+    DigitsData,
+    TinyNet,
+    _callback,
+    _image_steps,
+    _stiffness_warnings,
+    raw_results,
+    trainer,
+    wait_for_exit,
+    workers,
+    workers_left,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = class_matrix_tag("train-val", "cosine")
-WORKER = "lightning_stiffness.images.drawing import serve"
-
-
-def _children(pid: int | None = None) -> list[tuple[int, str, str]]:
-    """(pid, state, command line) of the direct children of ``pid`` (this process), read from /proc."""
-    pid = pid or os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                found.append((int(entry), fields[0], command))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def _workers() -> set[int]:
-    return {pid for pid, _, command in _children() if WORKER in command}
-
-
-def _workers_left(before: set[int], patience_s: float = 60.0) -> set[int]:
-    """Render workers started since ``before`` that are still there; a closed worker exits by itself (the callback
-    does not wait for it), so give it a while before calling it left over."""
-    deadline = time.monotonic() + patience_s
-    while (left := _workers() - before) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
 
 # ------------------------------------------------------------------------------------- exceptions and interrupts
 
@@ -68,7 +47,7 @@ class _FailsAfterStep(TinyNet):
 
 
 def test_exception_mid_epoch_delivers_every_probes_images_the_last_one_included(tmp_path, system_temp):
-    before = _workers()
+    before = workers()
     csv = CSVLogger(tmp_path, name="csv", version=0)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     callback = _callback(every_n_steps=1, images_every_n_probes=2)
@@ -79,7 +58,7 @@ def test_exception_mid_epoch_delivers_every_probes_images_the_last_one_included(
     assert _image_steps(tb.log_dir) == [0, 2, 4, 5]  # every second probe, and the last, held until the exception
     pngs = sorted(p.name for p in (Path(tb.log_dir) / TAG).glob("*.png"))  # the CSV logger's: files
     assert pngs == ["epoch=0-step=0.png", "epoch=0-step=2.png", "epoch=0-step=4.png", "epoch=1-step=5.png"]
-    assert not _workers_left(before)
+    assert not workers_left(before)
     assert not list(system_temp.glob("stiffness-images-*"))
 
 
@@ -94,6 +73,9 @@ def test_keyboard_interrupt_raised_in_training_delivers_images(tmp_path):
     assert _image_steps(fit.log_dir) == [0, 2, 4, 6]
 
 
+#: The line the script prints when training has reached the step where Ctrl+C comes.
+_AT_CTRL_C = b"stiffness-test: epoch 0 ended, waiting for Ctrl+C"
+
 _CTRL_C_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
@@ -104,10 +86,14 @@ from tests.helpers import DigitsData, TinyNet, trainer
 
 
 class CtrlC(Callback):
-    # Ctrl+C at a terminal: SIGINT to the whole foreground process group, just after the probe at epoch 0's end.
+    # Training stops at the step where Ctrl+C comes, just after the probe at epoch 0's end: it says so, then waits
+    # there for the test's SIGINT (KeyboardInterrupt, raised in the blocked read); the end of its input means the
+    # test went away without sending it.
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == 0:
-            os.killpg(os.getpgid(0), signal.SIGINT)
+            print({ready!r}, flush=True)
+            sys.stdin.buffer.read()
+            os._exit(3)
 
 
 callback = StiffnessCallback(samples_per_class=2, num_bootstrap=0, kinds=["cosine"])
@@ -116,25 +102,51 @@ fit.fit(TinyNet(), datamodule=DigitsData())
 """
 
 
+def _read_until(process: subprocess.Popen, line: bytes, deadline_s: float = 600.0) -> bytes:
+    """The output of ``process`` up to ``line`` (or to its end: it exited first); ``deadline_s`` guards against a
+    hang only."""
+    seen, deadline = b"", time.monotonic() + deadline_s
+    fd = process.stdout.fileno()
+    while line not in seen and (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], remaining)[0]:
+            break
+        if not (chunk := os.read(fd, 65536)):
+            break
+        seen += chunk
+    return seen
+
+
 def test_ctrl_c_at_a_terminal_still_delivers_every_probes_images(tmp_path):
-    """Ctrl+C signals the terminal's whole foreground process group, the render worker included."""
+    """Ctrl+C signals the terminal's whole foreground process group (the render worker, in a session of its own and
+    ignoring SIGINT, draws on, and the training process hands out every image); sent once training has reached the
+    end of epoch 0, which waits there for it."""
     script = tmp_path / "ctrl_c.py"
-    script.write_text(_CTRL_C_SCRIPT.format(root=str(ROOT)))
+    script.write_text(_CTRL_C_SCRIPT.format(root=str(ROOT), ready=_AT_CTRL_C.decode()))
     env = dict(os.environ, LIGHTNING_STIFFNESS_STRICT="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path)],
         start_new_session=True,  # its own process group, as a shell gives a foreground job
-        capture_output=True,
-        text=True,
-        timeout=600,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env=env,
         cwd=ROOT,
     )
-    assert done.returncode == 1, done.stderr[-3000:]  # Lightning's graceful shutdown
-    assert "Detected KeyboardInterrupt" in done.stdout + done.stderr
+    try:
+        before = _read_until(process, _AT_CTRL_C)
+        assert _AT_CTRL_C in before, before.decode(errors="replace")[-3000:]
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl+C: the foreground process group, whose leader is the script
+        after, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = (before + after).decode(errors="replace")
+    assert process.returncode == 1, output[-3000:]  # Lightning's graceful shutdown
+    assert "Detected KeyboardInterrupt" in output
     (log_dir,) = tmp_path.glob("lightning_logs/version_*")
     assert sorted(raw_results(log_dir)) == ["epoch=0-step=0.pt", "epoch=0-step=4.pt"]
-    lost = [line for line in done.stderr.splitlines() if "render worker exited" in line]
+    lost = [line for line in output.splitlines() if "render worker exited" in line]
     assert not lost, lost
     assert _image_steps(log_dir) == [0, 4]
 
@@ -143,7 +155,7 @@ def test_ctrl_c_at_a_terminal_still_delivers_every_probes_images(tmp_path):
 
 
 def test_ddp_spawn_rank_zero_writes_each_image_once(tmp_path, system_temp):
-    before = _workers()
+    before = workers()
     csv = CSVLogger(tmp_path, name="csv", version=0)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     callback = _callback(images_every_n_probes=2)
@@ -157,44 +169,49 @@ def test_ddp_spawn_rank_zero_writes_each_image_once(tmp_path, system_temp):
     pngs = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*.png"))
     assert len(pngs) == 2 * 6 and all(p.endswith(("epoch=0-step=0.png", "epoch=1-step=8.png")) for p in pngs)
     assert not list((tmp_path / "tb").rglob("*.png"))
-    assert not _workers_left(before)
+    assert not workers_left(before)
 
 
 # ------------------------------------------------------------------------------------------- the render worker
 
 
-class _KillWorker(Callback):
-    """Kills the render worker just after the probe at epoch 0's end was sent to it (put it after the callback)."""
+class _SignalWorker(Callback):
+    """Sends ``signum`` to the render worker (started since ``before``) at epoch 0's end; a SIGKILL waits for the
+    worker to exit, so that the next probe finds it gone. Put a SIGSTOP before the callback, so that the worker
+    cannot answer the probe at epoch 0's end before it is killed, and a SIGKILL after it."""
 
-    def __init__(self):
-        self.killed: list[int] = []
+    def __init__(self, before: set[int], signum: int):
+        self.before, self.signum = before, signum
+        self.signalled: list[int] = []
 
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == 0:
-            for pid in _workers():
-                os.kill(pid, signal.SIGKILL)
-                self.killed.append(pid)
+            for pid in workers() - self.before:
+                os.kill(pid, self.signum)
+                self.signalled.append(pid)
+            if self.signum == signal.SIGKILL:
+                assert not wait_for_exit(set(self.signalled))
 
 
 def test_killed_worker_warns_and_training_goes_on_with_images(tmp_path):
-    before = _workers()
-    kill = _KillWorker()
-    fit = trainer(tmp_path, [_callback(), kill], max_epochs=3)
+    before = workers()
+    stop, kill = _SignalWorker(before, signal.SIGSTOP), _SignalWorker(before, signal.SIGKILL)
+    fit = trainer(tmp_path, [stop, _callback(), kill], max_epochs=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit.fit(TinyNet(), datamodule=DigitsData())
-    assert len(kill.killed) == 1 and fit.current_epoch == 3
+    assert len(kill.signalled) == 1 and fit.current_epoch == 3
     assert any("render worker exited" in message for message in _stiffness_warnings(caught))
     expected = ["epoch=0-step=0.pt", "epoch=0-step=4.pt", "epoch=1-step=8.pt", "epoch=2-step=12.pt"]
     assert sorted(raw_results(fit.log_dir)) == expected
     assert {8, 12} <= set(_image_steps(fit.log_dir))  # a new worker draws the later probes
-    assert not _workers_left(before)
+    assert not workers_left(before)
 
 
 @pytest.mark.parametrize("skip", [{"max_epochs": 0}, {"limit_train_batches": 0}])
 def test_no_worker_left_when_fit_does_not_train(tmp_path, skip):
     """A fit that trains nothing (max_epochs=0, no batches, a resumed run already at its end) still sets up."""
-    before = _workers()
+    before = workers()
     fit = trainer(tmp_path, [_callback()], **skip)
     fit.fit(TinyNet(), datamodule=DigitsData())
-    assert not _workers_left(before, patience_s=10.0)
+    assert not workers_left(before)
