@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.nn import functional as F
@@ -13,6 +13,7 @@ from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import MODEL
 from tests.helpers import raw_results, trainer
+from tests.models.transformer import RecurrentSentenceEncoder, SentenceEncoder
 from tests.reference import reference_gradients
 
 VOCAB, PAD, CLASSES = 12, 0, 3
@@ -53,31 +54,11 @@ class SentenceData(LightningDataModule):
         return DataLoader(self.val, batch_size=6, collate_fn=pad)
 
 
-class Encoder(nn.Module):
-    """Embedding + positions -> one batch-first encoder layer with a key padding mask -> masked mean -> classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, 8, padding_idx=PAD)
-        self.position = nn.Parameter(torch.randn(1, 8, 8) * 0.1)
-        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(8, CLASSES)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
-        h = self.contextualise(h, attention_mask)
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return self.head((h * mask).sum(1) / mask.sum(1))
-
-    def contextualise(self, h, attention_mask):
-        return self.layer(h, src_key_padding_mask=~attention_mask)
-
-
 class SentenceModule(LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.encoder = Encoder()
+        self.encoder = SentenceEncoder(VOCAB, PAD, CLASSES)
 
     def forward(self, input_ids, attention_mask):
         return self.encoder(input_ids, attention_mask)
@@ -158,27 +139,14 @@ def test_a_batch_the_engines_cannot_slice_names_the_entry(tmp_path):
         _fit(tmp_path, SentenceModule(), batch_to_xy=with_names)
 
 
-class RecurrentEncoder(Encoder):
-    """The same, with a GRU after the attention layer: its weights need the loop engine (vmap cannot run it)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gru = nn.GRU(8, 8, batch_first=True)
-
-    def contextualise(self, h, attention_mask):
-        return self.gru(super().contextualise(h, attention_mask))[0]
-
-
 class RecurrentModule(SentenceModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.encoder = RecurrentEncoder()
+        self.encoder = RecurrentSentenceEncoder(VOCAB, PAD, CLASSES)
 
 
 def _raw_run(tmp_path, module_class, **trainer_options):
-    from lightning.pytorch import seed_everything
-
     seed_everything(0)
     callback = StiffnessCallback(samples_per_class=2, seed=0, log_images=False, every_n_epochs=0)
     trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2, **trainer_options).fit(

@@ -40,31 +40,21 @@ from tests.helpers import (
     raw_results,
     trainer,
 )
+from tests.models.basic import DigitsCNN, MeanPool, tanh_mlp
+from tests.models.sequences import PackedRecurrent, RecurrentClassifier
 from tests.reference import class_matrix_loop, coherence64, cos64, reference_gradients, within_between64
-
-
-class SmallGRU(nn.Module):
-    """A GRU over 5 steps: its kernels have no factored rule (torch.func or the loop engine computes its norms)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gru = nn.GRU(3, 6, batch_first=True)
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x):
-        return self.head(self.gru(x)[0][:, -1])
 
 
 def _case(name: str, n: int = 1000):
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     if name == "mlp":
-        model, x = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), torch.randn(n, 8, generator=generator)
+        model, x = tanh_mlp(8, 16, 4), torch.randn(n, 8, generator=generator)
     elif name == "cnn":
         model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 4))
         x = torch.randn(n, 1, 6, 6, generator=generator)
     else:
-        model, x = SmallGRU(), torch.randn(n, 5, 3, generator=generator)
+        model, x = RecurrentClassifier("gru", 3, 6, 4), torch.randn(n, 5, 3, generator=generator)
     return model.eval(), x, torch.randint(0, 4, (n,), generator=generator)
 
 
@@ -172,41 +162,20 @@ def _dataset_loop(g, y, num_classes):
     return class_matrix_loop(cos64(g, g), y, y, num_classes, same_set=True)
 
 
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 10)
-        )
-
-    def forward(self, x):
-        return self.body(x.reshape(-1, 1, 8, 8))
-
-
-class SeqGRU(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(8, 6, batch_first=True)
-        self.head = nn.Linear(6, 10)
-
-    def forward(self, x):
-        return self.head(self.gru(x.reshape(-1, 8, 8))[0][:, -1])
-
-
 def _dataset_case(name):
     torch.manual_seed(0)
     x, y = digits_tensors(301)
     if name == "mlp":
-        model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+        model = tanh_mlp(64, 16, 10)
     elif name == "cnn":
-        model = SmallCNN()
+        model = DigitsCNN()
         bn = model.body[1]
         with torch.no_grad():
             bn.running_mean.uniform_(-0.3, 0.3)
             bn.running_var.uniform_(0.5, 2.0)
             bn.weight.uniform_(0.5, 1.5)
     else:
-        model = SeqGRU()
+        model = RecurrentClassifier("gru", 8, 6, 10, steps=8)
     return model.eval(), x, y
 
 
@@ -260,24 +229,11 @@ def pad_collate(items):
     return {"ids": ids, "mask": mask, "cls": torch.stack([it["cls"] for it in items])}
 
 
-class MeanPool(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 6)
-        self.mix = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 4)
-
-    def classify(self, ids, mask):
-        h = torch.tanh(self.mix(self.emb(ids)))
-        pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return self.head(pooled)
-
-
 def test_dataset_class_stiffness_dict_batches_with_padding():
     torch.manual_seed(0)
     data = Tokens()
-    model = MeanPool().eval()
-    forward = lambda m, x: m.classify(x["ids"], x["mask"])  # noqa: E731
+    model = MeanPool(20, 6, 4).eval()
+    forward = lambda m, x: m(x["ids"], x["mask"])  # noqa: E731
     to_xy = lambda batch: ({"ids": batch["ids"], "mask": batch["mask"]}, batch["cls"])  # noqa: E731
     # Reference: each example alone, unpadded.
     rows, labels = [], []
@@ -306,11 +262,6 @@ def test_dataset_class_stiffness_with_zero_gradient_examples():
     assert torch.allclose(got, expected, atol=2e-6, equal_nan=True)
 
 
-class BNNet(Net):
-    def __init__(self):
-        super().__init__(kind="bn", dropout=0.2)
-
-
 def test_callback_dataset_measure_logs_saves_and_leaves_training_unchanged(tmp_path):
     x, y = digits_tensors(180)
     train = TensorDataset(x[:130], y[:130])
@@ -319,7 +270,7 @@ def test_callback_dataset_measure_logs_saves_and_leaves_training_unchanged(tmp_p
 
     def run(path, callbacks):
         seed_everything(0)
-        model = BNNet()
+        model = Net(kind="bn", dropout=0.2)
         t = trainer(path, callbacks, max_epochs=2, limit_train_batches=3)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -348,7 +299,7 @@ def test_callback_dataset_measure_logs_saves_and_leaves_training_unchanged(tmp_p
         saved = raw[name]
         assert set(saved) == {"class_matrix", "epoch", "step", "seconds"}
         step = saved["step"]
-        model = BNNet()
+        model = Net(kind="bn", dropout=0.2)
         model.load_state_dict(snaps.states[step])
         expected = _dataset_loop(reference_gradients(model, x[:130], y[:130], float64_copy=True), y[:130], 10)
         assert torch.allclose(saved["class_matrix"].double(), expected, atol=2e-6, equal_nan=True)
@@ -384,7 +335,7 @@ def test_float64_training_probe_and_dataset_measure_agree_with_float64_loops(tmp
 def test_dataset_class_stiffness_frozen_layer_custom_loss_and_errors():
     torch.manual_seed(0)
     x, y = digits_tensors(90)
-    model = nn.Sequential(nn.Linear(64, 10), nn.Tanh(), nn.Linear(10, 10)).eval()
+    model = tanh_mlp(64, 10, 10).eval()
     model[0].requires_grad_(False)
 
     def loss_fn(out, t):  # per-example squared error to the one-hot target
@@ -414,27 +365,11 @@ def test_bf16_true_training_still_gets_the_dataset_measure(tmp_path):
     assert "dataset-epoch=0-step=2.pt" in raw_results(t.log_dir)
 
 
-class PackedGRU(nn.Module):
-    """A GRU over padded token sequences, packed by their lengths (so padding cannot change the outputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 5)
-        self.gru = nn.GRU(5, 6, batch_first=True)
-        self.head = nn.Linear(6, 4)
-
-    def classify(self, ids, mask):
-        lengths = mask.sum(1).long().cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False)
-        _, h = self.gru(packed)
-        return self.head(h[-1])
-
-
 def test_dataset_class_stiffness_packed_gru_dict_batches():
     torch.manual_seed(0)
     data = Tokens(n=90, seed=1)
-    model = PackedGRU().eval()
-    forward = lambda m, x: m.classify(x["ids"], x["mask"])  # noqa: E731
+    model = PackedRecurrent("gru", 20, 6, 4, embedding=5, padding_idx=None).eval()
+    forward = lambda m, x: m(x["ids"], x["mask"])  # noqa: E731
     to_xy = lambda batch: ({"ids": batch["ids"], "mask": batch["mask"]}, batch["cls"])  # noqa: E731
     rows = [
         reference_gradients(

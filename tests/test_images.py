@@ -27,6 +27,7 @@ from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
 from tests.helpers import DigitsData, TinyNet, _callback, events, raw_results, trainer
+from tests.models.basic import tanh_mlp
 
 TAG = class_matrix_tag("train-val", "cosine")
 
@@ -282,7 +283,7 @@ class _ThirtyClasses(LightningDataModule):
 class _ThirtyWay(LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 30))
+        self.net = tanh_mlp(8, 12, 30)
 
     def forward(self, x):
         return self.net(x)

@@ -16,6 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from lightning_stiffness.gram import gradient_gram
+from tests.models.transformer import RowsEncoder
 from tests.reference import reference_gram
 
 #: dtype -> (largest relative error of the Gram matrix, largest absolute error of the cosine stiffness).
@@ -27,23 +28,10 @@ BOUNDS = {
 }
 
 
-class Encoder(nn.Module):
-    """Digits as 8 rows of 8 pixels: a batch-first transformer encoder layer over the rows, then a linear head."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(8, 16)
-        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.layer(self.embed(x.reshape(-1, 8, 8))).mean(1))
-
-
 def _models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
-    return {"mlp": mlp, "encoder": Encoder()}
+    return {"mlp": mlp, "encoder": RowsEncoder()}
 
 
 def _cosine(gram: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from lightning_stiffness.functional import gradient_gram, layer_outputs
 from lightning_stiffness.gram import gram_plan
 from tests.models import transformer as tm
+from tests.models.basic import MeanPool
 from tests.reference import call, cross_entropy, reference_gram
 
 RTOL = 1e-7
@@ -445,22 +446,11 @@ def test_batch_sorted_inside_the_forward():
     check_engines(model, (ids, lengths), _labels(7, 172), (ids2, lengths2), _labels(3, 173), engines=("auto",))
 
 
-class _Pooled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(tm.VOCAB, tm.WIDTH)
-        self.proj = nn.Linear(tm.WIDTH, tm.WIDTH)
-        self.head = nn.Linear(tm.WIDTH, tm.CLASSES)
-
-    def forward(self, ids):
-        return self.head(torch.tanh(self.proj(self.embed(ids))).mean(dim=1))
-
-
 @pytest.mark.parametrize("t2", [1, 3, 6], ids=["T2=1", "T2=3", "T2=6"])
 def test_cross_gram_with_another_sequence_length(t2):
     """The columns padded to another length than the rows (a validation batch against a training batch)."""
     torch.manual_seed(18)
-    model = _prepared(_Pooled())
+    model = _prepared(MeanPool(tm.VOCAB, tm.WIDTH, tm.CLASSES))
     x, x2 = _ids(4, 3, 180), _ids(4, t2, 181)
     y, y2 = _labels(4, 182), _labels(4, 183)
     want = reference_gram(model, x, y, x2, y2)

@@ -1,4 +1,6 @@
-"""Small models covering the layer types and parameter layouts the Gram engines must handle."""
+"""Small models covering the layer types and parameter layouts the Gram engines must handle (:data:`MODELS`,
+built by :func:`build`), and plain classifiers the tests train: a Tanh MLP, a CNN with BatchNorm for the digits, a
+mean-pooling token model."""
 
 import torch
 from torch import nn
@@ -83,6 +85,41 @@ class TokenModel(nn.Module):
 
     def forward(self, tokens):
         return self.proj(self.embed(tokens).mean(dim=1))
+
+
+def tanh_mlp(inputs: int, hidden: int, classes: int) -> nn.Sequential:
+    """Linear, Tanh, Linear: the smallest classifier with a hidden layer."""
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))
+
+
+class DigitsCNN(nn.Module):
+    """Flat 8x8 digits [N, 64] as images: a convolution, BatchNorm, max-pooling and a Linear head over 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 10)
+        )
+
+    def forward(self, x):
+        return self.body(x.reshape(-1, 1, 8, 8))
+
+
+class MeanPool(nn.Module):
+    """Token ids through an embedding and a Linear with tanh, mean-pooled over the sequence (over the tokens whose
+    ``mask`` is 1 where given), then a Linear head."""
+
+    def __init__(self, vocab: int, width: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.proj = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, ids, mask=None):
+        h = torch.tanh(self.proj(self.embed(ids)))
+        if mask is None:
+            return self.head(h.mean(dim=1))
+        return self.head((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
 
 
 def make_inputs(name: str, n: int, generator: torch.Generator):

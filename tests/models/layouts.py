@@ -2,8 +2,9 @@
 
 Each situation of issue 9 ("Exact on every model") has a model here: examples moved out of dim 0 (seq-first
 attention, time steps or frames flattened into the batch), tensors shared by every example (a [1, T, 2] coordinate
-buffer through an MLP, a learned [1, d] query), kernels vmap cannot run (RNN, GRU, LSTM, packed sequences, an
-old-style ``autograd.Function``), parametrizations, and forwards that update buffers even in eval mode.
+buffer through an MLP, a learned [1, d] query), kernels vmap cannot run (RNN, GRU, LSTM and packed sequences, their
+models from :mod:`tests.models.sequences`; an old-style ``autograd.Function``), parametrizations, and forwards that
+update buffers even in eval mode.
 :func:`random_model` builds further models from a menu of layers and layouts. Everything is tiny: the tests compare
 each engine with a per-example float64 loop.
 """
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
-from torch.nn.utils.rnn import pack_padded_sequence
+
+from tests.models.basic import tanh_mlp
+from tests.models.sequences import LSTMOnly, PackedRecurrent, RecurrentClassifier
 
 FEATURES = 4  # input features per time step (or per example for "vector" inputs)
 WIDTH = 6  # hidden width; even, for two attention heads
@@ -121,50 +124,6 @@ class LearnedQuery(nn.Module):
 
 
 # --- kernels vmap cannot run ------------------------------------------------------------------------------------------
-
-
-class RecurrentClassifier(nn.Module):
-    """An RNN/GRU/LSTM over [N, T, C] (batch_first), its last output through a Linear head."""
-
-    def __init__(self, kind: str, num_layers: int = 1, bidirectional: bool = False) -> None:
-        super().__init__()
-        cell = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[kind]
-        self.rnn = cell(FEATURES, WIDTH, num_layers=num_layers, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(WIDTH * (2 if bidirectional else 1), CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
-
-
-class LSTMOnly(nn.Module):
-    """An LSTM whose last output is the logits: no parameter any factored rule covers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(FEATURES, CLASSES, batch_first=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.lstm(x)
-        return out[:, -1]
-
-
-class PackedRecurrent(nn.Module):
-    """Token ids padded with 0 at the end, lengths read from the input, through ``pack_padded_sequence``."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, WIDTH, padding_idx=0)
-        self.rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[kind](WIDTH, WIDTH, batch_first=True)
-        self.head = nn.Linear(WIDTH, CLASSES)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        lengths = (tokens != 0).sum(dim=1).cpu()
-        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
-        _, hidden = self.rnn(packed)
-        if isinstance(hidden, tuple):  # LSTM: (h, c)
-            hidden = hidden[0]
-        return self.head(hidden[-1])
 
 
 class _ScaleByParameter(torch.autograd.Function):
@@ -294,10 +253,6 @@ def batch_norm_eval() -> nn.Module:
     return model
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(FEATURES, WIDTH), nn.Tanh(), nn.Linear(WIDTH, CLASSES))
-
-
 # --- inputs -----------------------------------------------------------------------------------------------------------
 
 
@@ -381,14 +336,18 @@ LAYOUTS: dict[str, Layout] = {
         lambda t: LearnedQuery(), "sequence", 6, 4, fallback=(), factored=("query", "q_proj.", "key.", "head.")
     ),
     # kernels vmap cannot run
-    "gru": Layout(lambda t: RecurrentClassifier("gru"), "sequence", vmap=False),
-    "rnn": Layout(lambda t: RecurrentClassifier("rnn"), "sequence", vmap=False),
+    "gru": Layout(lambda t: RecurrentClassifier("gru", FEATURES, WIDTH, CLASSES), "sequence", vmap=False),
+    "rnn": Layout(lambda t: RecurrentClassifier("rnn", FEATURES, WIDTH, CLASSES), "sequence", vmap=False),
     "gru_bidirectional_2_layers": Layout(
-        lambda t: RecurrentClassifier("gru", num_layers=2, bidirectional=True), "sequence", 5, 4, vmap=False
+        lambda t: RecurrentClassifier("gru", FEATURES, WIDTH, CLASSES, num_layers=2, bidirectional=True),
+        "sequence",
+        5,
+        4,
+        vmap=False,
     ),
-    "lstm_only": Layout(lambda t: LSTMOnly(), "sequence", 5, 4, vmap=False),
-    "packed_gru": Layout(lambda t: PackedRecurrent("gru"), "tokens", 6, 5, vmap=False),
-    "packed_lstm": Layout(lambda t: PackedRecurrent("lstm"), "tokens", 5, 4, vmap=False),
+    "lstm_only": Layout(lambda t: LSTMOnly(FEATURES, CLASSES), "sequence", 5, 4, vmap=False),
+    "packed_gru": Layout(lambda t: PackedRecurrent("gru", VOCAB, WIDTH, CLASSES), "tokens", 6, 5, vmap=False),
+    "packed_lstm": Layout(lambda t: PackedRecurrent("lstm", VOCAB, WIDTH, CLASSES), "tokens", 5, 4, vmap=False),
     "old_style_function": Layout(lambda t: OldStyleFunction(), "vector", vmap=False),
     # no parameter covered by a rule
     "spectral_norm": Layout(lambda t: spectral_norm_model(), "vector"),
@@ -401,7 +360,7 @@ LAYOUTS: dict[str, Layout] = {
     "reassigned_stat": Layout(lambda t: ReassignedStat(), "vector"),
     # plain models
     "batch_norm_eval": Layout(lambda t: batch_norm_eval(), "vector"),
-    "mlp": Layout(lambda t: mlp(), "vector"),
+    "mlp": Layout(lambda t: tanh_mlp(FEATURES, WIDTH, CLASSES), "vector"),
 }
 
 #: Layouts whose forward writes to a buffer (in place or by reassignment), even in eval mode.

@@ -1,5 +1,6 @@
-"""Small transformer-ish models for ``tests/test_transformers.py``: tiny sizes, dropout 0, built in float32 (the
-tests convert them with ``.double().eval()``)."""
+"""Small transformer-ish models: tiny sizes, dropout 0, built in float32 (``tests/test_transformers.py`` converts
+them with ``.double().eval()``). Most use the sizes below; :class:`SentenceEncoder` (and its recurrent variant) and
+:class:`RowsEncoder` take theirs from their callers."""
 
 import math
 
@@ -441,3 +442,51 @@ class LoRA(nn.Module):
     def forward(self, ids):
         h = torch.tanh(F.linear(self.embed(ids), self.weight + self.lora_b @ self.lora_a))
         return self.head(h.mean(dim=1))
+
+
+class SentenceEncoder(nn.Module):
+    """Embedding + positions -> one batch-first encoder layer with a key padding mask -> masked mean -> classes.
+
+    forward(input_ids [N, T], attention_mask [N, T] bool, True for a token); T is at most 8.
+    """
+
+    def __init__(self, vocab: int, pad: int, classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8, padding_idx=pad)
+        self.position = nn.Parameter(torch.randn(1, 8, 8) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids) + self.position[:, : input_ids.shape[1]]
+        h = self.contextualise(h, attention_mask)
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1))
+
+    def contextualise(self, h, attention_mask):
+        return self.layer(h, src_key_padding_mask=~attention_mask)
+
+
+class RecurrentSentenceEncoder(SentenceEncoder):
+    """The same, with a GRU after the attention layer: its weights need the loop engine (vmap cannot run it)."""
+
+    def __init__(self, vocab: int, pad: int, classes: int) -> None:
+        super().__init__(vocab, pad, classes)
+        self.gru = nn.GRU(8, 8, batch_first=True)
+
+    def contextualise(self, h, attention_mask):
+        return self.gru(super().contextualise(h, attention_mask))[0]
+
+
+class RowsEncoder(nn.Module):
+    """Digits [N, 64] as 8 rows of 8 pixels: a batch-first transformer encoder layer over the rows, then a linear
+    head over 10 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.layer(self.embed(x.reshape(-1, 8, 8))).mean(1))
