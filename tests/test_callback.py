@@ -16,10 +16,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
 
 from lightning_stiffness import StiffnessCallback
+from lightning_stiffness.exceptions import STRICT_ENV
 from lightning_stiffness.functional import class_stiffness, within_between
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.names import (
     KINDS,
+    MODEL,
     PAIRS,
     SIDES,
     class_matrix_tag,
@@ -79,9 +81,10 @@ def test_raw_files_load_and_agree_with_scalars(run):
             logged = scalars.Scalars(tag)[index].value
             assert (math.isnan(value) and math.isnan(logged)) or logged == pytest.approx(value, rel=1e-6), tag
         # The class matrices and within/between numbers follow from the saved stiffness matrices.
-        matrix = class_stiffness(result.stiffness["train-train/cosine"], result.labels["train"], num_classes=10)
-        torch.testing.assert_close(matrix, result.class_matrices["train-train/cosine"], equal_nan=True)
-        assert within_between(matrix)[0] == pytest.approx(result.within_class["train-train/cosine"])
+        measures = result.classes["train-train"]["cosine"][MODEL]
+        matrix = class_stiffness(measures.stiffness, result.labels["train"], num_classes=10)
+        torch.testing.assert_close(matrix, measures.matrix, equal_nan=True)
+        assert within_between(matrix)[0] == pytest.approx(measures.within)
         assert len(result.indices["train"]) == 30 and len(result.indices["val"]) == 30
         assert torch.bincount(result.labels["train"], minlength=10).tolist() == [3] * 10
 
@@ -100,9 +103,9 @@ def test_last_probe_matches_brute_force_float64(run):
         rows, cols = pair.split("-")
         a, b = grads[rows], grads[cols]
         cosine = (a / a.norm(dim=1, keepdim=True)) @ (b / b.norm(dim=1, keepdim=True)).T
-        torch.testing.assert_close(last.stiffness[f"{pair}/cosine"].double(), cosine, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(last.classes[pair]["cosine"][MODEL].stiffness.double(), cosine, atol=2e-5, rtol=1e-4)
         sign = torch.sign(a @ b.T)
-        agree = (last.stiffness[f"{pair}/sign"].double() == sign).double().mean()
+        agree = (last.classes[pair]["sign"][MODEL].stiffness.double() == sign).double().mean()
         assert agree > 0.99  # float32 vs float64 may differ only where the dot product is ~0
 
 
@@ -354,8 +357,6 @@ def test_unexpected_failure_is_skipped_when_not_strict(tmp_path):
 
 
 def test_strict_mode_follows_the_environment(monkeypatch):
-    from lightning_stiffness.exceptions import STRICT_ENV
-
     monkeypatch.setenv(STRICT_ENV, "0")
     assert StiffnessCallback().strict is False and StiffnessCallback(strict=True).strict is True
     monkeypatch.setenv(STRICT_ENV, "1")
@@ -429,8 +430,8 @@ def test_per_layer_stiffness_logged_and_exact(tmp_path):
         grads = reference_gradients(reference.net, x, y, params=[f"{layer[4:]}.weight", f"{layer[4:]}.bias"])
         cosine = (grads / grads.norm(dim=1, keepdim=True)) @ (grads / grads.norm(dim=1, keepdim=True)).T
         within, between = within_between(class_stiffness(cosine, y, num_classes=10))
-        assert last.layer_within_class[f"train-train/cosine/{layer}"] == pytest.approx(within, abs=1e-5)
-        assert last.layer_between_class[f"train-train/cosine/{layer}"] == pytest.approx(between, abs=1e-5)
+        assert last.classes["train-train"]["cosine"][layer].within == pytest.approx(within, abs=1e-5)
+        assert last.classes["train-train"]["cosine"][layer].between == pytest.approx(between, abs=1e-5)
 
 
 def test_failed_write_warns_and_training_goes_on(tmp_path, monkeypatch):

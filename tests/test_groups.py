@@ -16,6 +16,7 @@ from lightning_stiffness.functional import (
     gradient_coherence,
     gradient_diversity,
 )
+from lightning_stiffness.images.specs import probe_images
 from lightning_stiffness.measures.groups import (
     add_group_measures,
     check_class_groups,
@@ -26,7 +27,7 @@ from lightning_stiffness.measures.groups import (
 from lightning_stiffness.measures.metrics import GradientAlignment
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import gradient_coherence_tag, gradient_diversity_tag, group_tag
+from lightning_stiffness.names import gradient_coherence_tag, gradient_diversity_tag, group_matrix_tag, group_tag
 from tests.helpers import GROUPS, Data, Net, digits_sets, events, fit, probe_reference, probe_results, trainer
 from tests.models.basic import build, make_inputs
 from tests.reference import PAIRS, class_matrix_loop, reference_gradients
@@ -147,19 +148,16 @@ def test_metric_over_blocks_and_the_result_tags():
 
     add_group_measures(whole, {"first": [0, 1], "second": [2, 3]})
     assert whole.group_names == ["first", "second"]
-    assert whole.group_matrices["train-val/sign"].shape == (2, 2)
+    assert whole.groups["train-val"]["sign"].matrix.shape == (2, 2)
     scalars = whole.scalars(prefix="p")
     assert group_tag("val-val", "cosine", "between_groups", "p") in scalars
     assert group_tag("train-train", "sign", "between_class_within_group", "p") in scalars
     again = StiffnessResult.from_dict(whole.to_dict())
-    assert torch.equal(again.group_matrices["train-train/cosine"], whole.group_matrices["train-train/cosine"])
+    assert torch.equal(again.groups["train-train"]["cosine"].matrix, whole.groups["train-train"]["cosine"].matrix)
     assert again.gradient_coherence == whole.gradient_coherence
 
 
 def test_group_matrix_image_is_drawn():
-    from lightning_stiffness.images.specs import probe_images
-    from lightning_stiffness.names import group_matrix_tag
-
     grads, labels = _gradients()
     gram = grads @ grads.T
     x = torch.randn(24, 5, dtype=torch.float64)
@@ -208,15 +206,15 @@ def test_group_matrix_and_scalars_against_loops(tmp_path):
                     sums[gi, gj] += s[i, j]
                     counts[gi, gj] += 1
             expected = torch.where(counts > 0, sums / counts, torch.full_like(sums, math.nan))
-            got = result.group_matrices[f"{pair}/{kind}"].double()
+            got = result.groups[pair][kind].matrix.double()
             assert torch.allclose(got, expected, atol=1e-5, equal_nan=True), (pair, kind, got, expected)
             m = class_matrix_loop(s, la, lb, 10, r == c)
             same = of_class[:, None] == of_class[None, :]
             off = ~torch.eye(10, dtype=torch.bool)
             within_group = float(m[same & off].nanmean())
             between_groups = float(m[~same].nanmean())
-            assert result.between_class_within_group[f"{pair}/{kind}"] == pytest.approx(within_group, abs=1e-5)
-            assert result.between_groups[f"{pair}/{kind}"] == pytest.approx(between_groups, abs=1e-5)
+            assert result.groups[pair][kind].between_class_within_group == pytest.approx(within_group, abs=1e-5)
+            assert result.groups[pair][kind].between_groups == pytest.approx(between_groups, abs=1e-5)
             for tag, want in (("between_class_within_group", within_group), ("between_groups", between_groups)):
                 (event,) = acc.Scalars(f"stiffness/{pair}/{kind}/{tag}")
                 assert event.step == result.step and event.value == pytest.approx(want, abs=1e-5)
@@ -233,14 +231,14 @@ def test_group_list_form_and_groups_of_one_class(tmp_path):
     t, _ = fit(tmp_path / "list", Net(), data, cb)
     (result,) = probe_results(t).values()
     assert result.group_names == ["a", "b", "c"]
-    assert math.isfinite(result.between_class_within_group["train-train/cosine"])
+    assert math.isfinite(result.groups["train-train"]["cosine"].between_class_within_group)
     seed_everything(0)
     cb = StiffnessCallback(samples_per_class=2, kinds=["cosine"], class_groups=list(range(10)), num_bootstrap=0,
                            every_n_epochs=0, log_images=False)  # fmt: skip
     t, _ = fit(tmp_path / "singletons", Net(), data, cb)
     (result,) = probe_results(t).values()
-    assert math.isnan(result.between_class_within_group["train-train/cosine"])  # no two classes share a group
-    assert math.isfinite(result.between_groups["train-train/cosine"])
+    assert math.isnan(result.groups["train-train"]["cosine"].between_class_within_group)  # no two classes share a group
+    assert math.isfinite(result.groups["train-train"]["cosine"].between_groups)
 
 
 @pytest.mark.parametrize(

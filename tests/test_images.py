@@ -20,12 +20,12 @@ from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import critical_distance
 from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, MatrixSpec, Painter
 from lightning_stiffness.images.render_worker import Renderer
-from lightning_stiffness.images.specs import probe_specs
+from lightning_stiffness.images.specs import ImageSpec, probe_specs
 from lightning_stiffness.measures.fitted_lines import observed_range
 from lightning_stiffness.measures.intervals import add_intervals
 from lightning_stiffness.measures.probe_measures import measure_stiffness
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import class_matrix_tag, distance_curve_tag
+from lightning_stiffness.names import INPUT, MODEL, class_matrix_tag, distance_curve_tag
 from tests.helpers import DigitsData, TinyNet, _callback, events, raw_results, trainer
 from tests.models.basic import tanh_mlp
 
@@ -96,7 +96,8 @@ def _measured(seed: int = 0) -> StiffnessResult:
 
 def test_fitted_line_is_critical_distances_line():
     result = _measured()
-    stiffness, distances = result.stiffness["train-train/cosine"].double(), result.distances["train-train"].double()
+    space = result.spaces["train-train"][INPUT]
+    stiffness, distances = result.classes["train-train"]["cosine"][MODEL].stiffness.double(), space.distances.double()
     labels = result.labels["train"]
     mask = (labels[:, None] == labels[None, :]) & ~torch.eye(60, dtype=torch.bool)
     slope, intercept = np.polyfit(distances[mask].numpy(), stiffness[mask].numpy(), 1)  # float64 reference
@@ -107,15 +108,15 @@ def test_fitted_line_is_critical_distances_line():
     axes = Painter().figure(spec).axes[0]
     (line,) = [artist for artist in axes.get_lines() if artist.get_gid() == "fit-pairs"]
     xs, ys = line.get_xdata(), line.get_ydata()
-    low, high = observed_range(result.curves["train-train"]["within"])
+    low, high = observed_range(space.curves["within"])
     assert list(xs) == [low, high]
     assert low <= float(distances[mask].min()) and float(distances[mask].max()) <= high
     np.testing.assert_allclose(ys, intercept + slope * np.asarray(xs), rtol=1e-6, atol=1e-9)
     assert xs[0] - ys[0] * (xs[1] - xs[0]) / (ys[1] - ys[0]) == pytest.approx(xi, rel=1e-6)  # where it crosses 0
     assert axes.get_ylim() == STIFFNESS_RANGE
-    assert result.line_fits["train-train"]["pairs"]["xi"] == pytest.approx(xi, rel=1e-9)
-    bins = result.line_fits["train-train"]["bins"]  # through the bin means, each bin once
-    curve = result.curves["train-train"]["within"]
+    assert space.line_fits["pairs"]["xi"] == pytest.approx(xi, rel=1e-9)
+    bins = space.line_fits["bins"]  # through the bin means, each bin once
+    curve = space.curves["within"]
     seen = curve.count > 0
     centres = ((curve.edges[1:] + curve.edges[:-1]) / 2)[seen].numpy()
     bin_slope, bin_intercept = np.polyfit(centres, curve.mean[seen].numpy(), 1)
@@ -244,7 +245,7 @@ def test_probe_curves_carry_their_bootstrap_bands():
     add_intervals(result, 50, seed=0)
     spec = probe_specs(result, [str(c) for c in range(6)])[distance_curve_tag("train-train")]
     for side in ("within", "between"):
-        low, high = result.curve_intervals["train-train"][side]
+        low, high = result.spaces["train-train"][INPUT].bands[side]
         np.testing.assert_array_equal(getattr(spec, f"{side}_band")[0], low.numpy())
         np.testing.assert_array_equal(getattr(spec, f"{side}_band")[1], high.numpy())
     axes = Painter().figure(spec).axes[0]
@@ -252,9 +253,6 @@ def test_probe_curves_carry_their_bootstrap_bands():
 
 
 def test_every_spec_is_an_image_spec_and_a_missing_class_matrix_is_named():
-    from lightning_stiffness.images.specs import ImageSpec
-    from lightning_stiffness.names import MODEL
-
     result = _measured()
     assert all(isinstance(spec, ImageSpec) for spec in probe_specs(result, [str(c) for c in range(6)]).values())
     result.classes["train-train"]["cosine"][MODEL].matrix = None  # as a version-1 file without it

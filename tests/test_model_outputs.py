@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.gram import gradient_gram
 from lightning_stiffness.gram.validation import logits_of
+from lightning_stiffness.names import MODEL
 from tests.helpers import trainer
 from tests.models.hugging_face import _bert_like, _labels, _text
 from tests.reference import reference_gradients, reference_gram
@@ -194,7 +195,8 @@ def _assert_probe_exact(callback, module, forward_fn=None, atol=2e-5):
     for pair in result.pairs:
         rows, cols = pair.split("-")
         expected = _cosine(grads[rows], grads[cols])
-        torch.testing.assert_close(result.stiffness[f"{pair}/cosine"].double(), expected, atol=atol, rtol=1e-4)
+        got = result.classes[pair]["cosine"][MODEL].stiffness.double()
+        torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict", "dataclass", "namedtuple", "model_output"])
