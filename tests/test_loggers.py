@@ -119,6 +119,13 @@ def test_two_prefixes_in_wandb_mlflow_csv_and_tensorboard_at_once(tmp_path, syst
         artifacts = tmp_path / "mlruns" / mlflow_logger.experiment_id / mlflow_logger.run_id / "artifacts" / "images"
         pictures = [p for p in artifacts.glob(f"{prefix}~*.png") if "compressed" not in p.name]
         assert len(pictures) == per_probe * len(probed), prefix
+        # The raw results travel with the W&B and MLflow runs: the same files, by the same relative paths.
+        names = {f"epoch={step // 5}-step={step}.pt" for step in probed}
+        run_dir = tmp_path / "mlruns" / mlflow_logger.experiment_id / mlflow_logger.run_id
+        for where in (run_dir / "artifacts" / prefix, run / "files" / prefix):
+            assert {p.name for p in where.glob("*.pt")} == names, where
+            for name in names:
+                assert (where / name).read_bytes() == (Path(tb.log_dir) / prefix / name).read_bytes()
         for step in probed:  # the CSV logger's PNG files, beside the raw results (in trainer.log_dir)
             epoch = step // 5
             png = Path(fit.log_dir) / class_matrix_tag("val-val", kind, prefix) / f"epoch={epoch}-step={step}.png"

@@ -277,7 +277,7 @@ class StiffnessCallback(Callback):
         if self._idle:
             return
         log_dir = run_directory(trainer)  # a collective call under DDP: here, on every process
-        self._raw, self._image_writer.directory = RawWriter(log_dir / self.prefix), log_dir
+        self._raw, self._image_writer.directory = RawWriter(log_dir / self.prefix, trainer.loggers), log_dir
         with preserved_rng(pl_module.device):
             self._build_probe_sets(trainer)
             # Once, before any probe: a loss every probe would fail on (a mean, outputs without logits) is refused.

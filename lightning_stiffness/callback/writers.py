@@ -6,12 +6,15 @@ because ``pl_module.log`` would merge the probe at initialisation with the one a
 the latest probe's values at every check (:meth:`ScalarWriter.publish`), so they find them until the next probe.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lightning_stiffness.callback.dashboard import DashboardPlan, write_layout
+from lightning_stiffness.lightning_compat import lightning_classes
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.measures.whole_dataset import DatasetResult
 from lightning_stiffness.names import PREFIX, dataset_raw_file_name, probe_seconds_tag, raw_file_name
@@ -72,14 +75,18 @@ def run_directory(trainer: Trainer) -> Path:
 
 
 class RawWriter:
-    """Raw results to ``{directory}/epoch=E-step=S.pt``, written to a temporary name and renamed.
+    """Raw results to ``{directory}/epoch=E-step=S.pt``, written to a temporary name and renamed, and each file also
+    logged to the run of every MLflow logger (an artifact under ``{directory name}/``) and W&B logger (a run file,
+    ``wandb.save`` with the same relative path), so that the raw results travel with those runs.
 
     Args:
         directory: where the files go (made when the first is written).
+        loggers: the trainer's loggers (rank 0's).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, loggers: Sequence[Any] = ()) -> None:
         self.directory = Path(directory)
+        self.loggers = list(loggers)
 
     def write(self, result: StiffnessResult) -> Path:
         """Save ``result.to_dict()``; a reader never sees half a file."""
@@ -95,4 +102,14 @@ class RawWriter:
         partial = target.with_name(target.name + ".tmp")
         torch.save(contents, partial)
         partial.replace(target)
+        self._share(target)
         return target
+
+    def _share(self, path: Path) -> None:
+        """``path`` into the run of each MLflow and W&B logger, in its own API."""
+        for logger in self.loggers:
+            run: Any = logger  # of either package: typed by the checks below, not by Lightning's stubs
+            if isinstance(logger, lightning_classes("loggers", "MLFlowLogger")):
+                run.experiment.log_artifact(run.run_id, str(path), artifact_path=self.directory.name)
+            elif isinstance(logger, lightning_classes("loggers", "WandbLogger")):
+                run.experiment.save(str(path), base_path=str(self.directory.parent), policy="now")
