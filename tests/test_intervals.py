@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningDataModule, seed_everything
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from lightning_stiffness import StiffnessCallback
@@ -419,3 +420,123 @@ def test_without_validation_data_everything_is_train_train(tmp_path):
     tags = events(t.log_dir).Tags()
     assert "stiffness/train-train/cosine/group_matrix" in tags["images"]
     assert "stiffness/val/gradient_coherence" not in tags["scalars"]
+
+
+def _many_classes(num_classes: int, per_class: int = 2, seed: int = 0):
+    """Synthetic probe with many classes: stiffness of class-structured gradients for train-train, train-val and
+    val-val (two train examples with a zero gradient: NaN rows and columns of cosine; the last class missing from
+    val), and the labels."""
+    g = torch.Generator().manual_seed(seed)
+    labels = {
+        "train": torch.arange(num_classes).repeat_interleave(per_class),
+        "val": torch.arange(num_classes - 1).repeat_interleave(per_class),
+    }
+    means = torch.randn(num_classes, 16, generator=g, dtype=torch.float64)
+    grads = {k: means[y] + torch.randn(len(y), 16, generator=g, dtype=torch.float64) for k, y in labels.items()}
+    grads["train"][[3, 10]] = 0.0
+    stiffness = {}
+    for pair, (r, c) in PAIRS.items():
+        gram = grads[r] @ grads[c].T
+        stiffness[pair] = {"cosine": cos64(grads[r], grads[c]), "sign": torch.sign(gram)}
+    return stiffness, labels
+
+
+def _drawn_class_means64(s, la, lb, same_set, w_a, w_b, num_classes):
+    """Within/between of one draw by brute force in float64: the resampled examples repeated as drawn, every pair
+    of two copies (copies of one example never paired within a set, non-finite stiffness left out), class means."""
+    drawn_a = torch.repeat_interleave(torch.arange(len(la)), w_a.long())
+    drawn_b = torch.repeat_interleave(torch.arange(len(lb)), w_b.long())
+    pairs = s.double()[drawn_a][:, drawn_b]
+    valid = torch.isfinite(pairs)
+    if same_set:
+        valid &= drawn_a[:, None] != drawn_b[None, :]
+    key = (la[drawn_a][:, None] * num_classes + lb[drawn_b][None, :])[valid]
+    sums = torch.bincount(key, weights=pairs[valid], minlength=num_classes**2).view(num_classes, num_classes)
+    counts = torch.bincount(key, minlength=num_classes**2).view(num_classes, num_classes).double()
+    return within_between64(torch.where(counts > 0, sums / counts.clamp_min(1), torch.nan))
+
+
+def _close_or_both_nan(got: float, want: float, tol: float) -> bool:
+    return (math.isnan(got) and math.isnan(want)) or abs(got - want) <= tol
+
+
+def test_300_classes_draws_and_intervals_equal_float64_brute_force_on_a_subsample_of_draws():
+    """300 classes x 2: each draw's within/between (both kinds, every pair) equals the float64 measure of the
+    resampled examples to 1e-12, on every 20th of 200 draws; and the intervals of those draws are their percentiles."""
+    from lightning_stiffness.measures.intervals import _class_draws
+
+    num_classes = 300
+    stiffness, labels = _many_classes(num_classes)
+    weights = draw_weights(labels, 200, torch.Generator().manual_seed(4))
+    weights_are_within_class_resamples(weights, labels)
+    subsample = {name: w[::20] for name, w in weights.items()}
+    kinds = ("cosine", "sign")
+    found = bootstrap_intervals(stiffness, {}, labels, kinds, "cosine", num_classes, 10, None, weights=subsample)
+    for pair, (r, c) in PAIRS.items():
+        got = _class_draws(stiffness[pair], pair, kinds, labels[r], labels[c], weights[r], weights[c], num_classes)
+        for kind in kinds:
+            expected = [
+                _drawn_class_means64(
+                    stiffness[pair][kind], labels[r], labels[c], r == c, weights[r][b], weights[c][b], num_classes
+                )
+                for b in range(0, 200, 20)
+            ]
+            for index, side in enumerate(SIDES):
+                want = [e[index] for e in expected]
+                for b, value in zip(range(0, 200, 20), want, strict=True):
+                    assert _close_or_both_nan(float(got[kind][index][b]), value, 1e-12), (pair, kind, side, b)
+                low, high = found.classes[pair][kind][side]
+                want_low, want_high = percentile64(want)
+                assert _close_or_both_nan(low, want_low, 1e-12) and _close_or_both_nan(high, want_high, 1e-12)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The bytes of the largest dense tensor any operation returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                self.largest = max(self.largest, value.numel() * value.element_size())
+        return out
+
+
+@pytest.mark.parametrize("scattered_nan", [False, True])
+def test_1000_classes_intervals_keep_memory_bounded(monkeypatch, scattered_nan):
+    """1000 classes x 2 (2000 + 2000 examples): no tensor beyond a few [N, M] matrices, whatever C. With NaN at
+    scattered pairs (the class matrices needed whole) under a small chunk setting, the draws go one at a time."""
+    from lightning_stiffness.measures import intervals
+
+    num_classes = 1000
+    stiffness, labels = _many_classes(num_classes, seed=1)
+    stiffness = {"train-val": stiffness["train-val"]}
+    if scattered_nan:
+        stiffness["train-val"]["cosine"][5, 7] = math.nan
+        monkeypatch.setattr(intervals, "CLASS_CHUNK_BYTES", 2**20)
+    weights = draw_weights(labels, 3 if scattered_nan else 40, torch.Generator().manual_seed(0))
+    num_draws = next(iter(weights.values())).shape[0]
+    matrix_bytes = 2000 * 1999 * 8
+    with _LargestTensor() as watch:
+        found = bootstrap_intervals(
+            stiffness, {}, labels, ("cosine",), "cosine", num_classes, num_draws, None, weights=weights
+        )
+    # The former [K, C, B, C] float32 sums alone were 2 * 1000 * 40 * 1000 * 4 bytes = 320 MB here.
+    assert watch.largest <= 2 * matrix_bytes, watch.largest
+    for side in SIDES:
+        low, high = found.classes["train-val"]["cosine"][side]
+        assert math.isfinite(low) and low <= high
+    if scattered_nan:  # the chunked path: each draw against the brute force
+        w_r, w_c = weights["train"], weights["val"]
+        s = stiffness["train-val"]["cosine"]
+        draws = [
+            _drawn_class_means64(s, labels["train"], labels["val"], False, w_r[b], w_c[b], num_classes)
+            for b in range(3)
+        ]
+        for index, side in enumerate(SIDES):
+            want = percentile64([d[index] for d in draws])
+            got = found.classes["train-val"]["cosine"][side]
+            assert got == pytest.approx(want, abs=1e-12)

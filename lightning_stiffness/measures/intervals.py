@@ -57,11 +57,16 @@ def bootstrap_weights(labels: Tensor, num_draws: int, generator: torch.Generator
     """Multinomial resampling weights [num_draws, N]: per draw, each class's n_c examples drawn n_c times with
     replacement among themselves (so every row sums to N and each class keeps its size)."""
     labels = labels.cpu()
+    order = torch.argsort(labels, stable=True)  # each class's examples in ascending order, classes ascending
+    drawn, start = [], 0
+    for size in torch.unique(labels, return_counts=True)[1].tolist():
+        picks = torch.randint(0, size, (num_draws, size), generator=generator)  # one class, as it always drew
+        drawn.append(order[start : start + size][picks])
+        start += size
     weights = torch.zeros(num_draws, labels.numel())
-    for label in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == label).flatten()
-        picks = torch.randint(0, members.numel(), (num_draws, members.numel()), generator=generator)
-        weights[:, members] = weights[:, members].scatter_add(1, picks, torch.ones(picks.shape))
+    if drawn:
+        index = torch.cat(drawn, dim=1)
+        weights.scatter_add_(1, index, torch.ones(index.shape))
     return weights
 
 
@@ -303,12 +308,15 @@ def _same_class_line_sums(
 def _class_layout(labels: Tensor, classes: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A set's examples by class [C, width] (padded with example 0), which entries are real, and the weights of the
     draws laid out the same way [C, width, B]."""
-    members = [torch.nonzero(labels == label).flatten() for label in classes.tolist()]
-    width = max(1, max(m.numel() for m in members))
-    index = torch.zeros(len(members), width, dtype=torch.long)
-    real = torch.zeros(len(members), width, dtype=torch.bool)
-    for k, m in enumerate(members):
-        index[k, : m.numel()], real[k, : m.numel()] = m, True
+    order = torch.argsort(labels, stable=True)  # by class, each class's examples ascending
+    position = torch.searchsorted(classes, labels[order])  # each one's class, as a row of the layout
+    sizes = torch.bincount(position, minlength=classes.numel())
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = torch.arange(labels.numel()) - starts[position]
+    width = max(1, int(sizes.max()) if sizes.numel() else 0)
+    index = torch.zeros(classes.numel(), width, dtype=torch.long)
+    real = torch.zeros(classes.numel(), width, dtype=torch.bool)
+    index[position, rank], real[position, rank] = order, True
     return index, real, weights.T[index].contiguous()
 
 
