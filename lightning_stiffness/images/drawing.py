@@ -33,8 +33,10 @@ from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.text import Text
+from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
 DPI = 100
@@ -42,6 +44,29 @@ DPI = 100
 STIFFNESS_CMAP = "RdBu_r"
 #: The y-range of every stiffness axis (cosine and sign stiffness both lie in [-1, 1]).
 STIFFNESS_RANGE = (-1.05, 1.05)
+
+# Sizes for a small display. TensorBoard shows an image about 270-300 px wide (a card; W&B and MLflow panels are
+# of the same order), so every image is a small picture with large type rather than a page: 4.8 inches (480 px at
+# DPI) wide, its type at least 1/29 of that width (12 pt, 17 px: about 10 px on a 300-px card), most of it 13-14 pt
+# (11-12 px there), few words, few ticks and thick lines. A matrix of many classes is drawn at a higher dpi (same
+# layout, more pixels a cell), so its type keeps the same share of its width.
+#: Width of every image, inches.
+WIDTH = 4.8
+#: Titles and axis labels, points.
+LABEL_PT = 14.0
+#: Tick labels, legends and notes, points.
+TICK_PT = 13.0
+#: The smallest size a long title or label is shrunk to before it is shortened with "…", points.
+MIN_PT = 12.0
+#: Lines through data and fitted lines, points.
+LINE_WIDTH = 2.2
+#: At most this many class names (or layer names) an axis: more would not be readable at card size.
+MAX_TICK_LABELS = 10
+#: Tick labels longer than this many characters are shortened with "…".
+MAX_TICK_CHARS = 10
+#: A class matrix of more classes than this is drawn at a higher dpi (up to 3 x DPI), so that a cell keeps a few
+#: pixels when the image is opened at full size.
+MATRIX_CLASSES_AT_DPI = 60
 
 
 @dataclass(frozen=True)
@@ -128,8 +153,8 @@ def _agg(figure: Figure) -> FigureCanvasAgg:
     return cast(FigureCanvasAgg, figure.canvas)
 
 
-def _fixed_figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=DPI)
+def _fixed_figure(width: float, height: float, dpi: float = DPI) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
     return figure
 
@@ -140,9 +165,51 @@ def _axes_in_inches(figure: Figure, left: float, bottom: float, right: float, to
     return figure.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (bottom + top) / height))
 
 
-def _label_margin(labels: Sequence[str], fontsize: float = 10.0) -> float:
-    """Inches that tick labels need beside an axis (about 0.6 em a character)."""
-    return 0.25 + 0.6 * fontsize / 72 * max((len(label) for label in labels), default=1)
+def _text_inches(characters: int, size: float = TICK_PT) -> float:
+    """Inches that ``characters`` characters take at ``size`` points (about 0.62 em a character)."""
+    return 0.62 * size / 72 * characters
+
+
+def _label_margin(labels: Sequence[str], size: float = TICK_PT) -> float:
+    """Inches that tick labels need beside an axis (or under it, turned)."""
+    return 0.12 + _text_inches(max((len(label) for label in labels), default=1), size)
+
+
+#: Inches an axis label needs beside its tick labels.
+_AXIS_LABEL = 1.45 * LABEL_PT / 72
+#: Inches from one title line's baseline to the next.
+_TITLE_LINE = 1.3 * LABEL_PT / 72
+
+
+def _title_room(lines: int) -> float:
+    """Inches that ``lines`` title lines take at the top of a figure."""
+    return 0.12 + lines * _TITLE_LINE
+
+
+def _title_lines(figure: Figure, lines: int) -> list[Text]:
+    """``lines`` empty title texts centred at the top of ``figure``, in :func:`_title_room`; one text a line, so
+    that Pillow draws each where matplotlib would."""
+    height = figure.get_size_inches()[1]
+    return [
+        figure.text(0.5, 1 - (0.06 + (index + 0.8) * _TITLE_LINE) / height, "", ha="center", va="baseline")
+        for index in range(lines)
+    ]
+
+
+def _shorten(text: str, characters: int, keep_end: bool = False) -> str:
+    """``text``, cut to ``characters`` characters with "…" where it was cut (its end kept when ``keep_end``)."""
+    if len(text) <= characters:
+        return text
+    return "…" + text[len(text) - characters + 1 :] if keep_end else text[: characters - 1] + "…"
+
+
+def _shorten_middle(text: str, characters: int) -> str:
+    """``text``, cut to ``characters`` characters with "…" in the middle (both ends say most about a name)."""
+    if len(text) <= characters:
+        return text
+    head = characters // 2
+    tail = characters - 1 - head
+    return text[:head] + "…" + (text[len(text) - tail :] if tail else "")
 
 
 #: Pillow's anchors for matplotlib's alignments (horizontal, then vertical; https://pillow.readthedocs.io, "Text
@@ -151,20 +218,20 @@ _HORIZONTAL = {"left": "l", "center": "m", "right": "r"}
 _VERTICAL = {"baseline": "s", "center_baseline": "s", "bottom": "d", "center": "m", "top": "a"}
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
 def _font(properties: font_manager.FontProperties, size_px: float) -> ImageFont.FreeTypeFont:
     """The font file matplotlib would use for ``properties``, opened by Pillow at ``size_px`` pixels."""
     return ImageFont.truetype(font_manager.findfont(properties), size_px)
 
 
-def _draw_text(image: Image.Image, text: Text) -> None:
+def _draw_text(image: Image.Image, text: Text, dpi: float) -> None:
     """Rasterise a matplotlib ``text`` with Pillow where matplotlib would draw it: horizontal texts at their
     alignment; texts turned by 90 degrees (axis labels) are centred on their position, so use ``ha=va="center"``."""
     if not text.get_visible() or not text.get_text():
         return
     x, y = text.get_transform().transform(text.get_unitless_position())
     y = image.height - y  # Pillow counts rows from the top
-    font = _font(text.get_fontproperties().copy(), float(text.get_fontsize()) * DPI / 72)
+    font = _font(text.get_fontproperties().copy(), float(text.get_fontsize()) * dpi / 72)
     colour = tuple(round(255 * c) for c in to_rgba(text.get_color())[:3])
     if text.get_rotation() == 0:
         anchor = _HORIZONTAL[text.get_horizontalalignment()] + _VERTICAL[text.get_verticalalignment()]
@@ -178,17 +245,48 @@ def _draw_text(image: Image.Image, text: Text) -> None:
 
 
 def _fit_text(text: Text, content: str, size: float, room_px: float) -> None:
-    """Set ``content`` at ``size`` points, smaller (down to 6) when it would be wider than ``room_px`` pixels."""
-    # Pillow's advance widths run a few percent narrower than matplotlib's layout of the same font: 6% to spare.
-    width = 1.06 * _font(text.get_fontproperties().copy(), size * DPI / 72).getlength(content)
-    text.set_text(content)
-    text.set_fontsize(max(6.0, size * min(1.0, room_px / max(width, 1.0))))
+    """Set ``content`` at ``size`` points, smaller (down to :data:`MIN_PT`) when it would be wider than ``room_px``
+    pixels, and shortened in the middle with "…" when even that is too wide."""
+    properties = text.get_fontproperties().copy()
+    dpi = _dpi(text)
+
+    def width(candidate: str, points: float) -> float:
+        # Pillow's advance widths run a few percent narrower than matplotlib's layout of the same font: 6% to spare.
+        return 1.06 * _font(properties, points * dpi / 72).getlength(candidate)
+
+    points = max(MIN_PT, size * min(1.0, room_px / max(width(content, size), 1.0)))
+    fitted, keep = content, len(content)
+    while keep > 1 and width(fitted, points) > room_px:
+        keep -= 1
+        fitted = _shorten_middle(content, keep)
+    text.set_text(fitted)
+    text.set_fontsize(points)
+
+
+def _dpi(artist: Artist) -> float:
+    """The dots per inch of the figure ``artist`` is in."""
+    figure = artist.get_figure()
+    return float(figure.dpi) if figure is not None else float(DPI)
 
 
 def _room_around(figure: Figure, centre: float) -> float:
     """Pixels a text centred at ``centre`` (a fraction of the figure's width) has before either edge."""
-    width = figure.get_size_inches()[0] * DPI
+    width = figure.get_size_inches()[0] * figure.dpi
     return 2 * min(centre, 1 - centre) * width - 8
+
+
+def _stiffness_ticks(axes: Any) -> None:
+    """The stiffness axis's range and three labelled ticks (-1, 0, 1), with grid lines at ±0.5 as well."""
+    axes.set_ylim(*STIFFNESS_RANGE)
+    axes.set_yticks([-1.0, 0.0, 1.0], labels=["−1", "0", "1"])
+    axes.set_yticks([-0.5, 0.5], minor=True)
+    axes.grid(alpha=0.3, which="both")
+
+
+def _set_title(figure: Figure, lines: Sequence[str]) -> None:
+    """``lines`` as the figure's title, one centred text a line, each fitted to the figure's width."""
+    for text, line in zip(_title_lines(figure, len(lines)), lines, strict=True):
+        _fit_text(text, line, LABEL_PT, _room_around(figure, 0.5))
 
 
 class _Blit:
@@ -238,48 +336,64 @@ class _Blit:
         width, height = canvas.get_width_height()
         image = Image.frombuffer("RGBA", (width, height), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB")
         for text in self.texts:
-            _draw_text(image, text)
+            _draw_text(image, text, self.figure.dpi)
         return image
 
 
 class _MatrixTemplate:
     """Class matrices of one set of class names; the axis labels (which probe set is on which axis) are texts of
-    the figure that change with the spec, so that every pair and kind shares one drawn background."""
+    the figure that change with the spec, so that every pair and kind shares one drawn background.
+
+    The figure is :data:`WIDTH` wide whatever the number of classes: at most :data:`MAX_TICK_LABELS` class names
+    an axis, each at most :data:`MAX_TICK_CHARS` characters; many classes raise the dpi instead."""
+
+    #: Inches right of the matrix: the gap, the colour bar, its tick labels and its label.
+    RIGHT = 1.0
 
     def __init__(self, class_names: tuple[str, ...]) -> None:
         size = len(class_names)
-        side = min(max(4.0, 0.3 * size + 1.5), 12.0)  # 100 classes: 12 inches, not a 3,000-pixel image
-        ticks = range(0, size, math.ceil(size / 40))  # at most 40 class names an axis, so that they do not overlap
-        rotate = size > 6
-        left = _label_margin(class_names) + 0.45
-        bottom = (_label_margin(class_names) * 0.75 if rotate else 0.3) + 0.45
-        self.figure = _fixed_figure(side + left + 1.2, side + bottom + 0.45)
-        self.axes = _axes_in_inches(self.figure, left, bottom, 1.2, 0.45)
-        width, height = self.figure.get_size_inches()
+        ticks = range(0, size, math.ceil(size / MAX_TICK_LABELS))
+        names = [_shorten_middle(class_names[index], MAX_TICK_CHARS) for index in ticks]
+        left = _label_margin(names) + _AXIS_LABEL
+        side = WIDTH - left - self.RIGHT
+        longest = max((len(name) for name in names), default=1)
+        rotate = len(names) * (_text_inches(longest) + 0.1) > side  # names side by side would overlap: turned
+        bottom = (_label_margin(names) if rotate else 1.6 * TICK_PT / 72) + _AXIS_LABEL
+        top = _title_room(2)
+        height = side + bottom + top
+        self.figure = _fixed_figure(WIDTH, height, DPI * min(3.0, max(1.0, size / MATRIX_CLASSES_AT_DPI)))
+        self.axes = _axes_in_inches(self.figure, left, bottom, self.RIGHT, top)
         position = self.axes.get_position()
-        colour_axes = self.figure.add_axes((1 - 1.0 / width, position.y0, 0.15 / width, position.height))
+        colour_axes = self.figure.add_axes(((left + side + 0.12) / WIDTH, position.y0, 0.16 / WIDTH, position.height))
         self.image = self.axes.imshow(np.zeros((size, size)), cmap=STIFFNESS_CMAP, vmin=-1.0, vmax=1.0, aspect="auto")
-        self.figure.colorbar(self.image, cax=colour_axes, label="stiffness")
-        names = [class_names[index] for index in ticks]
-        self.axes.set_xticks(ticks, labels=names, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+        colour_bar = self.figure.colorbar(self.image, cax=colour_axes, ticks=[-1.0, 0.0, 1.0])
+        colour_bar.set_label("stiffness", fontsize=LABEL_PT)
+        colour_axes.tick_params(labelsize=TICK_PT)
+        self.axes.set_xticks(ticks, labels=names, rotation=90 if rotate else 0)
         self.axes.set_yticks(ticks, labels=names)
+        self.axes.tick_params(labelsize=TICK_PT)
         centre_x, centre_y = (position.x0 + position.x1) / 2, (position.y0 + position.y1) / 2
-        self.col_label = self.figure.text(centre_x, 0.18 / height, "", ha="center", va="center")
-        self.row_label = self.figure.text(0.2 / width, centre_y, "", ha="center", va="center", rotation=90)
-        self.title = self.axes.set_title("", fontsize=11)
+        label: dict[str, Any] = {"ha": "center", "va": "center", "fontsize": LABEL_PT}
+        self.col_label = self.figure.text(centre_x, _AXIS_LABEL / 2 / height, "", **label)
+        self.row_label = self.figure.text(_AXIS_LABEL / 2 / WIDTH, centre_y, "", rotation=90, **label)
+        self.titles = _title_lines(self.figure, 2)  # the probe, then within and between
         # The cells are painted into the pixels (`_paint_cells`); the frame goes over them, as imshow's would.
         self._blit = _Blit(
-            self.figure, [self.image, *self.axes.spines.values()], [self.title, self.col_label, self.row_label]
+            self.figure, [self.image, *self.axes.spines.values()], [*self.titles, self.col_label, self.row_label]
         )
         self._cells: np.ndarray | None = None
 
     def draw(self, spec: MatrixSpec) -> Figure:
         self.image.set_visible(True)
         self.image.set_data(np.ma.masked_invalid(np.asarray(spec.matrix, dtype=np.float64)))
-        centre = self.col_label.get_position()[0]
-        _fit_text(self.title, spec.title, 11, _room_around(self.figure, centre))
-        _fit_text(self.col_label, spec.col_label, 10, _room_around(self.figure, centre))
-        _fit_text(self.row_label, spec.row_label, 10, self.figure.get_size_inches()[1] * DPI - 8)
+        first, _, second = spec.title.partition("\n")
+        for text, line in zip(self.titles, (first, second.replace("\n", " ")), strict=True):
+            _fit_text(text, line, LABEL_PT, _room_around(self.figure, 0.5))
+        _fit_text(self.col_label, spec.col_label, LABEL_PT, _room_around(self.figure, self.col_label.get_position()[0]))
+        centre_y = self.row_label.get_position()[1]  # the room above and below the matrix's centre
+        _fit_text(
+            self.row_label, spec.row_label, LABEL_PT, 2 * min(centre_y, 1 - centre_y) * self.figure.bbox.height - 8
+        )
         return self._blit.whole()
 
     def render(self, spec: MatrixSpec) -> Image.Image:
@@ -305,38 +419,37 @@ class _MatrixTemplate:
         rgba[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1] = colours.take(row, axis=0).take(col, axis=1)
 
 
-_CURVE_STYLES = {"within": ("within class", "tab:blue", "o"), "between": ("between classes", "tab:red", "s")}
+_CURVE_STYLES = {"within": ("within", "tab:blue", "o"), "between": ("between", "tab:red", "s")}
 
 
 class _CurveTemplate:
+    """Distance curves: the probe and ξ in two title lines, the legend in two rows under the axis label."""
+
+    #: Inches under the axes: tick labels, the axis label, then the legend's two rows.
+    BOTTOM = 1.5
+    HEIGHT = 4.35
+
     def __init__(self) -> None:
-        self.figure = _fixed_figure(6.0, 4.9)
-        self.axes = _axes_in_inches(self.figure, 0.75, 1.15, 0.2, 0.4)  # the legend goes under the axis label
+        self.figure = _fixed_figure(WIDTH, self.HEIGHT)
+        self.axes = _axes_in_inches(self.figure, 0.85, self.BOTTOM, 0.2, _title_room(2))
         axes = self.axes
-        axes.axhline(0.0, color="grey", linewidth=0.8)
-        axes.grid(alpha=0.3)
-        axes.set_ylim(*STIFFNESS_RANGE)
+        axes.axhline(0.0, color="grey", linewidth=1.0)
+        _stiffness_ticks(axes)
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        axes.tick_params(labelsize=TICK_PT)
         self.lines, self.dots, self.bands = {}, {}, {}
         for side, (label, colour, marker) in _CURVE_STYLES.items():
-            self.bands[side] = axes.fill_between([], [], [], color=colour, alpha=0.15, linewidth=0, gid=f"band-{side}")
-            (self.lines[side],) = axes.plot([], [], color=colour, linewidth=1.0, alpha=0.6)
+            self.bands[side] = axes.fill_between([], [], [], color=colour, alpha=0.2, linewidth=0, gid=f"band-{side}")
+            (self.lines[side],) = axes.plot([], [], color=colour, linewidth=1.4, alpha=0.6)
             self.dots[side] = axes.scatter([], [], color=colour, marker=marker, label=label, zorder=3)
-        (self.fit,) = axes.plot(
-            [], [], color="black", linewidth=1.6, gid="fit-pairs", label="least-squares fit, same-class pairs"
-        )
+        (self.fit,) = axes.plot([], [], color="black", linewidth=LINE_WIDTH, gid="fit-pairs", label="pair fit")
         (self.bin_fit,) = axes.plot(
-            [],
-            [],
-            color="black",
-            linewidth=1.0,
-            linestyle=":",
-            gid="fit-bins",
-            label="fit through bin means (bins weighted equally)",
+            [], [], color="black", linewidth=0.8 * LINE_WIDTH, linestyle=":", gid="fit-bins", label="bin fit"
         )
-        self.xi_line = axes.axvline(0.0, color="black", linestyle="--", linewidth=1.0, gid="xi")
-        self.xi_text = axes.text(0.0, 0.0, "", fontsize=9, va="bottom", gid="xi-label")
+        self.xi_line = axes.axvline(0.0, color="black", linestyle="--", linewidth=0.7 * LINE_WIDTH, gid="xi")
+        self.title, self.xi_text = _title_lines(self.figure, 2)  # the probe, then ξ
+        self.xi_text.set_gid("xi-label")
         self._banded: bool | None = None
-        self.title = axes.set_title("", fontsize=11)
         self._blit = _Blit(
             self.figure,
             [*self.bands.values(), *self.lines.values(), *self.dots.values(), self.fit, self.bin_fit, self.xi_line],
@@ -353,7 +466,7 @@ class _CurveTemplate:
             seen = count > 0
             self.lines[side].set_data(centres[seen], mean[seen])
             self.dots[side].set_offsets(np.column_stack([centres[seen], mean[seen]]))
-            self.dots[side].set_sizes(4 + 140 * count[seen] / largest)
+            self.dots[side].set_sizes(12 + 200 * count[seen] / largest)
             self.bands[side].set_verts(_band_polygons(centres, getattr(spec, f"{side}_band")))
         low, high = spec.xlim or (float(edges[0]), float(edges[-1]))
         pad = 0.03 * (high - low or 1.0)
@@ -365,10 +478,12 @@ class _CurveTemplate:
                 artist.set_data([], [])
         self._mark_xi(spec.fit, low - pad, high + pad)
         self._legend(spec.within_band is not None or spec.between_band is not None)
-        centre = (self.axes.get_position().x0 + self.axes.get_position().x1) / 2
-        _fit_text(self.axes.xaxis.label, spec.xlabel, 10, _room_around(self.figure, centre))
-        self.axes.set_ylabel(spec.ylabel)
-        _fit_text(self.title, spec.title, 11, _room_around(self.figure, centre))
+        position = self.axes.get_position()
+        _fit_text(
+            self.axes.xaxis.label, spec.xlabel, LABEL_PT, _room_around(self.figure, (position.x0 + position.x1) / 2)
+        )
+        _fit_text(self.axes.yaxis.label, spec.ylabel, LABEL_PT, self.axes.bbox.height + 40)
+        _fit_text(self.title, spec.title.replace("\n", " "), LABEL_PT, _room_around(self.figure, 0.5))
         return self._blit.whole()
 
     def render(self, spec: CurveSpec) -> Image.Image:
@@ -377,40 +492,38 @@ class _CurveTemplate:
 
     def _legend(self, banded: bool) -> None:
         """The legend (part of the drawn background: the probe's own artists go over it), with the bands' entry
-        when the curves have bands."""
+        when the curves have bands, in two rows under the axis label, where no data can run beneath it."""
         if banded == self._banded:
             return
         self._banded = banded
-        handles = [*self.dots.values(), self.fit, self.bin_fit]
+        handles: list[Artist] = [
+            Line2D([], [], color=colour, marker=marker, markersize=7, linewidth=1.4, label=label)
+            for label, colour, marker in _CURVE_STYLES.values()
+        ]
+        handles += [self.fit, self.bin_fit]
         if banded:
-            handles.append(Patch(color="grey", alpha=0.3, label="95% bootstrap interval of each bin's mean"))
-        # Under the axes, where no data can run beneath it (inside, some probe's curve always would).
+            handles.append(Patch(color="grey", alpha=0.35, label="95% CI"))
+        handles.append(Line2D([], [], color="grey", marker="o", markersize=9, linestyle="none", label="area ∝ pairs"))
         self.axes.legend(
-            handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, fontsize=8, frameon=False,
-            title="marker area: pairs in the bin", title_fontsize=8,
+            handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), bbox_transform=self.figure.transFigure,
+            ncols=3, fontsize=TICK_PT, frameon=False, handlelength=1.5, handletextpad=0.5, columnspacing=1.0,
+            borderaxespad=0.1,
         )  # fmt: skip
 
     def _mark_xi(self, fit: Line | None, left: float, right: float) -> None:
-        """ξ as a dashed line when it lies in the plotted range; otherwise said in words, without moving the axis."""
+        """ξ as a dashed line when it lies in the plotted range, and in the second title line: its value, or that it
+        was extrapolated and to which side (the axis is not stretched to it), or that there is none."""
         xi = fit.xi if fit is not None else math.nan
         inside = math.isfinite(xi) and left <= xi <= right
         self.xi_line.set_visible(inside)
         if inside:
             self.xi_line.set_xdata([xi, xi])
-            self.xi_text.set_position((xi, -0.95))
-            self.xi_text.set_transform(self.axes.transData)
-            self.xi_text.set_ha("left" if xi < (left + right) / 2 else "right")
-            self.xi_text.set_text(f" ξ = {xi:.3f} ")
-            return
-        self.xi_text.set_transform(self.axes.transAxes)
-        self.xi_text.set_position((0.01, 0.02))
-        self.xi_text.set_ha("left")
-        if not math.isfinite(xi):
-            self.xi_text.set_text("no ξ: the fitted line does not fall")
-        elif xi > right:
-            self.xi_text.set_text(f"ξ = {xi:.3f}: extrapolated, beyond the largest distance ({right:.3g}) →")
+            note = f"ξ = {xi:.3g}"
+        elif not math.isfinite(xi):
+            note = "no ξ (the fit does not fall)"
         else:
-            self.xi_text.set_text(f"← ξ = {xi:.3f}: extrapolated, below the smallest distance ({left:.3g})")
+            note = f"ξ ≈ {xi:.3g} (extrapolated {'→' if xi > right else '←'})"
+        _fit_text(self.xi_text, note, LABEL_PT, _room_around(self.figure, 0.5))
 
 
 def _band_polygons(centres: np.ndarray, band: tuple[np.ndarray, np.ndarray] | None) -> list[np.ndarray]:
@@ -433,46 +546,61 @@ def _band_polygons(centres: np.ndarray, band: tuple[np.ndarray, np.ndarray] | No
     return polygons
 
 
-def _named_axis_figure(names: Sequence[str], inches_each: float, rotate_beyond: int) -> tuple[Figure, Any, np.ndarray]:
-    """A 4.8-inch-high figure whose x axis names ``names`` at positions 0, 1, ... (turned when there are more than
-    ``rotate_beyond``), widened by ``inches_each`` a name: the figure, its axes and the positions."""
-    figure = _fixed_figure(max(6.4, inches_each * len(names) + 3.0), 4.8)
-    rotate = len(names) > rotate_beyond
-    axes = _axes_in_inches(figure, 0.75, (_label_margin(names) * 0.75 if rotate else 0.3) + 0.45, 0.2, 0.4)
+def _named_axis_figure(names: Sequence[str], title: Sequence[str]) -> tuple[Figure, Any, np.ndarray]:
+    """A :data:`WIDTH`-wide figure under ``title`` (one text a line) whose x axis names ``names`` at positions 0,
+    1, ... (at most :data:`MAX_TICK_LABELS` of them, shortened keeping their ends, turned when they would not fit
+    side by side): the figure, its axes and the positions."""
     positions = np.arange(len(names))
-    axes.set_xticks(positions, labels=list(names), rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    shown = positions[:: math.ceil(len(names) / MAX_TICK_LABELS)] if len(names) else positions
+    labels = [_shorten(names[index], MAX_TICK_CHARS, keep_end=True) for index in shown]
+    left, right = 0.85, 0.15
+    longest = max((len(label) for label in labels), default=1)
+    rotate = len(labels) * (_text_inches(longest) + 0.1) > WIDTH - left - right
+    bottom = (_label_margin(labels) if rotate else 1.6 * TICK_PT / 72) + 0.1
+    top = _title_room(len(title))
+    figure = _fixed_figure(WIDTH, 2.6 + bottom + top)
+    axes = _axes_in_inches(figure, left, bottom, right, top)
+    axes.set_xticks(shown, labels=labels, rotation=90 if rotate else 0)
+    axes.tick_params(labelsize=TICK_PT)
+    axes.set_xlim(-0.6, len(names) - 0.4)
+    _set_title(figure, title)
     return figure, axes, positions
 
 
 def _layers_figure(spec: LayersSpec) -> Figure:
-    figure, axes, positions = _named_axis_figure(spec.layers, inches_each=0.5, rotate_beyond=4)
-    axes.plot(positions, spec.within, marker="o", color="tab:blue", label="within class")
-    axes.plot(positions, spec.between, marker="s", color="tab:red", label="between classes")
-    axes.axhline(0.0, color="grey", linewidth=0.8)
-    axes.set_xlabel("layer")
-    axes.set_ylabel("mean cosine stiffness")
-    axes.set_ylim(*STIFFNESS_RANGE)
-    axes.set_title(spec.title, fontsize=11)
-    axes.legend(loc="best", fontsize=9)
-    axes.grid(alpha=0.3)
+    figure, axes, positions = _named_axis_figure(spec.layers, [spec.title])
+    style = {"linewidth": LINE_WIDTH, "markersize": 8}
+    axes.plot(positions, spec.within, marker="o", color="tab:blue", label="within", **style)
+    axes.plot(positions, spec.between, marker="s", color="tab:red", label="between", **style)
+    axes.axhline(0.0, color="grey", linewidth=1.0)
+    axes.set_ylabel("cosine stiffness", fontsize=LABEL_PT)
+    _stiffness_ticks(axes)
+    axes.legend(loc="best", fontsize=TICK_PT, handlelength=1.5, borderaxespad=0.3)
     return figure
 
 
 def _xi_bars_figure(spec: XiBarsSpec) -> Figure:
-    figure, axes, positions = _named_axis_figure(spec.names, inches_each=0.6, rotate_beyond=5)
+    flags = spec.extrapolated or (None,) * len(spec.values)
+    # A second title line says what the hatching means, where no bar can run beneath it.
+    title = [spec.title, "hatched: extrapolated"] if any(flags) else [spec.title]
+    figure, axes, positions = _named_axis_figure(spec.names, title)
     heights = [v if math.isfinite(v) else 0.0 for v in spec.values]
     bars = axes.bar(positions, heights, color=["tab:grey"] + ["tab:blue"] * (len(spec.names) - 1))
-    flags = spec.extrapolated or (None,) * len(spec.values)
+    turn = 90 if len(spec.values) > 6 else 0  # the values side by side would overlap
     for bar, value, flag in zip(bars, spec.values, flags, strict=True):
-        label = f"{value:.3f}" if math.isfinite(value) else "no fit"
         if flag:  # drawn open and hatched: where the line would cross zero, not a distance that was observed
             bar.set_fill(False)
             bar.set_hatch("//")
-            label += "\nextrapolated"
-        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
-    axes.set_xlabel("representation (input, then layers in network order)")
-    axes.set_ylabel("critical distance ξ")
-    axes.set_title(spec.title, fontsize=11)
+            bar.set_linewidth(1.5)
+        label = f"{value:.3g}" if math.isfinite(value) else "no ξ"
+        axes.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+            fontsize=TICK_PT, rotation=turn, xytext=(0, 2), textcoords="offset points",
+        )  # fmt: skip
+    tallest = max(heights, default=0.0) or 1.0
+    axes.set_ylim(0.0, tallest * (1.6 if turn else 1.22))  # room for the values over the bars
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    axes.set_ylabel("critical distance ξ", fontsize=LABEL_PT)
     axes.grid(alpha=0.3, axis="y")
     return figure
 

@@ -93,9 +93,9 @@ def _curve_spec(result: "StiffnessResult", pair: str, space: str, xlim: tuple[fl
         between_count=between.count.numpy(),
         fit=_line(measures.line_fits.get(FITS[0])),
         bin_fit=_line(measures.line_fits.get(FITS[1])),
-        title=f"{stiffness} against {f'distance in {layer}' if layer else 'input distance'}, {pair} ({when})",
-        xlabel=f"{result.distance_metric} distance between outputs of {layer}" if layer else "input distance (1 − cos)",
-        ylabel=f"mean {stiffness}",
+        title=f"{pair} ({when})",  # the drawing adds ξ as a second line; the space is on the distance axis
+        xlabel=f"{result.distance_metric} distance in {layer}" if layer else "input distance (1 − cos)",
+        ylabel=stiffness,
         within_band=_band(measures.bands, "within"),
         between_band=_band(measures.bands, "between"),
         xlim=xlim,
@@ -112,9 +112,9 @@ def _matrix_spec(result: "StiffnessResult", pair: str, kind: str, names: tuple[s
     return MatrixSpec(
         matrix=whole.matrix.double().numpy(),
         class_names=names,
-        title=f"{kind} stiffness, {pair} ({when}): within {whole.within:.2f}, between {whole.between:.2f}",
-        row_label=f"class of the {rows} example (rows: {rows} set)",
-        col_label=f"class of the {cols} example (columns: {cols} set)",
+        title=f"{kind}, {pair} ({when})\nwithin {whole.within:.2f}, between {whole.between:.2f}",
+        row_label=f"{rows} class",
+        col_label=f"{cols} class",
     )
 
 
@@ -135,7 +135,7 @@ def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: s
             specs[critical_distance_by_layer_tag(pair, prefix)] = XiBarsSpec(
                 names=tuple(spaces),
                 values=tuple(result.spaces[pair][space].critical_distance for space in spaces),
-                title=f"stiff-domain size by layer, {pair} ({when})",
+                title=f"{pair} ({when})",
                 extrapolated=tuple(result.spaces[pair][space].extrapolated for space in spaces),
             )
         own = {layer: m for layer, m in result.classes[pair].get("cosine", {}).items() if layer != MODEL}
@@ -144,7 +144,7 @@ def probe_specs(result: "StiffnessResult", class_names: Sequence[str], prefix: s
                 layers=tuple(own),
                 within=tuple(m.within for m in own.values()),
                 between=tuple(m.between for m in own.values()),
-                title=f"cosine stiffness by layer, {pair} ({when})",
+                title=f"{pair} ({when})",
             )
     specs.update(group_specs(result, when, prefix))
     return specs
@@ -165,10 +165,9 @@ def dataset_specs(
         dataset_class_matrix_tag(prefix): MatrixSpec(
             matrix=matrix.double().cpu().numpy(),
             class_names=tuple(str(name) for name in class_names),
-            title=f"cosine stiffness, whole training set ({probe_label(epoch, step)}): "
-            f"within {within:.2f}, between {between:.2f}",
-            row_label="class of the training example (rows: every example)",
-            col_label="class of the training example (columns: every example)",
+            title=f"cosine, training set ({probe_label(epoch, step)})\nwithin {within:.2f}, between {between:.2f}",
+            row_label="train class",
+            col_label="train class",
         )
     }
 
@@ -183,9 +182,8 @@ def group_specs(result: "StiffnessResult", when: str, prefix: str = PREFIX) -> d
             specs[group_matrix_tag(pair, kind, prefix)] = MatrixSpec(
                 matrix=groups.matrix.double().numpy(),
                 class_names=tuple(result.group_names),
-                title=f"{kind} stiffness by group, {pair} ({when}): classes in a group {inside:.2f}, "
-                f"groups {between:.2f}",
-                row_label=f"group of the {rows} example (rows: {rows} set)",
-                col_label=f"group of the {cols} example (columns: {cols} set)",
+                title=f"{kind} by group, {pair} ({when})\nin a group {inside:.2f}, across groups {between:.2f}",
+                row_label=f"{rows} group",
+                col_label=f"{cols} group",
             )
     return specs
