@@ -11,7 +11,7 @@ from lightning_stiffness.names import (
     PAIRS,
     PREFIX,
 )
-from lightning_stiffness.report.document import write_report
+from lightning_stiffness.report.document import DEFAULT_PAIR, write_report
 
 
 def _epoch_choice(text: str) -> int | str:
@@ -38,10 +38,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="probes whose class matrices to show: Lightning's 0-based epochs (the probe at each one's end), or "
         f"'{INITIALISATION}'",
     )
-    report.add_argument("--pair", default="train-train", choices=list(PAIRS), help="probe pair (default: %(default)s)")
-    report.add_argument("--kind", default="cosine", choices=list(KINDS), help="stiffness kind for matrices")
+    report.add_argument(
+        "--pair",
+        choices=list(PAIRS),
+        help=f"probe pair shown (default: {DEFAULT_PAIR}, or the pair a run has, with a note)",
+    )
+    report.add_argument(
+        "--kind", choices=list(KINDS), help="stiffness kind of the matrices and tables (default: cosine, else sign)"
+    )
     report.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")
-    report.add_argument("--lr-key", default="lr", help="hparams.yaml key of the learning rate (default: %(default)s)")
+    report.add_argument("--lr-key", default="lr", help="hyperparameter of the learning rate (default: %(default)s)")
+    report.add_argument(
+        "--seed-key",
+        default="seed",
+        help="hyperparameter of the seed: runs sharing every other one are aggregated (default: %(default)s)",
+    )
     report.add_argument("--prefix", default=PREFIX, help="the callback's `prefix` (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
@@ -53,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind=args.kind,
             fmt=args.format,
             lr_key=args.lr_key,
+            seed_key=args.seed_key,
             prefix=args.prefix,
         )
     except ReportError as err:

@@ -1,20 +1,34 @@
-"""The report's figures, each drawn once with matplotlib and saved as a PNG file."""
+"""The report's figures, each drawn once with matplotlib's object API (a ``Figure`` on an Agg canvas) and saved as a
+PNG file. Legends lie outside the axes (below them), so that no data runs under them."""
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from lightning_stiffness.exceptions import ReportError
+from lightning_stiffness.images.drawing import STIFFNESS_RANGE
 from lightning_stiffness.images.specs import STIFFNESS_CMAP, new_figure
-from lightning_stiffness.measures.intervals import interval_series
+from lightning_stiffness.measures.fitted_lines import extrapolated
+from lightning_stiffness.measures.records import DistanceMeasures
 from lightning_stiffness.measures.result import StiffnessResult
-from lightning_stiffness.names import INPUT, KINDS, MODEL, PAIRS, SIDES, probe_label
+from lightning_stiffness.names import FITS, INPUT, MODEL, PAIRS, probe_label
 from lightning_stiffness.report.runs import Run
+
+#: Colours of the two sides, everywhere in the report.
+SIDE_COLOURS = {"within": "tab:blue", "between": "tab:red"}
+#: Line styles of the two kinds (losses are black or grey, dotted and dash-dotted, with their own markers).
+KIND_STYLES = {"cosine": ("-", "o"), "sign": ("--", "D")}
+_LOSS_STYLES = (("black", ":", "x"), ("dimgray", "-.", "^"), ("black", (0, (1, 3)), "v"), ("dimgray", (0, (5, 1)), "*"))
+_BAND_ALPHA = 0.15
 
 
 @contextmanager
@@ -25,119 +39,279 @@ def _saved_figure(path: Path, width: float, height: float) -> Iterator[Figure]:
         figure.savefig(path, dpi=100)
 
 
+def _legend_below(figure: Figure, handles: Sequence, ncols: int) -> None:
+    """One legend for the whole figure, under its axes."""
+    if handles:
+        figure.legend(handles=list(handles), loc="outside lower center", ncols=ncols, fontsize=9, frameon=False)
+
+
+@dataclass
+class Series:
+    """A line over probes (or learning rates) with its 95% band: ``low``/``high`` NaN where there is none.
+    ``hollow``: points drawn as open markers (ξ extrapolated)."""
+
+    label: str
+    xs: Sequence[float]
+    ys: Sequence[float]
+    low: Sequence[float]
+    high: Sequence[float]
+    colour: str | None = None
+    linestyle: str = "-"
+    marker: str = "o"
+    hollow: list[bool] = field(default_factory=list)
+
+
+def _draw_series(axes: Axes, series: Series, errorbars: bool = False) -> Line2D:
+    xs, ys = np.asarray(series.xs, float), np.asarray(series.ys, float)
+    low, high = np.asarray(series.low, float), np.asarray(series.high, float)
+    (line,) = axes.plot(
+        xs, ys, linestyle=series.linestyle, marker=series.marker, markersize=4, color=series.colour, label=series.label
+    )
+    colour = line.get_color()
+    banded = np.isfinite(low) & np.isfinite(high)
+    if errorbars:
+        if banded.any():
+            yerr = np.vstack([ys - low, high - ys])[:, banded]
+            axes.errorbar(xs[banded], ys[banded], yerr=yerr, fmt="none", ecolor=colour, capsize=3, linewidth=1)
+    elif banded.any():
+        axes.fill_between(xs, low, high, where=banded, color=colour, alpha=_BAND_ALPHA, linewidth=0)
+    hollow = np.asarray(series.hollow, bool) if series.hollow else np.zeros(len(xs), bool)
+    if hollow.any():  # open markers over the filled ones
+        axes.plot(xs[hollow], ys[hollow], linestyle="none", marker=series.marker, markersize=7, color="white")
+        axes.plot(
+            xs[hollow], ys[hollow], linestyle="none", marker=series.marker, markersize=7, mfc="none", color=colour
+        )
+    return line
+
+
+# --------------------------------------------------------------------------------------------------- class matrices
+
+
 def class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, kind: str, path: Path) -> None:
-    """The class stiffness matrices of the ``chosen`` probes (at least one) side by side, saved to ``path``.
+    """The class stiffness matrices of the ``chosen`` probes (at least one) side by side, each titled with its
+    within/between-class stiffness, saved to ``path``.
 
     Raises:
         ReportError: for no probe, or a probe without the class matrix (a version-1 file that did not keep it).
     """
     if not chosen:
         raise ReportError("class_matrices_figure needs at least one probe to draw.")
-    with _saved_figure(path, 4.2 * len(chosen) + 1.2, 4.6) as figure:
+    with _saved_figure(path, 4.2 * len(chosen) + 1.2, 4.9) as figure:
         images: list[AxesImage] = []
         for i, result in enumerate(chosen):
             axes = figure.add_subplot(1, len(chosen), i + 1)
-            matrix = result.classes[pair][kind][MODEL].matrix
-            if matrix is None:
+            whole = result.classes[pair][kind][MODEL]
+            if whole.matrix is None:
                 when = probe_label(result.epoch, result.step)
                 raise ReportError(f"{run.path}: the probe at {when} has no {pair} {kind} class matrix to draw.")
-            images.append(
-                axes.imshow(np.ma.masked_invalid(matrix.double().numpy()), cmap=STIFFNESS_CMAP, vmin=-1, vmax=1)
-            )
+            matrix = np.ma.masked_invalid(whole.matrix.double().numpy())
+            images.append(axes.imshow(matrix, cmap=STIFFNESS_CMAP, vmin=-1, vmax=1))
             ticks = range(result.num_classes)
             axes.set_xticks(ticks)
             axes.set_yticks(ticks)
-            axes.set_title(probe_label(result.epoch, result.step), fontsize=10)
+            if result.num_classes > 12:
+                axes.tick_params(labelsize=6)
+            numbers = f"within {_short(whole.within)}, between {_short(whole.between)}"
+            axes.set_title(f"{probe_label(result.epoch, result.step)}\n{numbers}", fontsize=10)
             rows, cols = PAIRS[pair]
             axes.set_xlabel(f"class of the {cols} example")
             if i == 0:
                 axes.set_ylabel(f"class of the {rows} example")
         figure.colorbar(images[-1], ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
-        figure.suptitle(f"class stiffness matrices, {pair}")
+        figure.suptitle(f"class stiffness matrices, {pair}, {kind}")
 
 
-def _losses_axes(run: Run, axes) -> None:
+def _short(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:.2f}"
+
+
+# ------------------------------------------------------------------------------------------ stiffness against distance
+
+
+def _space_label(space: str, metric: str) -> str:
+    if space == INPUT:
+        return "cosine distance of the inputs (1 − cos)"
+    return f"{'1 − cos' if metric == 'cosine' else 'euclidean distance'} of {space}'s outputs"
+
+
+def _draw_distance_panel(axes: Axes, measures: DistanceMeasures) -> list[str]:
+    """One space's curves, bands, fitted line and ξ; returns what was drawn beyond the curves ("band", "line", "xi",
+    "xi extrapolated"), for the legend."""
+    drawn = []
+    lows, highs = [], []
+    for side, colour in SIDE_COLOURS.items():
+        curve = measures.curves[side]
+        edges = curve.edges.double().numpy()
+        lows.append(edges[0])
+        highs.append(edges[-1])
+        centres = (edges[1:] + edges[:-1]) / 2
+        mean, count = curve.mean.double().numpy(), curve.count.numpy()
+        seen = count > 0
+        marker = "o" if side == "within" else "s"
+        axes.plot(centres[seen], mean[seen], color=colour, marker=marker, markersize=4, linewidth=1.2)
+        band = measures.bands.get(side)
+        if band is not None:
+            low, high = (np.asarray(end, dtype=np.float64) for end in band)
+            ok = np.isfinite(low) & np.isfinite(high)
+            axes.fill_between(centres, low, high, where=ok, color=colour, alpha=_BAND_ALPHA, linewidth=0)
+            drawn.append("band")
+    left, right = min(lows), max(highs)
+    fit = measures.line_fits.get(FITS[0], {})
+    xi = measures.critical_distance
+    flag = extrapolated(xi, fit.get("low", math.nan), fit.get("high", math.nan))
+    span = right - left or 1.0
+    if flag and math.isfinite(xi) and left - 0.5 * span <= xi <= right + 0.5 * span:
+        left, right = min(left, xi), max(right, xi)  # show an extrapolated ξ that is near
+    pad = 0.03 * (right - left or 1.0)
+    axes.set_xlim(left - pad, right + pad)
+    intercept, slope = fit.get("intercept", math.nan), fit.get("slope", math.nan)
+    on_axis = math.isfinite(xi) and left - pad <= xi <= right + pad
+    if math.isfinite(intercept) and math.isfinite(slope):
+        a, b = fit["low"], fit["high"]
+        axes.plot([a, b], [intercept + slope * a, intercept + slope * b], color="black", linewidth=1.6)
+        drawn.append("line")
+        if flag and on_axis:
+            end = b if xi > b else a
+            axes.plot([end, xi], [intercept + slope * end, 0.0], color="black", linewidth=1.0, linestyle=":")
+    if on_axis:
+        axes.axvline(xi, color="black", linestyle=":" if flag else "--", linewidth=1.0)
+        drawn.append("xi extrapolated" if flag else "xi")
+        text = f" ξ = {xi:.3f}" + (" (extrapolated)" if flag else "") + " "
+        axes.text(xi, -0.97, text, fontsize=8, ha="left" if xi < (left + right) / 2 else "right", va="bottom")
+    elif math.isfinite(xi):
+        if xi > right:
+            text, x, ha = f"ξ = {xi:.3f} (extrapolated, off the axis) →", 0.99, "right"
+        else:
+            text, x, ha = f"← ξ = {xi:.3f} (extrapolated, off the axis)", 0.01, "left"
+        axes.text(x, 0.03, text, fontsize=8, ha=ha, transform=axes.transAxes)
+    else:
+        axes.text(0.01, 0.03, "no ξ: the fitted line does not fall", fontsize=8, transform=axes.transAxes)
+    axes.axhline(0, color="grey", linewidth=0.8)
+    axes.set_ylim(*STIFFNESS_RANGE)
+    axes.grid(alpha=0.3)
+    return drawn
+
+
+def distance_figure(run: Run, chosen: list[StiffnessResult], pair: str, path: Path) -> None:
+    """Stiffness against distance, the paper's central figure: a row per ``chosen`` probe, a column per space (the
+    inputs, then each recorded layer), the mean stiffness of same-class and different-class pairs in each distance
+    bin with their 95% bands where the results hold them, the least-squares line through the same-class pairs and
+    its zero crossing ξ (dotted, and said, when extrapolated). Saved to ``path``."""
+    spaces = [INPUT, *chosen[-1].representation_layers]
+    rows, cols = len(chosen), len(spaces)
+    with _saved_figure(path, 4.3 * cols + 0.6, 3.2 * rows + 1.3) as figure:
+        grid = figure.subplots(rows, cols, squeeze=False, sharey=True)
+        drawn: set[str] = set()
+        for r, result in enumerate(chosen):
+            for c, space in enumerate(spaces):
+                axes = grid[r][c]
+                measures = result.spaces[pair].get(space)
+                if measures is None:
+                    axes.text(0.5, 0.5, f"{space} not recorded", ha="center", transform=axes.transAxes)
+                    axes.set_axis_off()
+                    continue
+                drawn.update(_draw_distance_panel(axes, measures))
+                if r == 0:
+                    axes.set_title("input space" if space == INPUT else f"layer {space}", fontsize=11)
+                if r == rows - 1 or rows == 1:
+                    axes.set_xlabel(_space_label(space, result.distance_metric), fontsize=9)
+                if c == 0:
+                    axes.set_ylabel(f"{probe_label(result.epoch, result.step)}\n{result.xi_kind} stiffness")
+        handles: list = [
+            Line2D([], [], color=SIDE_COLOURS["within"], marker="o", markersize=4, label="same class (bin mean)"),
+            Line2D([], [], color=SIDE_COLOURS["between"], marker="s", markersize=4, label="different classes"),
+        ]
+        if "line" in drawn:
+            handles.append(Line2D([], [], color="black", linewidth=1.6, label="least-squares line, same-class pairs"))
+        if "xi" in drawn:
+            handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1.0, label="ξ: where it crosses 0"))
+        if "xi extrapolated" in drawn:
+            handles.append(
+                Line2D([], [], color="black", linestyle=":", linewidth=1.0, label="ξ extrapolated (beyond the pairs)")
+            )
+        if "band" in drawn:
+            handles.append(Patch(color="grey", alpha=0.3, label="95% bootstrap interval of each bin's mean"))
+        _legend_below(figure, handles, ncols=3)
+        figure.suptitle(f"stiffness against distance, {pair}")
+
+
+# ---------------------------------------------------------------------------------------------- over training
+
+
+def _losses_axes(axes: Axes, losses: dict[str, tuple[list[int], list[float]]]) -> list:
+    """The losses on a second y-axis (only when there are some), the stretch where a validation loss rises above its
+    minimum shaded; returns the legend handles."""
+    if not losses:
+        return []
     twin = axes.twinx()
-    for tag, points in sorted(run.losses.items()):
-        xs = [s for s, _ in points]
-        twin.plot(xs, [v for _, v in points], linestyle=":", marker=".", label=tag)
-        if "val" in tag and len(points) > 1:
-            values = [v for _, v in points]
-            best = int(np.argmin(values))
-            if best < len(values) - 1:
-                axes.axvspan(xs[best], xs[-1], color="orange", alpha=0.12, label="validation loss rising")
+    handles: list = []
+    for (tag, (xs, ys)), (colour, style, marker) in zip(sorted(losses.items()), _cycle(_LOSS_STYLES), strict=False):
+        (line,) = twin.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=5, label=f"loss: {tag}")
+        handles.append(line)
+        if "val" in tag and len(ys) > 1:
+            best = int(np.argmin(ys))
+            if best < len(ys) - 1:
+                handles.append(axes.axvspan(xs[best], xs[-1], color="orange", alpha=0.12, label=f"{tag} rising"))
     twin.set_ylabel("loss")
-    if run.losses:
-        twin.legend(loc="upper right", fontsize=8)
+    return handles
 
 
-def stiffness_figure(run: Run, pair: str, path: Path) -> None:
-    """Within/between-class stiffness against the global step, with 95% bands and the run's losses, to ``path``."""
-    with _saved_figure(path, 8, 4.8) as figure:
+def _cycle(styles: Sequence) -> Iterator:
+    while True:
+        yield from styles
+
+
+def training_figure(
+    series: list[Series], losses: dict[str, tuple[list[int], list[float]]], title: str, path: Path
+) -> None:
+    """Within/between-class stiffness against the global step (each series with its band), the losses on a second
+    axis, one legend below; saved to ``path``."""
+    with _saved_figure(path, 8.5, 5.6) as figure:
         axes = figure.add_subplot()
-        xs = run.steps
-        for kind, style in zip(KINDS, ("-", "--"), strict=True):
-            if kind not in run.results[-1].kinds:
-                continue
-            for side, colour in zip(SIDES, ("tab:blue", "tab:red"), strict=True):
-                measures = [r.classes[pair][kind][MODEL] for r in run.results]
-                values = [m.value(side) for m in measures]
-                axes.plot(xs, values, style, marker="o", markersize=3, color=colour, label=f"{kind}, {side} class")
-                low, high = interval_series([m.intervals.get(side) for m in measures])  # 95% bootstrap
-                axes.fill_between(xs, low, high, color=colour, alpha=0.12, linewidth=0)
-        _losses_axes(run, axes)
+        handles: list = [_draw_series(axes, s) for s in series]
+        handles += _losses_axes(axes, losses)
         axes.axhline(0, color="grey", linewidth=0.8)
+        axes.set_ylim(*STIFFNESS_RANGE)
         axes.set_xlabel("global step (0: initialisation)")
         axes.set_ylabel("stiffness")
-        axes.set_title(f"within/between-class stiffness, {pair}")
-        axes.legend(loc="upper left", fontsize=8)
+        axes.set_title(title)
         axes.grid(alpha=0.3)
+        if any(np.isfinite(np.asarray(s.low, float)).any() for s in series):
+            handles.append(Patch(color="grey", alpha=0.3, label="95% interval"))
+        _legend_below(figure, handles, ncols=3)
 
 
-def _xi_series(run: Run, pair: str) -> dict[str, list[float]]:
-    """Space (input, then the last probe's layers) -> xi at each probe (NaN where a probe lacks the space)."""
-    spaces = [INPUT, *run.results[-1].representation_layers]
-    return {
-        space: [_space_value(r, pair, space, "critical_distance", math.nan) for r in run.results] for space in spaces
-    }
-
-
-def _space_value(result: StiffnessResult, pair: str, space: str, name: str, missing):
-    """One field of a probe's measures in ``space``, or ``missing`` where the probe has none there."""
-    measures = result.spaces[pair].get(space)
-    return missing if measures is None else getattr(measures, name)
-
-
-def xi_figure(run: Run, pair: str, path: Path) -> None:
-    """The critical distance ξ against the global step, for the input and each recorded layer, to ``path``."""
-    with _saved_figure(path, 8, 4.8) as figure:
+def xi_figure(series: list[Series], title: str, path: Path) -> None:
+    """The critical distance ξ against the global step, a series per space, to ``path``."""
+    with _saved_figure(path, 8.5, 5.2) as figure:
         axes = figure.add_subplot()
-        for name, values in _xi_series(run, pair).items():
-            (line,) = axes.plot(run.steps, values, marker="o", markersize=3, label=name)
-            low, high = interval_series([_space_value(r, pair, name, "interval", None) for r in run.results])
-            axes.fill_between(run.steps, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
-        title = f"stiff-domain size against training, {pair} (same-class pairs)"
-        _label_xi_axes(axes, "global step (0: initialisation)", title)
+        handles: list = [_draw_series(axes, s) for s in series]
+        if any(any(s.hollow) for s in series):
+            handles.append(
+                Line2D([], [], linestyle="none", marker="o", mfc="none", color="black", label="extrapolated")
+            )
+        if any(np.isfinite(np.asarray(s.low, float)).any() for s in series):
+            handles.append(Patch(color="grey", alpha=0.3, label="95% interval"))
+        axes.set_xlabel("global step (0: initialisation)")
+        axes.set_ylabel("critical distance ξ")
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        _legend_below(figure, handles, ncols=4)
 
 
-def lr_figure(runs: list[Run], lrs: list[float], pair: str, path: Path) -> None:
-    """ξ at each run's last probe against its learning rate ``lrs``, to ``path``."""
-    with _saved_figure(path, 7, 4.8) as figure:
-        axes = figure.add_subplot()
-        order = np.argsort(lrs)
-        series = [_xi_series(runs[i], pair) for i in order]
-        for name in series[0]:
-            values = [s.get(name, [math.nan])[-1] for s in series]
-            axes.plot([lrs[i] for i in order], values, marker="o", label=name)
-        axes.set_xscale("log")
-        title = f"stiff-domain size against learning rate, {pair}"
-        _label_xi_axes(axes, "learning rate", title, " at the last probe")
-
-
-def _label_xi_axes(axes, xlabel: str, title: str, ylabel_note: str = "") -> None:
-    """Labels, legend and grid of a critical-distance plot."""
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("critical distance ξ" + ylabel_note)
-    axes.set_title(title)
-    axes.legend(fontsize=8)
-    axes.grid(alpha=0.3)
+def lr_figure(xi: list[Series], sides: list[Series], title: str, note: str, path: Path) -> None:
+    """ξ (left) and within/between-class stiffness (right) at the last probe against the learning rate, with
+    error bars; to ``path``."""
+    with _saved_figure(path, 12, 5.4) as figure:
+        left, right = figure.subplots(1, 2)
+        handles = [_draw_series(left, s, errorbars=True) for s in xi]
+        left.set_ylabel("critical distance ξ at the last probe")
+        handles += [_draw_series(right, s, errorbars=True) for s in sides]
+        right.axhline(0, color="grey", linewidth=0.8)
+        right.set_ylabel("stiffness at the last probe")
+        for axes in (left, right):
+            axes.set_xscale("log")
+            axes.set_xlabel("learning rate")
+            axes.grid(alpha=0.3)
+        figure.suptitle(f"{title}\n{note}", fontsize=11)
+        _legend_below(figure, handles, ncols=4)
