@@ -12,13 +12,25 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.legend import Legend
+from matplotlib.text import Text
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stiffness import StiffnessCallback
 from lightning_stiffness.functional import critical_distance
-from lightning_stiffness.images.drawing import STIFFNESS_RANGE, CurveSpec, Line, MatrixSpec, Painter
+from lightning_stiffness.images.drawing import (
+    DPI,
+    MAX_TICK_LABELS,
+    STIFFNESS_RANGE,
+    WIDTH,
+    CurveSpec,
+    LayersSpec,
+    Line,
+    MatrixSpec,
+    Painter,
+    XiBarsSpec,
+)
 from lightning_stiffness.images.render_worker import Renderer
 from lightning_stiffness.images.specs import ImageSpec, probe_specs
 from lightning_stiffness.measures.fitted_lines import observed_range
@@ -30,6 +42,15 @@ from tests.helpers import DigitsData, TinyNet, _callback, events, raw_results, t
 from tests.models.basic import tanh_mlp
 
 TAG = class_matrix_tag("train-val", "cosine")
+#: Every image's width in pixels (at DPI): small, so that its type is large where TensorBoard shows it, 270-300 px.
+WIDTH_PX = round(WIDTH * DPI)
+#: The smallest text may be this share of the image's width (12 pt at 480 px: 10 px on a 300-px card).
+MIN_TEXT_SHARE = 1 / 29
+
+
+def _assert_card_sized(picture: Image.Image) -> None:
+    """A PNG of one probe: 480 px wide and not taller than wide (it must read at TensorBoard's card width)."""
+    assert picture.width == WIDTH_PX and 0.6 * WIDTH_PX <= picture.height <= WIDTH_PX, picture.size
 
 
 def _image_steps(log_dir, tag=TAG):
@@ -73,12 +94,12 @@ def test_images_decode_with_the_probe_sets_on_the_axes(tmp_path):
     fit.fit(TinyNet(), datamodule=DigitsData())
     entry = events(fit.log_dir).Images(distance_curve_tag("train-val"))[-1]
     with Image.open(io.BytesIO(entry.encoded_image_string)) as picture:
-        assert picture.mode == "RGB" and min(picture.size) >= 400
+        assert picture.mode == "RGB"
+        _assert_card_sized(picture)
     result = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=4.pt"])
     spec = probe_specs(result, [str(d) for d in range(10)])[TAG]
-    assert "train" in spec.row_label and "rows" in spec.row_label
-    assert "val" in spec.col_label and "columns" in spec.col_label
-    assert "epoch 0, step 4" in spec.title
+    assert (spec.row_label, spec.col_label) == ("train class", "val class")  # rows: the train set, columns: val
+    assert spec.title.startswith("cosine, train-val (epoch 0, step 4)\nwithin ")
     start = StiffnessResult.from_dict(raw_results(fit.log_dir)["epoch=0-step=0.pt"])
     assert "(initialisation)" in probe_specs(start, [str(d) for d in range(10)])[TAG].title
 
@@ -135,15 +156,21 @@ def test_xi_beyond_the_data_is_said_not_drawn():
     axes = painter.figure(_curve(0.5)).axes[0]
     (marker,) = [line for line in axes.get_lines() if line.get_gid() == "xi"]
     assert marker.get_visible() and list(marker.get_xdata()) == [0.5, 0.5]
+    assert _xi_note(painter, _curve(0.5)) == "ξ = 0.5"
+    assert _xi_note(painter, _curve(1.6)) == "ξ ≈ 1.6 (extrapolated →)"  # beyond the largest distance
     axes = painter.figure(_curve(1.6)).axes[0]  # the same template, redrawn
     assert not marker.get_visible()
     assert axes.get_xlim()[1] < 1.0  # the axis is not stretched to ξ
-    (label,) = [text for text in axes.texts if text.get_gid() == "xi-label"]
-    assert "extrapolated, beyond the largest distance" in label.get_text() and "1.600" in label.get_text()
-    sizes = next(c for c in axes.collections if c.get_label() == "within class").get_sizes()
+    assert _xi_note(painter, _curve(0.05)) == "ξ ≈ 0.05 (extrapolated ←)"  # below the smallest distance
+    sizes = next(c for c in axes.collections if c.get_label() == "within").get_sizes()
     assert sizes[0] > 10 * sizes[-1]  # a bin of 500 pairs is drawn larger than one of 2
-    texts = painter.figure(_curve(math.nan)).axes[0].texts
-    assert "no ξ" in next(text for text in texts if text.get_gid() == "xi-label").get_text()
+    assert _xi_note(painter, _curve(math.nan)) == "no ξ (the fit does not fall)"
+
+
+def _xi_note(painter: Painter, spec: CurveSpec) -> str:
+    """The curve's second title line, which says ξ."""
+    (note,) = [text for text in painter.figure(spec).texts if text.get_gid() == "xi-label"]
+    return note.get_text()
 
 
 def test_worker_draws_the_same_pictures_as_this_process():
@@ -229,7 +256,7 @@ def test_fast_curve_matches_the_whole_drawing_and_shows_the_band():
     np.testing.assert_allclose(paths[0].vertices[:4, 0], [centres[0], centres[1], centres[1], centres[0]])
     np.testing.assert_allclose(paths[0].vertices[:4, 1], [band[0][0], band[0][1], band[1][1], band[1][0]])
     assert not next(c for c in axes.collections if c.get_gid() == "band-between").get_paths()
-    assert "95% bootstrap interval" in [t.get_text() for t in axes.get_legend().get_texts()][-1]
+    assert "95% CI" in [t.get_text() for t in axes.get_legend().get_texts()]
 
 
 def test_curves_of_one_probe_share_their_distance_axis():
@@ -307,7 +334,8 @@ def test_thirty_classes_with_long_names_as_png_files(tmp_path):
         files = sorted((Path(fit.log_dir) / class_matrix_tag(pair, "cosine")).glob("*.png"))
         assert [p.name for p in files] == ["epoch=0-step=0.png", "epoch=0-step=2.png"]
         with Image.open(files[-1]) as picture:
-            assert picture.mode == "RGB" and max(picture.size) <= 2000
+            assert picture.mode == "RGB"
+            _assert_card_sized(picture)  # thirty classes: the same width, fewer names on the axes
     spec_names = callback._probes.class_names
     assert list(spec_names) == names
 
@@ -367,4 +395,76 @@ def test_pngs_decode_and_images_are_the_drawn_ones(tmp_path):
     fit.fit(TinyNet(), datamodule=DigitsData())
     for path in (Path(fit.log_dir) / distance_curve_tag("train-val")).glob("*.png"):
         with Image.open(io.BytesIO(path.read_bytes())) as picture:
-            assert picture.format == "PNG" and min(picture.size) >= 400
+            assert picture.format == "PNG"
+            _assert_card_sized(picture)
+
+
+# ------------------------------------------------------------------------------------------- readable on a card
+
+
+def _every_kind() -> dict[str, ImageSpec]:
+    """A spec of every kind of image, the hard cases of each: a probe's own (matrices, curves, by layer, ξ by
+    layer), a hundred classes, thirty long class names, long layer names, ξ extrapolated and none."""
+    result = _measured()
+    add_intervals(result, 20, seed=0)
+    specs: dict[str, ImageSpec] = dict(probe_specs(result, [str(c) for c in range(6)]))
+    hundred = np.random.default_rng(0).uniform(-1, 1, (100, 100))
+    names = tuple(f"class {c}" for c in range(100))
+    specs["hundred"] = MatrixSpec(hundred, names, "cosine, train-val (epoch 12, step 4567)\nwithin 0.52, between -0.01",
+                                  "train class", "val class")  # fmt: skip
+    long_names = tuple(f"a rather long class name number {c}" for c in range(30))
+    specs["thirty long"] = MatrixSpec(hundred[:30, :30], long_names, "sign, val-val (initialisation)\nwithin 0.10, "
+                                      "between 0.00", "val class", "val class")  # fmt: skip
+    layers = tuple(f"encoder.layer.{index}.output" for index in range(12))
+    specs["layers"] = LayersSpec(layers, tuple(np.linspace(0, 1, 12)), tuple(np.linspace(0, -0.2, 12)), "t (epoch 1)")
+    values = (0.8, 1.5, math.nan, *np.linspace(0.1, 0.5, 9))
+    flags = (False, True, None, *([False] * 9))
+    specs["xi bars"] = XiBarsSpec(("input", *layers[:11]), values, "val-val (epoch 100, step 123456)", flags)
+    for name, xi in (("extrapolated", 1.6), ("no xi", math.nan)):
+        spec = _curve(xi)
+        specs[name] = CurveSpec(**{**spec.__dict__, "xlabel": f"cosine distance in {layers[-1]}.attention.dense"})
+    return specs
+
+
+def test_every_image_is_card_sized_png():
+    painter = Painter()
+    for name, spec in _every_kind().items():
+        with Image.open(io.BytesIO(painter.png(spec))) as picture:
+            assert picture.format == "PNG", name
+            if name == "hundred":  # many classes: the same picture at a higher dpi, so a cell keeps some pixels
+                assert picture.width > WIDTH_PX and 0.6 * picture.width <= picture.height <= picture.width
+                assert picture.width / 100 * 0.6 >= 4  # the matrix takes over half the width: 4 px a class or more
+            else:
+                _assert_card_sized(picture)
+
+
+def test_every_text_is_large_for_the_image_and_inside_it():
+    """Shown 300 px wide, no text is smaller than 10 px: each is at least 1/29 of the image's width (tick labels,
+    legends and notes included), and no axis names more than MAX_TICK_LABELS classes or layers."""
+    painter = Painter()
+    for name, spec in _every_kind().items():
+        figure = painter.figure(spec)
+        figure.canvas.draw()  # tick labels are made when drawn
+        width_px = figure.get_size_inches()[0] * figure.dpi
+        texts = [text for text in figure.findobj(Text) if text.get_visible() and text.get_text().strip()]
+        assert len(texts) >= 5, name
+        for text in texts:
+            assert text.get_fontsize() * figure.dpi / 72 >= MIN_TEXT_SHARE * width_px, (name, text.get_text())
+        for axis in (figure.axes[0].xaxis, figure.axes[0].yaxis):
+            assert len([label for label in axis.get_ticklabels() if label.get_text()]) <= MAX_TICK_LABELS, name
+        assert _texts_outside(figure) == [], name
+
+
+def test_the_words_are_few():
+    """Titles, axis labels and legend entries are short: a card has room for about 35 characters a line. (A name
+    too long for the width, such as the 52-character layer of the curves here, is shortened with "…" to fit: see
+    the test above.)"""
+    painter = Painter()
+    for name, spec in _every_kind().items():
+        if name in ("extrapolated", "no xi"):
+            continue
+        figure = painter.figure(spec)
+        lines = [text.get_text() for text in figure.findobj(Text) if text.get_visible()]
+        assert all(len(line) <= 40 for line in lines), (name, [line for line in lines if len(line) > 40])
+        for legend in figure.findobj(Legend):
+            assert all(len(text.get_text()) <= 12 for text in legend.get_texts()), name
