@@ -85,7 +85,8 @@ class Line:
 
 @dataclass(frozen=True)
 class MatrixSpec:
-    """A class stiffness matrix: rows are classes of the row set's examples, columns of the column set's."""
+    """A class stiffness matrix: rows are classes of the row set's examples, columns of the column set's; ``title``
+    is one or two lines (split at ``"\\n"``), each drawn as its own centred line."""
 
     matrix: np.ndarray
     class_names: tuple[str, ...]
@@ -102,7 +103,7 @@ class CurveSpec:
     ``bin_fit``, when given, the line through the within-class bin means, each non-empty bin weighted equally;
     ``within_band``/``between_band``, when given, the (low, high) ends per bin of the bin means' 95% bootstrap
     intervals, drawn as a band; ``xlim``, when given, the distance axis's range (otherwise the edges'), so that the
-    curves of one probe can share an axis.
+    curves of one probe can share an axis. ``title`` is one line: the drawing says ξ in a second one.
     """
 
     edges: np.ndarray
