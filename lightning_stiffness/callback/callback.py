@@ -65,66 +65,66 @@ _Built = TypeVar("_Built")
 
 
 class StiffnessCallback(Callback):
-    r"""Measure gradient stiffness on fixed probe examples at chosen epochs or steps and log it.
+    """Measure gradient stiffness on fixed probe examples at chosen epochs or steps and log it.
 
-    Stiffness between examples i, j is :math:`\cos(g_i, g_j)` or :math:`\operatorname{sign}(g_i \cdot g_j)` of their
-    loss gradients. Each probe logs scalars (``stiffness/{pair}/{kind}/within_class``, ...) and images to every logger
-    at the global step, raw results under ``log_dir``, and keeps the latest scalars available to monitors. Training
-    is unchanged (modes, parameters, gradients and random states are restored after each probe).
+    Stiffness between examples i, j is cos(g_i, g_j) or sign(g_i · g_j) of their loss gradients. Each probe logs
+    scalars (`stiffness/{pair}/{kind}/within_class`, ...) and images to every logger at the global step, raw results
+    under `log_dir`, and keeps the latest scalars available to monitors. Training is unchanged (modes, parameters,
+    gradients and random states are restored after each probe).
 
     Each argument is a public attribute of the same name; one set after construction takes effect when the next
-    ``fit`` sets up (and is checked there as in ``__init__``). Several callbacks can share a Trainer: the
-    :attr:`state_key` holds ``prefix`` and ``kinds``, so each callback resumes its own probe examples from a
+    `fit` sets up (and is checked there as in `__init__`). Several callbacks can share a Trainer: the
+    `state_key` holds `prefix` and `kinds`, so each callback resumes its own probe examples from a
     checkpoint (one written when the key was the prefix alone still loads, when a single callback has that prefix).
-    Two callbacks with the same ``prefix`` and ``kinds`` would log the same tags: Lightning refuses them at
-    ``Trainer(...)`` ("Found more than one stateful callback"). Callbacks with one ``prefix`` and other ``kinds`` log
+    Two callbacks with the same `prefix` and `kinds` would log the same tags: Lightning refuses them at
+    `Trainer(...)` ("Found more than one stateful callback"). Callbacks with one `prefix` and other `kinds` log
     their kinds' tags apart, but share the tags that name no kind and the raw folder (a warning says so): give each
-    callback its own ``prefix`` to keep everything apart.
+    callback its own `prefix` to keep everything apart.
 
     Args:
         samples_per_class: probe examples drawn per class from the training set and from the validation set.
-        epochs: epochs (Lightning's, 0-based) at whose end to probe. Cannot be combined with ``every_n_epochs``.
-        every_n_epochs: probe at the end of every n-th epoch; 0 for none. Default: 1, unless ``epochs``, ``steps``
-            or ``every_n_steps`` is given.
+        epochs: epochs (Lightning's, 0-based) at whose end to probe. Cannot be combined with `every_n_epochs`.
+        every_n_epochs: probe at the end of every n-th epoch; 0 for none. Default: 1, unless `epochs`, `steps`
+            or `every_n_steps` is given.
         steps: global steps (optimiser steps taken, >= 1) after which to probe, alone or with an epoch schedule.
         every_n_steps: probe after every n-th optimiser step. A step is never probed twice.
         probe_at_start: probe once when training starts, before the first optimiser step ("initialisation").
-        kinds: stiffness kinds to measure, among ``"cosine"`` and ``"sign"``. Default: both.
-        method: Gram engine, see :func:`lightning_stiffness.gram.gradient_gram`.
+        kinds: stiffness kinds to measure, among `"cosine"` and `"sign"`. Default: both.
+        method: Gram engine, see `lightning_stiffness.gram.gradient_gram`.
         chunk_size: examples per block of per-example gradients (bounds memory); default from a memory budget.
         seed: seed of the callback's own generator, which draws the probe examples.
-        loss_fn: per-example loss ``loss_fn(outputs, targets) -> [N]``, a callable or an import path
-            ``"package.module.function"``. Default: cross-entropy with ``reduction="none"``.
-        batch_to_xy: turns a batch of probe examples (collated by ``probe_collate_fn``) into
-            ``(x, y)``, a callable or an import path. Default: a tuple's first two entries, or a dict's label
-            (``y``, ``label``, ``labels``, ...) and every other entry (one: positional; several: keyword arguments).
-        probe_collate_fn: batches the probe examples (and the training set's, for ``dataset_every_n_epochs``), a
-            callable or an import path. Default: the training dataloader's ``collate_fn``, which must then be
+        loss_fn: per-example loss `loss_fn(outputs, targets) -> [N]`, a callable or an import path
+            `"package.module.function"`. Default: cross-entropy with `reduction="none"`.
+        batch_to_xy: turns a batch of probe examples (collated by `probe_collate_fn`) into
+            `(x, y)`, a callable or an import path. Default: a tuple's first two entries, or a dict's label
+            (`y`, `label`, `labels`, ...) and every other entry (one: positional; several: keyword arguments).
+        probe_collate_fn: batches the probe examples (and the training set's, for `dataset_every_n_epochs`), a
+            callable or an import path. Default: the training dataloader's `collate_fn`, which must then be
             deterministic: one that mixes or augments examples at random (mixup, CutMix) is refused, since every
             probe would measure other blends; pass the collate without its augmentation here.
-        forward_fn: ``forward_fn(pl_module, x) -> outputs``, a callable or an import path, for a module called
-            otherwise than ``pl_module(x)`` / ``(*x)`` / ``(**x)`` (required when it has no ``forward``).
+        forward_fn: `forward_fn(pl_module, x) -> outputs`, a callable or an import path, for a module called
+            otherwise than `pl_module(x)` / `(*x)` / `(**x)` (required when it has no `forward`).
         num_distance_bins: bins of the stiffness-against-distance curves.
-        save_raw: write each probe's raw results to ``{log_dir}/stiffness/epoch=E-step=S.pt``.
+        save_raw: write each probe's raw results to `{log_dir}/stiffness/epoch=E-step=S.pt`.
         log_images: log class-matrix and distance-curve images (TensorBoard, W&B, MLflow; PNG files otherwise).
         images_every_n_probes: images of every n-th probe, and always of the last.
-        class_names: names for the class axes; default: the training dataset's ``classes`` attribute, or the labels.
-        per_layer: also measure each layer's own gradients (``stiffness/{pair}/{kind}/by_layer/{layer}/...``).
-        layers: module names (``pl_module.named_modules()``) whose outputs give distances: a curve and a ξ each
-            (not ``"input"``: that is input space's name).
-        layer_distance: metric of the representation distances: ``"cosine"`` (1 - cos) or ``"euclidean"``.
+        class_names: names for the class axes; default: the training dataset's `classes` attribute, or the labels.
+        per_layer: also measure each layer's own gradients (`stiffness/{pair}/{kind}/by_layer/{layer}/...`).
+        layers: module names (`pl_module.named_modules()`) whose outputs give distances: a curve and a ξ each
+            (not `"input"`: that is input space's name).
+        layer_distance: metric of the representation distances: `"cosine"` (1 - cos) or `"euclidean"`.
         prefix: first part of every tag and of the raw folder: give each of several callbacks its own.
         strict: raise a probe's unexpected failures (bugs) instead of skipping the probe with a warning; expected
             ones (non-finite loss, out of memory, full disk) are always skipped. Default: the environment variable
-            ``LIGHTNING_STIFFNESS_STRICT``.
-        num_bootstrap: bootstrap draws of each probe's 95% intervals (the raw results' ``intervals``); 0 for none.
+            `LIGHTNING_STIFFNESS_STRICT`.
+        num_bootstrap: bootstrap draws of each probe's 95% intervals (the raw results' `intervals`); 0 for none.
         class_groups: each class's group (a list) or group name -> classes (a dict), for stiffness between groups.
         dataset_every_n_epochs: at every n-th epoch's end, exact class stiffness over the whole training set; 0: off.
 
     Raises:
-        MisconfigurationException: In ``__init__`` for an argument out of range. At setup without a logger, with a
-            sharded strategy (FSDP, DeepSpeed) or an unknown module in ``layers``; when training starts if the
-            training data has no integer class labels, the collate is random (``probe_collate_fn``), or ``loss_fn``
+        MisconfigurationException: In `__init__` for an argument out of range. At setup without a logger, with a
+            sharded strategy (FSDP, DeepSpeed) or an unknown module in `layers`; when training starts if the
+            training data has no integer class labels, the collate is random (`probe_collate_fn`), or `loss_fn`
             does not return one loss per example of the model's outputs.
 
     Example::
@@ -148,8 +148,10 @@ class StiffnessCallback(Callback):
         chunk_size: int | None = None,
         seed: int = 0,
         # `str` first: jsonargparse tries a union's members in order, so an import path stays the string given
-        # and `--print_config` and the saved config.yaml write it back as given.
-        loss_fn: str | Callable[[Tensor, Tensor], Tensor] | None = None,
+        # and `--print_config` and the saved config.yaml write it back as given. `loss_fn` returns a tensor of
+        # per-example losses, annotated `Any`: jsonargparse reads a callable returning a class as a factory of
+        # that class, and would list every Tensor subclass (Parameter, ...) in `--help`.
+        loss_fn: str | Callable[[Tensor, Tensor], Any] | None = None,
         batch_to_xy: str | Callable[[Any], tuple[Any, Any]] | None = None,
         forward_fn: str | Callable[[Any, Any], Any] | None = None,
         probe_collate_fn: str | Callable[[list[Any]], Any] | None = None,
