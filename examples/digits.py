@@ -7,19 +7,34 @@ itself is not needed.
     python examples/digits.py fit --config examples/configs/fc.yaml
     python examples/digits.py fit --config examples/configs/cnn.yaml --trainer.max_epochs 10
     python examples/digits.py fit --help
+
+A bad value or a misspelt option is reported in one short message that names the option (exit code 2);
+``JSONARGPARSE_DEBUG=true`` shows jsonargparse's full message and the traceback instead.
 """
 
+import ast
+import difflib
 import gzip
+import importlib
+import inspect
+import os
 import pickle
+import re
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import torch
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+
+# Imported so that `--trainer.callbacks.help StiffnessCallback` finds it by its short name too.
+from lightning_stiffness import StiffnessCallback  # noqa: F401
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 _DIGIT_NAMES = [str(d) for d in range(10)]
@@ -219,10 +234,225 @@ class PaperNet(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
 
+# ------------------------------------------------------------------------------------- short messages, plain help
+
+#: Sphinx roles (:func:`x`, :py:class:`~a.b`) and inline literals (``x``), shown as `x` in the help.
+_ROLE = re.compile(r":(?:[\w-]+:)+`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``(.+?)``", flags=re.DOTALL)
+_DEBUG = "JSONARGPARSE_DEBUG"
+
+
+def plain(text: str) -> str:
+    """``text`` without Sphinx markup: a role's target (its last part after ``~``) and literals in single quotes."""
+    text = _ROLE.sub(lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", text)
+    return _LITERAL.sub(r"`\1`", text)
+
+
+def debugging() -> bool:
+    """Whether jsonargparse's debug mode is on (``JSONARGPARSE_DEBUG=true``): full messages and tracebacks."""
+    return os.environ.get(_DEBUG, "").lower() == "true"
+
+
+class PlainHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help formatter, with the docstrings' Sphinx markup (Lightning's own included) removed."""
+
+    def _expand_help(self, action) -> str:
+        return plain(super()._expand_help(action))
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+
+def _type_name(text: str) -> str:
+    """A type as jsonargparse writes it (``<class 'int'>``, ``typing.Literal['a', 'b']``), as a user writes it."""
+    text = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", text.strip())
+    literal = re.fullmatch(r"(?:typing\.)?Literal\[(.*)\]", text)
+    if literal:
+        return "one of " + literal[1]
+    return re.sub(r"\b(?:typing|[a-z_]\w*(?:\.[a-z_]\w*)*)\.(?=[A-Za-z_])", "", text).replace("NoneType", "null")
+
+
+def _tree(lines: list[str]) -> list[tuple[str, list]]:
+    """jsonargparse's indented message as (line, children) nodes."""
+    nodes: list[tuple[str, list]] = []
+    while lines:
+        head, lines = lines[0], lines[1:]
+        depth = len(head) - len(head.lstrip())
+        size = next((i for i, line in enumerate(lines) if len(line) - len(line.lstrip()) <= depth), len(lines))
+        nodes.append((head.strip(), _tree(lines[:size])))
+        lines = lines[size:]
+    return nodes
+
+
+def _suggestion(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _parameters(class_path: str) -> list[str]:
+    try:
+        module, name = class_path.rsplit(".", 1)
+        return list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except Exception:  # a name the message gives, not necessarily importable: no suggestion then
+        return []
+
+
+def _list_index(given: str, class_path: str) -> str:
+    """``[i]``: the index of the entry of class ``class_path`` in the list jsonargparse shows as the given value."""
+    try:
+        value = ast.literal_eval(given)
+    except (ValueError, SyntaxError):
+        return ""
+    if not isinstance(value, list):
+        return ""
+    found = [i for i, item in enumerate(value) if isinstance(item, dict) and item.get("class_path") == class_path]
+    return f"[{found[0]}]" if found else ""
+
+
+def _condense(nodes: list[tuple[str, list]], path: str, class_path: str | None = None) -> tuple[str, str]:
+    """(option, problem) from the nodes of a jsonargparse message: the innermost key and what was expected."""
+    if not nodes:
+        return path, "invalid value"
+    head, children = nodes[0]
+    join = f"{path}." if path else ""
+    key = re.fullmatch(r'Parser key "(.+?)":(.*)', head)
+    if key:
+        inner = ([(key[2].strip(), [])] if key[2].strip() else []) + children
+        return _condense(inner, join + key[1])
+    option = re.fullmatch(r"Option '(.+)' is not accepted", head)
+    if option:
+        where = f" of {class_path}" if class_path else ""
+        return join + option[1], f"no such option{where}" + _suggestion(option[1], _parameters(class_path or ""))
+    expected = re.fullmatch(r"Expected an? (.+?)(?:\. Got value: (.*))?", head)
+    if expected:
+        got = f", got {expected[2]}" if expected[2] is not None else ""
+        return path, f"expected {_type_name(expected[1])}{got}"
+    if head == "Does not validate against any of the Union subtypes":
+        fields = dict(nodes)
+        given = next((line.split(": ", 1)[1] for line, _ in nodes if line.startswith("Given value: ")), "")
+        items = [(line[2:], sub) for line, sub in fields.get("Errors:", []) if line.startswith("- ")]
+        for line, sub in items:
+            chosen = re.fullmatch(r"Problem with given class_path '(.+)':", line)
+            if chosen:
+                return _condense(sub, f"{path}{_list_index(given, chosen[1])}.init_args", chosen[1])
+        kinds = [re.fullmatch(r"Expected an? (.+?)(?:\. Got value: (.*))?", line) for line, _ in items]
+        if items and all(kinds):
+            # A value inside the one given (an item of a list): what that item should have been.
+            inner = [k for k in kinds if k is not None and k[2] is not None and k[2] != given]
+            got = f"{inner[0][2]} in {given}" if inner else given
+            return path, f"expected {' or '.join(_type_name(k[1]) for k in inner or kinds if k)}, got {got}"
+        useful = [(line, sub) for line, sub in items if "NoneType" not in line]
+        if useful:
+            return _condense(useful[:1], path, class_path)
+    return path, head
+
+
+def short_message(message: str, parser: LightningArgumentParser) -> str:
+    """jsonargparse's message (often dozens of lines) as one line that names the option and what was expected."""
+    unknown = re.fullmatch(r"unrecognized arguments: (.*)", message.strip(), flags=re.DOTALL)
+    options = [o for o in getattr(parser, "_option_string_actions", {}) if o.startswith("--")]
+    if unknown:
+        names = [arg.split("=", 1)[0] for arg in unknown[1].split() if arg.startswith("-")] or [unknown[1]]
+        return "; ".join(f"{name}: no such option{_suggestion(name, options)}" for name in names)
+    subcommand = re.fullmatch(r"Subcommand '(.+)' does not accept option '(.+)'", message.strip())
+    if subcommand:
+        found = _suggestion(f"--{subcommand[2]}", options).replace("--", "")
+        return f"{subcommand[2]}: no such option of '{subcommand[1]}'{found}"
+    option, problem = _condense(_tree(message.strip().splitlines()), "")
+    return f"{option}: {problem}" if option else problem
+
+
+class ShortMessageParser(LightningArgumentParser):
+    """LightningCLI's parser, with errors in one short message (no usage text) and help without Sphinx markup.
+
+    `JSONARGPARSE_DEBUG=true` keeps jsonargparse's behaviour: the full message, raised with its traceback.
+    """
+
+    def __init__(self, *args: Any, formatter_class: type = PlainHelpFormatter, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debugging():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"error: {short_message(message, parser)}\n")
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"({prog} --help lists the options; {_DEBUG}=true shows the full error)\n")
+        self.exit(2)
+
+
+def _components(config: Namespace, path: str = "") -> list[tuple[str, str, dict]]:
+    """(path, class_path, init_args) of every class given by class path in ``config``, in order."""
+    found: list[tuple[str, str, dict]] = []
+    if isinstance(config, Namespace) and isinstance(config.get("class_path"), str):
+        init_args = config.get("init_args")
+        found.append((path, config["class_path"], dict(init_args.items()) if isinstance(init_args, Namespace) else {}))
+    items = config.items(branches=True) if isinstance(config, Namespace) else enumerate(config)
+    for key, value in items:
+        if isinstance(value, (Namespace, list)):
+            where = f"{path}[{key}]" if isinstance(config, list) else (f"{path}.{key}" if path else key)
+            found += _components(value, where)
+    return found
+
+
+def _same_arguments(instance: object, init_args: dict) -> bool:
+    try:
+        return all(getattr(instance, name, value) == value for name, value in init_args.items())
+    except Exception:  # values that do not compare (tensors): undecided
+        return False
+
+
 class DigitsCLI(LightningCLI):
+    def __init__(self, *args: Any, parser_class: type = ShortMessageParser, **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, with an argument that a class refuses reported as a short parser error naming it."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            if debugging():
+                raise
+            self._parser(self.subcommand).error(self._refusal(err), err)
+
+    def _refusal(self, err: BaseException) -> str:
+        """``option: message`` for an error raised while instantiating: the option of the class that refused."""
+        while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+            err = err.__cause__ or err.__context__  # type: ignore[assignment]
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        given = [("trainer", "", dict(config.get("trainer", Namespace()).items()), self.trainer_class)]
+        given += [("model", "", dict(config.get("model", Namespace()).items()), self._model_class)]
+        given += [("data", "", dict(config.get("data", Namespace()).items()), self._datamodule_class)]
+        for path, class_path, init_args in _components(config):
+            module, _, name = class_path.rpartition(".")
+            try:
+                given.append(
+                    (f"{path}.init_args", class_path, init_args, getattr(importlib.import_module(module), name))
+                )
+            except (ImportError, AttributeError):
+                continue
+        instances = []
+        traceback = err.__traceback__
+        while traceback is not None:
+            frame = traceback.tb_frame
+            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+                instances.append(frame.f_locals["self"])
+            traceback = traceback.tb_next
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for instance in instances:
+            matches = [g for g in given if g[3] is type(instance)]
+            if not matches:
+                continue
+            path, _, init_args, cls = next((g for g in matches if _same_arguments(instance, g[2])), matches[0])
+            message = message.removeprefix(f"{cls.__name__}: ")
+            named = re.findall(r"`(\w+)", message) + re.findall(r"\w+", message)
+            argument = next((name for name in named if name in inspect.signature(cls.__init__).parameters), None)
+            return f"{path}.{argument}: {message}" if argument else f"{path}: {message}"
+        return message
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DigitsCLI:
