@@ -27,6 +27,7 @@ from lightning_stiffness.report.figures import (
     class_matrices_figure,
     distance_figure,
     lr_figure,
+    space_colour,
     training_figure,
     xi_figure,
 )
@@ -203,8 +204,7 @@ def write_report(
     sections += _lr_section(runs, groups, shown, out, lr_key, seed_key, notes)
     for run in runs:
         sections.append(_run_section(run, names[id(run)], out, epochs, *shown[id(run)], lr_key, seed_key, notes))
-    for run in runs:
-        notes += _saturation_notes(run, names[id(run)], shown[id(run)][0])
+    notes += _measure_notes(runs, names, shown)
     pairs = sorted({p for p, _ in shown.values()}, key=list(PAIRS).index)
     kinds = sorted({k for _, k in shown.values()}, key=list(KINDS).index)
     title = f"Stiffness report ({', '.join(pairs)}; {', '.join(kinds)})"
@@ -337,34 +337,28 @@ def _run_section(
     distance_figure(run, chosen, pair, out / f"{name}_distance.png")
     xs = run.steps
     kinds = [k for k in KINDS if k in run.results[-1].kinds]
-    series = []
+    panels: dict[str, list[Series]] = {}
     for k in kinds:
         for side in SIDES:
             measures = [r.classes[pair][k][MODEL] for r in run.results]
             lows, highs = _interval_lists([m.intervals.get(side) for m in measures])
             style, marker = KIND_STYLES[k]
-            series.append(
+            panels.setdefault(k, []).append(
                 Series(_series_label(k, side), xs, [m.value(side) for m in measures], lows, highs,
                        SIDE_COLOURS[side], style, marker)
             )  # fmt: skip
     training_figure(
-        series, _losses(run), f"within/between-class stiffness and loss, {pair}", out / f"{name}_stiffness.png"
+        panels, _losses(run), f"within/between-class stiffness and loss, {pair}", out / f"{name}_stiffness.png"
     )
     spaces = [INPUT, *run.results[-1].representation_layers]
-    xi_series = []
+    xi_series: list[Series] = []
     for space in spaces:
         measures_at = [r.spaces[pair].get(space) for r in run.results]
         lows, highs = _interval_lists([m.interval if m else None for m in measures_at])
         values = [m.critical_distance if m else math.nan for m in measures_at]
         hollow = [bool(m and m.extrapolated) for m in measures_at]
-        xi_series.append(Series(space, xs, values, lows, highs, hollow=hollow))
-        flagged = [r for r, m in zip(run.results, measures_at, strict=True) if m and m.extrapolated]
-        if flagged:
-            notes.append(
-                f"{name}: ξ in {'input space' if space == INPUT else space} ({pair}) is extrapolated at "
-                f"{len(flagged)} of {len(run.results)} probes: the line crosses zero beyond the same-class distances "
-                "measured, a trend rather than a distance where stiffness was seen to vanish."
-            )
+        label = "input space" if space == INPUT else space
+        xi_series.append(Series(label, xs, values, lows, highs, space_colour(len(xi_series)), hollow=hollow))
     xi_figure(xi_series, f"stiff-domain size ξ against training, {pair} (same-class pairs)", out / f"{name}_xi.png")
     figures = [
         (f"class stiffness matrices ({kind})", f"{name}_class_matrices.png"),
@@ -398,18 +392,37 @@ def _interval_lists(intervals: list[Interval | None]) -> tuple[list[float], list
     return lows, highs
 
 
-def _saturation_notes(run: Run, name: str, pair: str) -> list[str]:
-    """A note for each within/between measure of ``run`` at ±1 at every probe."""
+def _measure_notes(runs: list[Run], names: dict[int, str], shown: dict[int, tuple[str, str]]) -> list[str]:
+    """Notes on what the numbers cannot say: a within/between measure at ±1 at every probe (saturated), and ξ
+    extrapolated; each note names the runs it holds for."""
+    saturated: dict[tuple[str, str, str, str], list[str]] = {}
+    flagged: list[str] = []
+    for run in runs:
+        name, pair = names[id(run)], shown[id(run)][0]
+        for kind in run.results[-1].kinds:
+            for side in SIDES:
+                values = [r.classes[pair][kind][MODEL].value(side) for r in run.results if kind in r.classes[pair]]
+                if values and all(math.isfinite(v) and abs(v) >= SATURATED for v in values):
+                    saturated.setdefault((kind, side, pair, f"{values[0]:.2f}"), []).append(name)
+        spaces = []
+        for space in [INPUT, *run.results[-1].representation_layers]:
+            count = sum(bool(m and m.extrapolated) for m in (r.spaces[pair].get(space) for r in run.results))
+            if count:
+                spaces.append(f"{'input space' if space == INPUT else space} at {count} of {len(run.results)} probes")
+        if spaces:
+            flagged.append(f"{name} ({pair}: {', '.join(spaces)})")
     notes = []
-    for kind in run.results[-1].kinds:
-        for side in SIDES:
-            values = [r.classes[pair][kind][MODEL].value(side) for r in run.results if kind in r.classes[pair]]
-            if values and all(math.isfinite(v) and abs(v) >= SATURATED for v in values):
-                notes.append(
-                    f"{name}: {kind} {side}-class stiffness ({pair}) is {values[0]:.2f} at every probe: saturated, "
-                    "it cannot show a change (for sign stiffness: every same-class gradient pair agrees in sign); "
-                    "read the cosine stiffness."
-                )
+    for (kind, side, pair, value), which in saturated.items():
+        why = " (every same-class gradient pair agrees in sign)" if kind == "sign" and side == "within" else ""
+        notes.append(
+            f"Saturated: {kind} {side}-class stiffness ({pair}) is {value} at every probe of {', '.join(which)}{why}; "
+            "it cannot show a change: read the cosine stiffness."
+        )
+    if flagged:
+        notes.append(
+            "ξ extrapolated (the line through the same-class pairs crosses zero beyond the distances measured: a "
+            f"trend, not a distance where stiffness was seen to vanish) in {'; '.join(flagged)}."
+        )
     return notes
 
 
@@ -449,16 +462,21 @@ def _group_section(
     """The seeds of one group aggregated: means over seeds with their t-intervals, over training."""
     pair, kind = shown
     kinds = [k for k in KINDS if all(k in run.results[-1].kinds for run in group.runs)]
-    series = [
-        _summary_series(group, _series_label(k, side), _side(pair, k, side),
-                        colour=SIDE_COLOURS[side], linestyle=KIND_STYLES[k][0], marker=KIND_STYLES[k][1])
+    panels = {
+        k: [
+            _summary_series(group, _series_label(k, side), _side(pair, k, side),
+                            colour=SIDE_COLOURS[side], linestyle=KIND_STYLES[k][0], marker=KIND_STYLES[k][1])
+            for side in SIDES
+        ]
         for k in kinds
-        for side in SIDES
-    ]  # fmt: skip
+    }  # fmt: skip
     title = f"within/between-class stiffness and loss, {pair}: mean over {len(group.runs)} seeds"
-    training_figure(series, group.losses(), title, out / f"{name}_stiffness.png")
+    training_figure(panels, group.losses(), title, out / f"{name}_stiffness.png", " (mean over seeds)")
     spaces = [INPUT, *group.runs[0].results[-1].representation_layers]
-    xi_series = [_summary_series(group, space, _xi(pair, space)) for space in spaces]
+    xi_series = [
+        _summary_series(group, "input space" if space == INPUT else space, _xi(pair, space), colour=space_colour(i))
+        for i, space in enumerate(spaces)
+    ]
     xi_title = f"stiff-domain size ξ against training, {pair}: mean over {len(group.runs)} seeds"
     xi_figure(xi_series, xi_title, out / f"{name}_xi.png")
     header = ["step", "seeds", f"{kind} within", f"{kind} between", *[f"ξ {s}" for s in spaces]]
@@ -509,15 +527,22 @@ def _lr_section(
     varying = _varying(runs, (seed_key, lr_key))
     spaces = [INPUT, *runs[0].results[-1].representation_layers]
     xi, sides = [], []
-    rows = [["line", lr_key, "seeds", f"{kind} within", f"{kind} between", *[f"ξ {s}" for s in spaces]]]
+    rows = [[lr_key, "seeds", f"{kind} within", f"{kind} between", *[f"ξ {s}" for s in spaces]]]
+    if varying:
+        rows[0].insert(0, ", ".join(varying))
     for members in lines.values():
         members = sorted(members, key=lambda g: float(g.runs[0].hparams[lr_key]))
         xs = [float(g.runs[0].hparams[lr_key]) for g in members]
         tag = ", ".join(f"{k}={_value(members[0].runs[0].hparams.get(k))}" for k in varying)
         suffix = f" ({tag})" if tag else ""
-        for space in spaces:
+        for i, space in enumerate(spaces):
             at = [g.at_last(_xi(pair, space)) for g in members]
-            xi.append(Series(f"ξ {space}{suffix}", xs, [s.mean for s in at], [s.low for s in at], [s.high for s in at]))
+            colour = space_colour(i) if not varying else None
+            xi.append(
+                Series(
+                    f"ξ {space}{suffix}", xs, [s.mean for s in at], [s.low for s in at], [s.high for s in at], colour
+                )
+            )
         for side in SIDES:
             at = [g.at_last(_side(pair, kind, side)) for g in members]
             style, marker = KIND_STYLES[kind]
@@ -532,7 +557,7 @@ def _lr_section(
                 g.at_last(_side(pair, kind, "between")),
                 *[g.at_last(_xi(pair, space)) for space in spaces],
             ]
-            rows.append([tag or "–", f"{x:g}", str(len(g.runs)), *[_summary_cell(c) for c in cells]])
+            rows.append([*([tag] if varying else []), f"{x:g}", str(len(g.runs)), *[_summary_cell(c) for c in cells]])
     several = any(len(g.runs) > 1 for g in groups)
     note = "mean over seeds, error bars: 95% t-interval across seeds" if several else "one run per point"
     lr_figure(

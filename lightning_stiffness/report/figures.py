@@ -4,8 +4,9 @@ PNG file. Legends lie outside the axes (below them), so that no data runs under 
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -13,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter
 
 from lightning_stiffness.exceptions import ReportError
 from lightning_stiffness.images.drawing import STIFFNESS_RANGE
@@ -29,6 +31,13 @@ SIDE_COLOURS = {"within": "tab:blue", "between": "tab:red"}
 KIND_STYLES = {"cosine": ("-", "o"), "sign": ("--", "D")}
 _LOSS_STYLES = (("black", ":", "x"), ("dimgray", "-.", "^"), ("black", (0, (1, 3)), "v"), ("dimgray", (0, (5, 1)), "*"))
 _BAND_ALPHA = 0.15
+#: Colours of the distance spaces (input first, then the layers): none of them a side's.
+SPACE_COLOURS = ("tab:green", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:orange", "tab:gray")
+
+
+def space_colour(index: int) -> str:
+    """The colour of the ``index``-th space (input space is 0)."""
+    return SPACE_COLOURS[index % len(SPACE_COLOURS)]
 
 
 @contextmanager
@@ -42,7 +51,7 @@ def _saved_figure(path: Path, width: float, height: float) -> Iterator[Figure]:
 def _legend_below(figure: Figure, handles: Sequence, ncols: int) -> None:
     """One legend for the whole figure, under its axes."""
     if handles:
-        figure.legend(handles=list(handles), loc="outside lower center", ncols=ncols, fontsize=9, frameon=False)
+        figure.legend(handles=list(handles), loc="outside lower center", ncols=ncols, fontsize=10, frameon=False)
 
 
 @dataclass
@@ -65,8 +74,9 @@ def _draw_series(axes: Axes, series: Series, errorbars: bool = False) -> Line2D:
     xs, ys = np.asarray(series.xs, float), np.asarray(series.ys, float)
     low, high = np.asarray(series.low, float), np.asarray(series.high, float)
     (line,) = axes.plot(
-        xs, ys, linestyle=series.linestyle, marker=series.marker, markersize=4, color=series.colour, label=series.label
-    )
+        xs, ys, linestyle=series.linestyle, marker=series.marker, markersize=5, linewidth=1.8, color=series.colour,
+        label=series.label,
+    )  # fmt: skip
     colour = line.get_color()
     banded = np.isfinite(low) & np.isfinite(high)
     if errorbars:
@@ -112,13 +122,13 @@ def class_matrices_figure(run: Run, chosen: list[StiffnessResult], pair: str, ki
             if result.num_classes > 12:
                 axes.tick_params(labelsize=6)
             numbers = f"within {_short(whole.within)}, between {_short(whole.between)}"
-            axes.set_title(f"{probe_label(result.epoch, result.step)}\n{numbers}", fontsize=10)
+            axes.set_title(f"{probe_label(result.epoch, result.step)}\n{numbers}", fontsize=11)
             rows, cols = PAIRS[pair]
             axes.set_xlabel(f"class of the {cols} example")
             if i == 0:
                 axes.set_ylabel(f"class of the {rows} example")
         figure.colorbar(images[-1], ax=figure.axes, label=f"{kind} stiffness", shrink=0.8)
-        figure.suptitle(f"class stiffness matrices, {pair}, {kind}")
+        figure.suptitle(f"class stiffness matrices, {pair}, {kind}", fontsize=13)
 
 
 def _short(value: float) -> str:
@@ -148,7 +158,7 @@ def _draw_distance_panel(axes: Axes, measures: DistanceMeasures) -> list[str]:
         mean, count = curve.mean.double().numpy(), curve.count.numpy()
         seen = count > 0
         marker = "o" if side == "within" else "s"
-        axes.plot(centres[seen], mean[seen], color=colour, marker=marker, markersize=4, linewidth=1.2)
+        axes.plot(centres[seen], mean[seen], color=colour, marker=marker, markersize=5, linewidth=1.5)
         band = measures.bands.get(side)
         if band is not None:
             low, high = (np.asarray(end, dtype=np.float64) for end in band)
@@ -177,15 +187,15 @@ def _draw_distance_panel(axes: Axes, measures: DistanceMeasures) -> list[str]:
         axes.axvline(xi, color="black", linestyle=":" if flag else "--", linewidth=1.0)
         drawn.append("xi extrapolated" if flag else "xi")
         text = f" ξ = {xi:.3f}" + (" (extrapolated)" if flag else "") + " "
-        axes.text(xi, -0.97, text, fontsize=8, ha="left" if xi < (left + right) / 2 else "right", va="bottom")
+        axes.text(xi, -0.97, text, fontsize=9, ha="left" if xi < (left + right) / 2 else "right", va="bottom")
     elif math.isfinite(xi):
         if xi > right:
             text, x, ha = f"ξ = {xi:.3f} (extrapolated, off the axis) →", 0.99, "right"
         else:
             text, x, ha = f"← ξ = {xi:.3f} (extrapolated, off the axis)", 0.01, "left"
-        axes.text(x, 0.03, text, fontsize=8, ha=ha, transform=axes.transAxes)
+        axes.text(x, 0.03, text, fontsize=9, ha=ha, transform=axes.transAxes)
     else:
-        axes.text(0.01, 0.03, "no ξ: the fitted line does not fall", fontsize=8, transform=axes.transAxes)
+        axes.text(0.01, 0.03, "no ξ: the fitted line does not fall", fontsize=9, transform=axes.transAxes)
     axes.axhline(0, color="grey", linewidth=0.8)
     axes.set_ylim(*STIFFNESS_RANGE)
     axes.grid(alpha=0.3)
@@ -212,9 +222,9 @@ def distance_figure(run: Run, chosen: list[StiffnessResult], pair: str, path: Pa
                     continue
                 drawn.update(_draw_distance_panel(axes, measures))
                 if r == 0:
-                    axes.set_title("input space" if space == INPUT else f"layer {space}", fontsize=11)
+                    axes.set_title("input space" if space == INPUT else f"layer {space}", fontsize=12)
                 if r == rows - 1 or rows == 1:
-                    axes.set_xlabel(_space_label(space, result.distance_metric), fontsize=9)
+                    axes.set_xlabel(_space_label(space, result.distance_metric), fontsize=10)
                 if c == 0:
                     axes.set_ylabel(f"{probe_label(result.epoch, result.step)}\n{result.xi_kind} stiffness")
         handles: list = [
@@ -232,13 +242,13 @@ def distance_figure(run: Run, chosen: list[StiffnessResult], pair: str, path: Pa
         if "band" in drawn:
             handles.append(Patch(color="grey", alpha=0.3, label="95% bootstrap interval of each bin's mean"))
         _legend_below(figure, handles, ncols=3)
-        figure.suptitle(f"stiffness against distance, {pair}")
+        figure.suptitle(f"stiffness against distance, {pair}", fontsize=13)
 
 
 # ---------------------------------------------------------------------------------------------- over training
 
 
-def _losses_axes(axes: Axes, losses: dict[str, tuple[list[int], list[float]]]) -> list:
+def _losses_axes(axes: Axes, losses: dict[str, tuple[list[int], list[float]]], suffix: str = "") -> list:
     """The losses on a second y-axis (only when there are some), the stretch where a validation loss rises above its
     minimum shaded; returns the legend handles."""
     if not losses:
@@ -246,7 +256,9 @@ def _losses_axes(axes: Axes, losses: dict[str, tuple[list[int], list[float]]]) -
     twin = axes.twinx()
     handles: list = []
     for (tag, (xs, ys)), (colour, style, marker) in zip(sorted(losses.items()), _cycle(_LOSS_STYLES), strict=False):
-        (line,) = twin.plot(xs, ys, color=colour, linestyle=style, marker=marker, markersize=5, label=f"loss: {tag}")
+        (line,) = twin.plot(
+            xs, ys, color=colour, linestyle=style, marker=marker, markersize=5, label=f"loss: {tag}{suffix}"
+        )
         handles.append(line)
         if "val" in tag and len(ys) > 1:
             best = int(np.argmin(ys))
@@ -262,23 +274,36 @@ def _cycle(styles: Sequence) -> Iterator:
 
 
 def training_figure(
-    series: list[Series], losses: dict[str, tuple[list[int], list[float]]], title: str, path: Path
+    panels: dict[str, list[Series]],
+    losses: dict[str, tuple[list[int], list[float]]],
+    title: str,
+    path: Path,
+    loss_suffix: str = "",
 ) -> None:
-    """Within/between-class stiffness against the global step (each series with its band), the losses on a second
-    axis, one legend below; saved to ``path``."""
-    with _saved_figure(path, 8.5, 5.6) as figure:
-        axes = figure.add_subplot()
-        handles: list = [_draw_series(axes, s) for s in series]
-        handles += _losses_axes(axes, losses)
-        axes.axhline(0, color="grey", linewidth=0.8)
-        axes.set_ylim(*STIFFNESS_RANGE)
-        axes.set_xlabel("global step (0: initialisation)")
-        axes.set_ylabel("stiffness")
-        axes.set_title(title)
-        axes.grid(alpha=0.3)
-        if any(np.isfinite(np.asarray(s.low, float)).any() for s in series):
-            handles.append(Patch(color="grey", alpha=0.3, label="95% interval"))
-        _legend_below(figure, handles, ncols=3)
+    """Within/between-class stiffness against the global step, a panel per kind (``panels``: kind -> its series,
+    each with its band), the losses on a second axis of each (none without losses), one legend below; saved to
+    ``path``. ``loss_suffix`` ends the losses' labels."""
+    with _saved_figure(path, 8.5, 3.6 * len(panels) + 1.6) as figure:
+        grid = figure.subplots(len(panels), 1, sharex=True, squeeze=False)
+        handles: dict[str, Any] = {}
+        loss_handles: dict[str, Any] = {}
+        banded = False
+        for row, (kind, series) in zip(grid, panels.items(), strict=True):
+            axes = row[0]
+            for line in [_draw_series(axes, s) for s in series]:
+                handles.setdefault(str(line.get_label()), line)
+            for line in _losses_axes(axes, losses, loss_suffix):
+                loss_handles.setdefault(str(line.get_label()), line)
+            banded = banded or any(np.isfinite(np.asarray(s.low, float)).any() for s in series)
+            axes.axhline(0, color="grey", linewidth=0.8)
+            axes.set_ylim(*STIFFNESS_RANGE)
+            axes.set_ylabel(f"{kind} stiffness")
+            axes.grid(alpha=0.3)
+        grid[-1][0].set_xlabel("global step (0: initialisation)")
+        figure.suptitle(title, fontsize=12)
+        if banded:
+            handles["band"] = Patch(color="grey", alpha=0.3, label="95% interval")
+        _legend_below(figure, [*handles.values(), *loss_handles.values()], ncols=3)
 
 
 def xi_figure(series: list[Series], title: str, path: Path) -> None:
@@ -300,18 +325,23 @@ def xi_figure(series: list[Series], title: str, path: Path) -> None:
 
 
 def lr_figure(xi: list[Series], sides: list[Series], title: str, note: str, path: Path) -> None:
-    """ξ (left) and within/between-class stiffness (right) at the last probe against the learning rate, with
-    error bars; to ``path``."""
-    with _saved_figure(path, 12, 5.4) as figure:
-        left, right = figure.subplots(1, 2)
-        handles = [_draw_series(left, s, errorbars=True) for s in xi]
-        left.set_ylabel("critical distance ξ at the last probe")
-        handles += [_draw_series(right, s, errorbars=True) for s in sides]
-        right.axhline(0, color="grey", linewidth=0.8)
-        right.set_ylabel("stiffness at the last probe")
-        for axes in (left, right):
+    """ξ (top) and within/between-class stiffness (bottom) at the last probe against the learning rate, with error
+    bars, each panel with its legend on its right; to ``path``."""
+    with _saved_figure(path, 9, 8.5) as figure:
+        top, bottom = figure.subplots(2, 1, sharex=True)
+        for axes, series in ((top, xi), (bottom, sides)):
+            for i, s in enumerate(series):  # each series a little apart, so that error bars at one lr do not hide
+                shift = 10 ** (0.012 * (i - (len(series) - 1) / 2))
+                _draw_series(axes, replace(s, xs=[x * shift for x in s.xs]), errorbars=True)
             axes.set_xscale("log")
-            axes.set_xlabel("learning rate")
             axes.grid(alpha=0.3)
-        figure.suptitle(f"{title}\n{note}", fontsize=11)
-        _legend_below(figure, handles, ncols=4)
+            axes.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=10, frameon=False)
+        lrs = sorted({float(x) for s in [*xi, *sides] for x in s.xs})
+        bottom.xaxis.set_major_locator(FixedLocator(lrs))
+        bottom.xaxis.set_major_formatter(FixedFormatter([f"{lr:g}" for lr in lrs]))
+        bottom.xaxis.set_minor_formatter(NullFormatter())
+        top.set_ylabel("critical distance ξ")
+        bottom.axhline(0, color="grey", linewidth=0.8)
+        bottom.set_ylabel("stiffness")
+        bottom.set_xlabel("learning rate")
+        figure.suptitle(f"{title}\n{note}", fontsize=12)
