@@ -424,35 +424,38 @@ class DigitsCLI(LightningCLI):
         while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
             err = err.__cause__ or err.__context__  # type: ignore[assignment]
         config = self.config[self.subcommand] if self.subcommand else self.config
-        given = [("trainer", "", dict(config.get("trainer", Namespace()).items()), self.trainer_class)]
-        given += [("model", "", dict(config.get("model", Namespace()).items()), self._model_class)]
-        given += [("data", "", dict(config.get("data", Namespace()).items()), self._datamodule_class)]
+        # (where, where its arguments are, the arguments given, the class)
+        classes = {"trainer": self.trainer_class, "model": self._model_class, "data": self._datamodule_class}
+        given = [(key, key, dict(config.get(key, Namespace()).items()), cls) for key, cls in classes.items()]
         for path, class_path, init_args in _components(config):
             module, _, name = class_path.rpartition(".")
             try:
-                given.append(
-                    (f"{path}.init_args", class_path, init_args, getattr(importlib.import_module(module), name))
-                )
+                given.append((path, f"{path}.init_args", init_args, getattr(importlib.import_module(module), name)))
             except (ImportError, AttributeError):
                 continue
-        instances = []
-        traceback = err.__traceback__
-        while traceback is not None:
-            frame = traceback.tb_frame
-            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-                instances.append(frame.f_locals["self"])
-            traceback = traceback.tb_next
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        for instance in instances:
+        for instance in _initialised(err):
             matches = [g for g in given if g[3] is type(instance)]
             if not matches:
                 continue
-            path, _, init_args, cls = next((g for g in matches if _same_arguments(instance, g[2])), matches[0])
+            path, arguments, init_args, cls = next((g for g in matches if _same_arguments(instance, g[2])), matches[0])
             message = message.removeprefix(f"{cls.__name__}: ")
-            named = re.findall(r"`(\w+)", message) + re.findall(r"\w+", message)
-            argument = next((name for name in named if name in inspect.signature(cls.__init__).parameters), None)
-            return f"{path}.{argument}: {message}" if argument else f"{path}: {message}"
+            names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+            argument = next((name for name in re.findall(r"[`'\"](\w+)", message) if name in names), None)
+            return f"{arguments}.{argument}: {message}" if argument else f"{path}: {message}"
         return message
+
+
+def _initialised(err: BaseException) -> list[object]:
+    """The objects whose ``__init__`` the error's traceback passes through, outermost first."""
+    instances = []
+    traceback = err.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            instances.append(frame.f_locals["self"])
+        traceback = traceback.tb_next
+    return instances
 
 
 def main(args: list[str] | None = None, run: bool = True) -> DigitsCLI:
