@@ -23,6 +23,15 @@ SHORTER = {
         "--trainer.callbacks.init_args.epochs=[0] --trainer.callbacks.init_args.samples_per_class=2"
     ),
     "python examples/reproduce_paper.py": "--epochs 2 --lrs 1e-3 1e-2 --max-examples 300 --samples-per-class 2",
+    **dict.fromkeys(
+        [
+            "WANDB_MODE=offline python examples/digits.py fit --config examples/configs/fc.yaml "
+            "--trainer.logger lightning.pytorch.loggers.WandbLogger --trainer.logger.save_dir runs/wandb",
+            "MLFLOW_ALLOW_FILE_STORE=true python examples/digits.py fit --config examples/configs/fc.yaml "
+            "--trainer.logger lightning.pytorch.loggers.MLFlowLogger --trainer.logger.tracking_uri file:./runs/mlruns",
+        ],
+        "--trainer.max_epochs=1 --trainer.limit_train_batches=3 --trainer.callbacks.init_args.samples_per_class=2",
+    ),
     "python examples/text.py fit --config examples/configs/text.yaml": (
         "--trainer.max_epochs=1 --trainer.limit_train_batches=3 --data.train_size=120 --data.val_size=40"
     ),
@@ -48,6 +57,11 @@ def readme_commands() -> list[str]:
 COMMANDS = [c for c in readme_commands() if c not in SCRIPTS and c != ACTIVATE]
 
 
+def program(command: str) -> str:
+    """The program a command runs: its first word after the environment settings (`WANDB_MODE=offline python ...`)."""
+    return next(word for word in command.split() if not re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", word))
+
+
 def test_use_without_lightning_snippet_runs(capsys):
     section = README.split("## Use without Lightning", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
@@ -65,7 +79,7 @@ def test_quickstart_has_exactly_two_commands():
 def test_quickstart_says_how_to_run_what_follows():
     assert ACTIVATE in QUICKSTART and ".venv/bin/" in QUICKSTART
     assert [c for c in readme_commands() if c.startswith("bash ")] == SCRIPTS  # nothing else is run with scripts
-    assert {c.split()[0] for c in COMMANDS} == {"lightning-stiffness", "tensorboard", "python"}
+    assert {program(c) for c in COMMANDS} == {"lightning-stiffness", "tensorboard", "python"}
 
 
 def test_every_logged_tag_is_documented():
@@ -154,6 +168,12 @@ def test_readme_command_runs_in_a_fresh_shell(after_quickstart, command):
         assert (clone / "stiffness-report" / "report.md").exists()
     if "--trainer.callbacks.help" in command:
         assert "--trainer.callbacks.samples_per_class" in output
+    if "WandbLogger" in command:  # the offline run, with the callback's raw results among its files
+        (run,) = (clone / "runs" / "wandb" / "wandb").glob("offline-run-*")
+        assert list(run.glob("run-*.wandb")) and list(run.glob(f"files/{names.PREFIX}/*.pt"))
+    if "MLFlowLogger" in command:  # the file store's run, with metrics and the raw results as artifacts
+        (run,) = [meta.parent for meta in (clone / "runs" / "mlruns").glob("*/*/meta.yaml")]
+        assert (run / "metrics" / names.PREFIX).is_dir() and list(run.glob(f"artifacts/{names.PREFIX}/*.pt"))
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("tensorboard ")])
