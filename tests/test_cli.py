@@ -2,6 +2,8 @@
 
 import importlib.util
 import inspect
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,3 +216,141 @@ def test_a_callable_dumps_as_its_import_path():
     assert dumped["loss_fn"] == "tests.test_cli.per_example_loss"
     assert dumped["probe_collate_fn"] == "torch.utils.data.default_collate"
     assert parser.parse_args([f"--stiffness.loss_fn={dumped['loss_fn']}"]).stiffness.loss_fn == dumped["loss_fn"]
+
+
+# ------------------------------------------------------------------------- short messages, plain help, other loggers
+
+FC = str(ROOT / "examples" / "configs" / "fc.yaml")
+QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.enable_progress_bar=false"]
+CALLBACK = "--trainer.callbacks.init_args."
+
+
+def _digits(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`python examples/digits.py ARGS` in its own process, stdout and stderr together."""
+    environment = {k: v for k, v in os.environ.items() if k != "JSONARGPARSE_DEBUG"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT), environment.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "digits.py"), *args],
+        cwd=cwd,
+        env={**environment, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+#: (what is wrong, the arguments after `fit --config fc.yaml`, the option the message names, what else it says)
+BAD = {
+    "refused by __init__": (
+        [f"{CALLBACK}every_n_epochs=-1"],
+        "trainer.callbacks[0].init_args.every_n_epochs: ",
+        "non-negative integer, got -1",
+    ),
+    "refused by __init__, small": ([f"{CALLBACK}samples_per_class=1"], "init_args.samples_per_class: ", ">= 2"),
+    "unknown kind": ([f"{CALLBACK}kinds=[cosine, curl]"], "init_args.kinds: ", "'cosine', 'sign', got curl"),
+    "unknown method": ([f"{CALLBACK}method=fast"], "init_args.method: ", "'factored'"),
+    "not an int": ([f"{CALLBACK}every_n_epochs=often"], "init_args.every_n_epochs: ", "expected int or null"),
+    "misspelt callback option": ([f"{CALLBACK}every_n_epoch=1"], "every_n_epoch: ", "did you mean every_n_epochs?"),
+    "misspelt trainer option": (["--trainer.max_epohcs=1"], "--trainer.max_epohcs: ", "--trainer.max_epochs?"),
+    "model value": (["--model.lr=fast"], "model.lr: ", "expected float, got fast"),
+    "data value refused by __init__": (["--data.val_fraction=2"], "data.val_fraction: ", "(0, 1)"),
+    "config: refused by __init__": (
+        ["--config", "bad_value.yaml"],
+        "trainer.callbacks[0].init_args.every_n_epochs: ",
+        "got -1",
+    ),
+    "config: misspelt option": (
+        ["--config", "misspelt.yaml"],
+        "trainer.callbacks[0].init_args.every_n_epoch: ",
+        "did you mean every_n_epochs?",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every run of BAD started at once (each spends seconds importing torch), then their exit codes and outputs."""
+    folder = tmp_path_factory.mktemp("bad")
+    config = Path(FC).read_text()
+    (folder / "bad_value.yaml").write_text(config.replace("every_n_epochs: 1", "every_n_epochs: -1"))
+    (folder / "misspelt.yaml").write_text(config.replace("every_n_epochs: 1", "every_n_epoch: 1"))
+    started = {
+        name: _digits(["fit", "--config", FC, f"--trainer.default_root_dir={folder}", *QUICK, *args], folder)
+        for name, (args, _, _) in BAD.items()
+    }
+    started["debug"] = _digits(
+        ["fit", "--config", FC, *QUICK, f"{CALLBACK}every_n_epochs=-1"], folder, **{"JSONARGPARSE_DEBUG": "true"}
+    )
+    return {name: (process.wait(timeout=300), process.communicate()[0]) for name, process in started.items()}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_value_or_option_is_one_short_message(bad_runs, case):
+    _, option, says = BAD[case]
+    code, output = bad_runs[case]
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 2, output
+    assert len(lines) <= 5, output
+    assert "Traceback" not in output and "usage:" not in output, output
+    (message,) = [line for line in lines if line.startswith("error: ")]
+    assert option in message and says in message, output
+
+
+def test_jsonargparse_debug_shows_the_traceback(bad_runs):
+    code, output = bad_runs["debug"]
+    assert code != 0 and "Traceback" in output and "must be a non-negative integer, got -1" in output
+
+
+#: Sphinx markup, and the Tensor subclasses jsonargparse listed for a callable that returns a Tensor.
+NOT_PLAIN = [":func:", ":class:", ":attr:", ":mod:", ":math:", "``", "known subclasses", "FloatTensor", "Parameter"]
+
+
+@pytest.mark.parametrize("name", ["StiffnessCallback", "lightning_stiffness.StiffnessCallback"])
+def test_callback_help_is_plain_text(digits_cli, capsys, name):
+    with pytest.raises(SystemExit) as exit_:
+        digits_cli.main(["fit", "--trainer.callbacks.help", name])
+    shown = capsys.readouterr().out
+    assert exit_.value.code in (0, None)
+    assert "--trainer.callbacks.loss_fn LOSS_FN" in shown and "--trainer.callbacks.loss_fn.help" not in shown
+    assert "see `lightning_stiffness.gram.gradient_gram`" in " ".join(shown.split())  # a Sphinx role's target
+    for markup in NOT_PLAIN:
+        assert markup not in shown, markup
+
+
+def test_fit_help_is_plain_text(digits_cli, capsys):
+    """Lightning's own docstrings (the Trainer's) are shown without their markup too."""
+    with pytest.raises(SystemExit):
+        digits_cli.main(["fit", "--help"])
+    shown = capsys.readouterr().out
+    assert "--trainer.max_epochs" in shown
+    for markup in NOT_PLAIN[:6]:
+        assert markup not in shown, markup
+
+
+def test_wandb_and_mlflow_loggers_from_the_command_line(tmp_path):
+    """The README's lines: W&B offline and MLflow's file store, chosen with --trainer.logger, write their runs."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    logger = "lightning.pytorch.loggers."
+    fast = [*QUICK, f"{CALLBACK}samples_per_class=2"]
+    wandb = _digits(
+        ["fit", "--config", FC, f"--trainer.logger={logger}WandbLogger", "--trainer.logger.save_dir=runs/wandb", *fast],
+        tmp_path,
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+    )
+    mlflow_store = "--trainer.logger.tracking_uri=file:./runs/mlruns"
+    mlflow = _digits(
+        ["fit", "--config", FC, f"--trainer.logger={logger}MLFlowLogger", mlflow_store, *fast],
+        tmp_path,
+        MLFLOW_ALLOW_FILE_STORE="true",
+    )
+    for process in (wandb, mlflow):
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-4000:]
+    (run,) = (tmp_path / "runs" / "wandb" / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb"))
+    assert sorted(p.name for p in run.glob("files/stiffness/*.pt")) == ["epoch=0-step=0.pt", "epoch=0-step=3.pt"]
+    (run,) = [meta.parent for meta in (tmp_path / "runs" / "mlruns").glob("*/*/meta.yaml")]
+    assert (run / "metrics" / "stiffness").is_dir()
+    assert sorted(p.name for p in run.glob("artifacts/stiffness/*.pt")) == ["epoch=0-step=0.pt", "epoch=0-step=3.pt"]

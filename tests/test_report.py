@@ -145,13 +145,12 @@ def _t_cell(values: list[float]) -> str:
     return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
-@pytest.mark.parametrize("fmt", ["md", "html"])
-def test_report_for_several_runs(runs, tmp_path, monkeypatch, fmt):
+def test_report_for_several_runs(runs, tmp_path, monkeypatch):
     saved = _Saved(monkeypatch)
     assert len(find_runs([runs])) == 4
     out = tmp_path / "report"
-    report = write_report([runs], out, epochs=["initialisation", 2, 10], fmt=fmt)
-    assert report.name == f"report.{fmt}"
+    report = write_report([runs], out, epochs=["initialisation", 2, 10])
+    assert report.name == "report.md"
     text = report.read_text()
     pictures = sorted(p.name for p in out.glob("*.png"))
     per_run = ["class_matrices", "distance", "stiffness", "xi"]
@@ -166,12 +165,23 @@ def test_report_for_several_runs(runs, tmp_path, monkeypatch, fmt):
     assert "ξ net.1" in text and "ξ bins input" in text and "least-squares line through all same-class" in text
     assert "no probe at epoch 10; the nearest one, at epoch 2, step 12, is drawn instead." in text
     assert "no probe at epoch 2" not in text
-    # Each stiffness figure has its losses on a second axis; every figure's legends lie off the axes (_Saved).
-    assert saved.axes_count["run0_stiffness.png"] == 2
+    # A stiffness panel per kind, each with the losses on a second axis; every legend lies off the axes (_Saved).
+    assert saved.axes_count["run0_stiffness.png"] == 2 * 2
     assert any("within 0." in title for title in saved.texts["run0_class_matrices.png"])
     assert any("ξ = " in t for t in saved.texts["run0_distance.png"])
-    if fmt == "md":
-        _check_markdown(runs, text)
+    _check_markdown(runs, text)
+
+
+def test_html_report(runs, tmp_path):
+    report = write_report([runs / "lr=0.2"], tmp_path / "report", fmt="html")  # two seeds of one learning rate
+    text = report.read_text()
+    assert report.name == "report.html" and text.startswith("<!doctype html>")
+    pictures = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
+    assert len(pictures) == 2 * 4 + 2 and "critical_distance_vs_lr.png" not in pictures  # one learning rate
+    for name in pictures:
+        assert f"<img src='{name}'" in text
+    assert "<td>initialisation</td>" in text and "<th>examples per class</th>" in text
+    assert len(INTERVAL.findall(text)) > 20
 
 
 def _check_markdown(root: Path, text: str) -> None:
@@ -190,16 +200,21 @@ def _check_markdown(root: Path, text: str) -> None:
         xi = [run.results[-1].spaces["train-val"]["input"].critical_distance for run in same]
         assert f"| 12 | 2 | {_t_cell(within)} |" in text
         assert _t_cell(xi) in text
-        assert f"| – | {lr:g} | 2 | {_t_cell(within)} |" in text  # the table against the learning rate
+        assert f"| {lr:g} | 2 | {_t_cell(within)} |" in text  # the table against the learning rate
     assert "95% Student-t interval" in text
     # Notes: a measure at 1 at every probe is saturated, an extrapolated ξ is said to be.
+    saturated = [
+        f"run{index}"
+        for index, run in enumerate(runs)
+        if all(r.classes["train-val"]["sign"][MODEL].within >= 0.995 for r in run.results)
+    ]
+    note = "Saturated: sign within-class stiffness (train-val) is 1.00 at every probe of "
+    assert (note + ", ".join(saturated) + " (every same-class gradient pair agrees in sign)" in text) == bool(saturated)
     for index, run in enumerate(runs):
-        sign = [r.classes["train-val"]["sign"][MODEL].within for r in run.results]
-        saturated = f"run{index}: sign within-class stiffness (train-val) is 1.00 at every probe: saturated"
-        assert (saturated in text) == all(v >= 0.995 for v in sign)
         flagged = sum(bool(r.spaces["train-val"]["input"].extrapolated) for r in run.results)
-        note = f"run{index}: ξ in input space (train-val) is extrapolated at {flagged} of 4 probes"
+        note = f"run{index} (train-val: input space at {flagged} of 4 probes"
         assert (note in text) == (flagged > 0)
+    assert ("ξ extrapolated (the line through the same-class pairs" in text) == ("input space at" in text)
 
 
 def test_seed_groups(runs):
@@ -245,7 +260,7 @@ def test_losses_and_hparams_from_every_logger(every_logger, tmp_path, monkeypatc
     text = write_report([every_logger], tmp_path / "report").read_text()
     assert "| TensorBoard, CSV, MLflow, W&B |" in text
     assert len(list((tmp_path / "report").glob("*.png"))) == 4  # one run
-    assert saved.axes_count["run0_stiffness.png"] == 2
+    assert saved.axes_count["run0_stiffness.png"] == 2 * 2
 
 
 def test_runs_whose_first_logger_is_mlflow_or_wandb(first_loggers, tmp_path):
@@ -333,7 +348,7 @@ def test_no_loss_axis_without_losses(runs, tmp_path, monkeypatch):
     one = runs / "lr=0.2" / "seed=1"
     monkeypatch.setattr(report_runs, "find_logger_dirs", lambda root: [])  # no logger's files: no losses
     write_report([one], tmp_path / "report")
-    assert saved.axes_count["run0_stiffness.png"] == 1  # no empty second axis
+    assert saved.axes_count["run0_stiffness.png"] == 2  # a panel per kind, no empty second axis
     assert saved.axes_count["run0_xi.png"] == 1
 
 

@@ -256,7 +256,10 @@ def test_the_report_reads_a_version_1_run(tmp_path):
     raw = tmp_path / "run" / "version_0" / "stiffness"
     raw.mkdir(parents=True)
     shutil.copy(FIXTURE_V1, raw / "epoch=0-step=4.pt")
-    report = write_report([tmp_path / "run"], tmp_path / "out").read_text()
     data = _v1()
-    assert f"{data['within_class']['train-train/cosine']:.3f}" in report
-    assert f"{data['layer_critical_distance']['train-train/net.1']:.3f}" in report
+    for pair in ("train-val", "train-train"):  # the default pair, and one chosen
+        report = write_report([tmp_path / "run"], tmp_path / pair, pair=pair if pair != "train-val" else None)
+        text = report.read_text()
+        assert text.startswith(f"# Stiffness report ({pair}; cosine)")
+        assert f"{data['within_class'][f'{pair}/cosine']:.3f}" in text
+        assert f"{data['layer_critical_distance'][f'{pair}/net.1']:.3f}" in text

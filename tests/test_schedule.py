@@ -88,7 +88,10 @@ def test_no_progress_bar_off_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_cli_error_shows_the_callbacks_message_first(tmp_path):
+def test_cli_error_shows_the_callbacks_message_first(tmp_path, monkeypatch):
+    """By default the message is one short line naming the option (tests/test_cli.py); in jsonargparse's debug
+    mode the error is raised, and the callback's own exception comes first in its chain."""
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("digits_example_quiet", root / "examples" / "digits.py")
     module = importlib.util.module_from_spec(spec)
