@@ -246,6 +246,35 @@ def test_a_nan_gradient_with_a_finite_loss_skips_the_probe_naming_the_examples(t
     assert callback.last_result is None and not raw_results(fit.log_dir)
 
 
+class CleanedNaN(TinyNet):
+    """Replaces a NaN input feature by 0 before any weight: the gradients are finite, 1 - cos of that input is not."""
+
+    def forward(self, x):
+        return super().forward(torch.nan_to_num(x))
+
+
+def test_undefined_distances_are_named_and_the_probe_runs(tmp_path):
+    data = DigitsData()
+    x = data.val_set.tensors[0]
+    x[0, 3] = float("nan")  # no distance to anything in input space
+    x[5] = 0.0  # no direction: 1 - cos is undefined
+    callback = StiffnessCallback(samples_per_class=40, log_images=False, layers=["net.1"])  # every val example
+    fit = trainer(tmp_path, [callback], max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(CleanedNaN(), datamodule=data)
+    messages = [str(w.message) for w in caught if "distances in" in str(w.message)]
+    assert messages and all("distances in input space are undefined for 2 of" in m for m in messages)
+    assert all("val #0, val #5 (probe set #dataset index)" in m and "left out of the distance curves" in m
+               for m in messages)  # fmt: skip
+    result = callback.last_result
+    assert result is not None and not any("net.1" in m for m in messages)  # the layer's outputs are all defined
+    n = len(result.labels["val"])
+    curves = result.spaces["val-val"]["input"].curves
+    counted = sum(int(curve.count.sum()) for curve in curves.values())
+    assert counted == (n - 2) * (n - 3)  # the ordered pairs among the other examples only
+
+
 def test_short_class_uses_what_it_has_with_one_warning(tmp_path):
     with pytest.warns(UserWarning, match="fewer than 40 examples") as caught:
         fit = trainer(tmp_path, [StiffnessCallback(samples_per_class=40, log_images=False)], max_epochs=1)

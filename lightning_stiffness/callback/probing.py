@@ -9,6 +9,7 @@ mode, random states kept, a progress bar) and writes the
 """
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -95,6 +96,10 @@ def measure_probe(
     _check_finite_gradients(whole, span, total, comm, named)
     layer_grams: dict[str, Tensor | GramRows] = dict(parts)
     features = {name: input_features(x) for name, x in inputs.items()}
+    if comm.rank == 0:
+        spaces = {"input space": (torch.cat(list(features.values())), "cosine")}
+        spaces.update({f"the outputs of {k}": (r, options.layer_distance) for k, r in representations.items()})
+        _warn_undefined_distances(spaces, named)
     return measure_stiffness(
         whole,
         features,
@@ -240,6 +245,25 @@ def _check_finite_gradients(
         raise ProbeSkipped(
             f"{int(overflow.item())} dot products of finite per-example gradients overflow {whole.values.dtype}"
         )
+
+
+def _warn_undefined_distances(spaces: dict[str, tuple[Tensor, str]], named: "_ExampleNames") -> None:
+    """Warn, naming the examples, where a distance is undefined: features with a NaN or an inf, or all zero under
+    1 - cos (no direction; a layer's ReLU output can be). Their pairs are left out of that space's distance curve and
+    ξ, which would otherwise rest on fewer pairs than the probe has without saying so."""
+    for space, (rows, metric) in spaces.items():
+        flat = rows.reshape(rows.shape[0], -1)
+        undefined = ~torch.isfinite(flat).all(dim=1)
+        if metric == "cosine":
+            undefined |= ~(flat != 0).any(dim=1)
+        bad = torch.nonzero(undefined).flatten().cpu()
+        if bad.numel():
+            warnings.warn(
+                f"StiffnessCallback: the distances in {space} are undefined for {bad.numel()} of {len(flat)} probe "
+                f"examples (NaN or inf features{', or all zero under 1 - cos' if metric == 'cosine' else ''}): "
+                f"{named(bad)}. Their pairs are left out of the distance curves and ξ in that space.",
+                stacklevel=2,
+            )
 
 
 class _ExampleNames:
