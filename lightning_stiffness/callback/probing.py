@@ -29,6 +29,7 @@ from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffn
 from lightning_stiffness.measures.representations import forward_with_outputs
 from lightning_stiffness.measures.result import StiffnessResult
 from lightning_stiffness.measures.whole_dataset import DatasetResult, class_sums_to_matrix, dataset_class_sums
+from lightning_stiffness.names import INPUT
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,7 @@ def measure_probe(
     _check_finite_gradients(whole, span, total, comm, named)
     layer_grams: dict[str, Tensor | GramRows] = dict(parts)
     features = {name: input_features(x) for name, x in inputs.items()}
-    if comm.rank == 0:
-        spaces = {"input space": (torch.cat(list(features.values())), "cosine")}
-        spaces.update({f"the outputs of {k}": (r, options.layer_distance) for k, r in representations.items()})
-        _warn_undefined_distances(spaces, named)
-    return measure_stiffness(
+    result = measure_stiffness(
         whole,
         features,
         labels,
@@ -116,6 +113,9 @@ def measure_probe(
         full_gram=comm.gather_rows(whole.values, total) if options.keep_matrices else None,
         sync=comm.world_size > 1,
     )
+    if comm.rank == 0:
+        _warn_undefined_distances(result, named)
+    return result
 
 
 def measure_dataset(
@@ -247,19 +247,28 @@ def _check_finite_gradients(
         )
 
 
-def _warn_undefined_distances(spaces: dict[str, tuple[Tensor, str]], named: "_ExampleNames") -> None:
-    """Warn, naming the examples, where a distance is undefined: features with a NaN or an inf, or all zero under
-    1 - cos (no direction; a layer's ReLU output can be). Their pairs are left out of that space's distance curve and
-    ξ, which would otherwise rest on fewer pairs than the probe has without saying so."""
-    for space, (rows, metric) in spaces.items():
-        flat = rows.reshape(rows.shape[0], -1)
-        undefined = ~torch.isfinite(flat).all(dim=1)
-        if metric == "cosine":
-            undefined |= ~(flat != 0).any(dim=1)
-        bad = torch.nonzero(undefined).flatten().cpu()
+def _warn_undefined_distances(result: StiffnessResult, named: "_ExampleNames") -> None:
+    """Warn, naming the examples, where a distance is undefined, so that no space's distance curves and ξ rest on
+    fewer pairs than the probe has without saying so.
+
+    :func:`~lightning_stiffness.measures.functional.pairwise_distances` leaves the diagonal of a set's distances to
+    itself non-finite exactly for such examples: features with a NaN or an inf, or all zero under 1 - cos (no
+    direction; a layer's ReLU output can be)."""
+    offsets, start = {}, 0
+    for name, labels in result.labels.items():  # the probe sets in the order ``named`` counts them
+        offsets[name], start = start, start + len(labels)
+    undefined: dict[str, list[Tensor]] = {}
+    for name, offset in offsets.items():
+        for space, measures in result.spaces.get(f"{name}-{name}", {}).items():
+            diagonal = torch.diagonal(measures.distances).cpu()
+            undefined.setdefault(space, []).append(torch.nonzero(~torch.isfinite(diagonal)).flatten() + offset)
+    for space, positions in undefined.items():
+        bad = torch.cat(positions)
         if bad.numel():
+            where = "input space" if space == INPUT else f"the outputs of {space}"
+            metric = "cosine" if space == INPUT else result.distance_metric
             warnings.warn(
-                f"StiffnessCallback: the distances in {space} are undefined for {bad.numel()} of {len(flat)} probe "
+                f"StiffnessCallback: the distances in {where} are undefined for {bad.numel()} of {start} probe "
                 f"examples (NaN or inf features{', or all zero under 1 - cos' if metric == 'cosine' else ''}): "
                 f"{named(bad)}. Their pairs are left out of the distance curves and ξ in that space.",
                 stacklevel=2,
