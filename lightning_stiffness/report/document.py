@@ -396,7 +396,9 @@ def _measure_notes(runs: list[Run], names: dict[int, str], shown: dict[int, tupl
     """Notes on what the numbers cannot say: a within/between measure at ±1 at every probe (saturated), and ξ
     extrapolated; each note names the runs it holds for."""
     saturated: dict[tuple[str, str, str, str], list[str]] = {}
-    flagged: list[str] = []
+    # (pair, space label) -> [probes extrapolated, probes, runs with one]: totals over runs keep the note a few
+    # lines however many runs the report holds (each run's table marks its own probes)
+    extrapolated: dict[tuple[str, str], list[int]] = {}
     for run in runs:
         name, pair = names[id(run)], shown[id(run)][0]
         for kind in run.results[-1].kinds:
@@ -404,13 +406,12 @@ def _measure_notes(runs: list[Run], names: dict[int, str], shown: dict[int, tupl
                 values = [r.classes[pair][kind][MODEL].value(side) for r in run.results if kind in r.classes[pair]]
                 if values and all(math.isfinite(v) and abs(v) >= SATURATED for v in values):
                     saturated.setdefault((kind, side, pair, f"{values[0]:.2f}"), []).append(name)
-        spaces = []
         for space in [INPUT, *run.results[-1].representation_layers]:
             count = sum(bool(m and m.extrapolated) for m in (r.spaces[pair].get(space) for r in run.results))
-            if count:
-                spaces.append(f"{'input space' if space == INPUT else space} at {count} of {len(run.results)} probes")
-        if spaces:
-            flagged.append(f"{name} ({pair}: {', '.join(spaces)})")
+            totals = extrapolated.setdefault((pair, "input space" if space == INPUT else space), [0, 0, 0])
+            totals[0] += count
+            totals[1] += len(run.results)
+            totals[2] += bool(count)
     notes = []
     for (kind, side, pair, value), which in saturated.items():
         why = " (every same-class gradient pair agrees in sign)" if kind == "sign" and side == "within" else ""
@@ -418,10 +419,18 @@ def _measure_notes(runs: list[Run], names: dict[int, str], shown: dict[int, tupl
             f"Saturated: {kind} {side}-class stiffness ({pair}) is {value} at every probe of {', '.join(which)}{why}; "
             "it cannot show a change: read the cosine stiffness."
         )
+    flagged = [
+        f"{label} ({pair}) at {count} of {probes} probes"
+        + (f" in {with_one} of {len(runs)} runs" if len(runs) > 1 else "")
+        for (pair, label), (count, probes, with_one) in extrapolated.items()
+        if count
+    ]
     if flagged:
+        where = f"{names[id(runs[0])]}" if len(runs) == 1 else "the runs"
         notes.append(
             "ξ extrapolated (the line through the same-class pairs crosses zero beyond the distances measured: a "
-            f"trend, not a distance where stiffness was seen to vanish) in {'; '.join(flagged)}."
+            f"trend, not a distance where stiffness was seen to vanish) in {where}: {'; '.join(flagged)}; "
+            "the tables mark each such probe."
         )
     return notes
 
