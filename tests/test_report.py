@@ -212,7 +212,8 @@ def _check_markdown(root: Path, text: str) -> None:
     assert (note + ", ".join(saturated) + " (every same-class gradient pair agrees in sign)" in text) == bool(saturated)
     # ...in one line of totals over the runs (each run's table marks its probes)
     flagged = [sum(bool(r.spaces["train-val"]["input"].extrapolated) for r in run.results) for run in runs]
-    note = f"input space (train-val) at {sum(flagged)} of {4 * len(runs)} probes in {sum(map(bool, flagged))} of {len(runs)} runs"
+    with_one = sum(map(bool, flagged))
+    note = f"input space (train-val) at {sum(flagged)} of {4 * len(runs)} probes in {with_one} of {len(runs)} runs"
     assert (note in text) == (sum(flagged) > 0)
     assert ("ξ extrapolated (the line through the same-class pairs" in text) == ("(extrapolated)" in text)
 
