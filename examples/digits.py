@@ -33,8 +33,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-# Imported so that `--trainer.callbacks.help StiffnessCallback` finds it by its short name too.
-from lightning_stiffness import StiffnessCallback  # noqa: F401
+# Imported so that `--trainer.callbacks.help StiffnessCallback` finds it by its short name too, and for the names
+# of its arguments in the short messages.
+from lightning_stiffness import StiffnessCallback
 
 DatasetName = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 _DIGIT_NAMES = [str(d) for d in range(10)]
@@ -418,6 +419,27 @@ class DigitsCLI(LightningCLI):
             if debugging():
                 raise
             self._parser(self.subcommand).error(self._refusal(err), err)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """As LightningCLI's, with a run the callback refuses when training starts (a mean loss, a loss that cannot
+        take the outputs) reported as one short message naming its option, as a bad value is when parsing."""
+        try:
+            super()._run_subcommand(subcommand)
+        except MisconfigurationException as err:
+            message = str(err)
+            if debugging() or not message.startswith("StiffnessCallback: "):
+                raise
+            message = message.removeprefix("StiffnessCallback: ").splitlines()[0]
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            where = next(
+                (path for path, class_path, _ in _components(config) if class_path.endswith(".StiffnessCallback")),
+                "trainer.callbacks",
+            )
+            names = set(inspect.signature(StiffnessCallback.__init__).parameters) - {"self"}
+            argument = next((name for name in re.findall(r"`(\w+)`", message) if name in names), None)
+            option = f"{where}.init_args.{argument}" if argument and where != "trainer.callbacks" else where
+            sys.stderr.write(f"error: {option}: {message}\n")
+            sys.exit(2)
 
     def _refusal(self, err: BaseException) -> str:
         """``option: message`` for an error raised while instantiating: the option of the class that refused."""

@@ -233,9 +233,25 @@ class _MeanLoss:
         (
             lambda: Containers("tensor"),
             {"loss_fn": nn.CrossEntropyLoss()},
-            r"shape \[N\].*returned \(\).*reduction='none'",
+            r'shape \[N\].*returned \(\).*reduction="none"',
         ),
-        (lambda: Containers("tensor"), {"loss_fn": _MeanLoss()}, r"reduction='none'"),
+        (lambda: Containers("tensor"), {"loss_fn": _MeanLoss()}, r'reduction="none"'),
+        # A fixed-length output that equals one check's count: the other count gives it away.
+        (
+            lambda: Containers("tensor"),
+            {"loss_fn": lambda out, y: torch.stack([F.cross_entropy(out, y), out.pow(2).mean()])},
+            r"on 3 examples it returned \(2,\)",
+        ),
+        # A loss that cannot take the outputs (integer labels against [N, C] outputs): the same on every example.
+        (
+            lambda: Containers("tensor"),
+            {"loss_fn": lambda out, y: (out - y).pow(2).sum(-1)},
+            r"`loss_fn` cannot take the model's outputs \(\(2, 3\)\) and targets \(\(2,\), int64\): RuntimeError",
+        ),
+        # A loss class where an instance belongs, directly or as an import path; a module's path.
+        (lambda: Containers("tensor"), {"loss_fn": nn.CrossEntropyLoss}, r"`loss_fn` is the class .*CrossEntropyLoss"),
+        (lambda: Containers("tensor"), {"loss_fn": "torch.nn.MSELoss"}, r"`loss_fn` is the class .*MSELoss"),
+        (lambda: Containers("tensor"), {"loss_fn": "torch.nn.functional"}, r"'torch.nn.functional' is a module"),
         (
             lambda: Containers("dict"),
             {"forward_fn": lambda m, x: {"features": m.net.body(x)}},
@@ -244,7 +260,8 @@ class _MeanLoss:
     ],
 )
 def test_a_loss_every_probe_would_fail_on_is_refused_when_training_starts(tmp_path, module, callback_args, message):
-    callback = StiffnessCallback(samples_per_class=2, log_images=False, **callback_args)
-    fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2)
+    # Refused by the constructor where the argument alone says so (a class), else when training starts.
     with pytest.raises(MisconfigurationException, match=r"StiffnessCallback: .*" + message):
+        callback = StiffnessCallback(samples_per_class=2, log_images=False, **callback_args)
+        fit = trainer(tmp_path, [callback], max_epochs=1, limit_train_batches=2)
         fit.fit(module(), DataLoader(_features(12, 0), batch_size=4))

@@ -13,9 +13,11 @@ and delegates the rest: probe sets to :mod:`~lightning_stiffness.callback.probe_
 
 """
 
+import contextlib
 import copy
 import importlib
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -690,18 +692,37 @@ def _validation_loaders(trainer: Trainer) -> Any:
 
 
 def resolve_callable(value: Callable[..., Any] | str | None, name: str) -> Callable[..., Any] | None:
-    """A callable given directly or as an import path ``"package.module.function"``."""
-    if value is None or callable(value):
-        return value
-    if not isinstance(value, str) or "." not in value:
+    """A function given directly or as an import path ``"package.module.function"``.
+
+    Raises:
+        ValueError: naming ``name``, when the path does not import, names a module or something not callable, or
+            the value is a class (called on data, a class would be constructed: an instance belongs there).
+    """
+    if value is not None and not callable(value) and (not isinstance(value, str) or "." not in value):
         raise ValueError(f"`{name}` must be a callable or an import path 'package.module.function', got {value!r}.")
-    module_name, _, attribute = value.rpartition(".")
+    resolved = _imported(value, name) if isinstance(value, str) else value
+    if isinstance(resolved, type):
+        shown = f"{resolved.__module__}.{resolved.__qualname__}"
+        raise ValueError(
+            f"`{name}` is the class {shown}, which would be constructed from the data; give an instance, "
+            f"e.g. {resolved.__name__}(...) (in a config: class_path {shown} with init_args)."
+        )
+    return resolved
+
+
+def _imported(path: str, name: str) -> Callable[..., Any]:
+    module_name, _, attribute = path.rpartition(".")
     try:
         resolved = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"`{name}`: cannot import {value!r} ({err}).") from err
+        with contextlib.suppress(ImportError):
+            importlib.import_module(path)  # a module (``package.losses``) rather than a function in one
+            raise ValueError(f"`{name}`: {path!r} is a module, not a callable.") from None
+        raise ValueError(f"`{name}`: cannot import {path!r} ({err}).") from err
+    if isinstance(resolved, types.ModuleType):
+        raise ValueError(f"`{name}`: {path!r} is a module, not a callable.")
     if not callable(resolved):
-        raise ValueError(f"`{name}`: {value!r} is not callable.")
+        raise ValueError(f"`{name}`: {path!r} is not callable.")
     return resolved
 
 

@@ -23,7 +23,7 @@ from lightning_stiffness.callback.progress import Progress
 from lightning_stiffness.exceptions import ProbeSkipped
 from lightning_stiffness.gram import GramOptions, gradient_gram_with
 from lightning_stiffness.gram.inputs import Inputs, apply, concat, take, tensors
-from lightning_stiffness.gram.validation import checked_losses, default_loss_fn
+from lightning_stiffness.gram.validation import called_loss, checked_losses, default_loss_fn, loss_check_counts
 from lightning_stiffness.measures.batches import default_batch_to_xy
 from lightning_stiffness.measures.probe_measures import GramRows, measure_stiffness
 from lightning_stiffness.measures.representations import forward_with_outputs
@@ -175,31 +175,34 @@ def check_probe_loss(
     options: ProbeOptions,
     convert_input: Callable[[Inputs], Inputs] | None = None,
 ) -> None:
-    """The forward and the loss on two probe examples, once when training starts, so that a loss every probe would
-    fail on is refused then rather than skipped at each probe.
+    """The forward and the loss on two and on three probe examples, once when training starts, so that a loss
+    every probe would fail on is refused then rather than skipped at each probe.
 
-    Any other error is left to the probes, which skip or raise it under their own rules, agreed by every process:
-    raised here, on one process only, it would leave the others waiting.
+    An error the loss raises on the model's outputs is a misconfiguration (it fails alike on every process, whose
+    probe examples and weights are the same). Any other error, in the forward, is left to the probes, which skip or
+    raise it under their own rules, agreed by every process: raised here, on one process only, it would leave the
+    others waiting.
 
     Raises:
-        ValueError: when ``loss_fn`` does not return one loss per example (a mean, ``reduction="mean"``).
+        ValueError: when ``loss_fn`` does not return one loss per example (a mean, ``reduction="mean"``), or cannot
+            take the model's outputs and the labels.
         TypeError: when the default loss finds no logits in the model's outputs, or the loss cannot take them.
     """
     device = next(iter(model.parameters()), torch.empty(0)).device
-    n = min(2, len(probe_set))
-    x = (convert_input or (lambda v: v))(apply(take(probe_set.inputs, slice(0, n)), lambda t: t.to(device)))
-    y = probe_set.labels[:n].to(device)
     loss_fn = options.gram.loss_fn or default_loss_fn
+    for n in loss_check_counts(len(probe_set)):
+        x = (convert_input or (lambda v: v))(apply(take(probe_set.inputs, slice(0, n)), lambda t: t.to(device)))
+        y = probe_set.labels[:n].to(device)
 
-    def losses(outputs: Any, chunk: slice) -> Tensor:
-        return checked_losses(loss_fn(outputs, y), n)
+        def losses(outputs: Any, chunk: slice, y: Tensor = y, n: int = n) -> Tensor:
+            return checked_losses(called_loss(loss_fn, outputs, y), n)
 
-    try:
-        forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
-    except (ValueError, TypeError):
-        raise
-    except Exception:  # not a misconfiguration (out of memory, a failure on one process only):
-        return  # the probes meet it under their own rules (skipped or raised, agreed by every process)
+        try:
+            forward_with_outputs(model, x, (), n, options.gram.forward_fn, per_chunk=losses)
+        except (ValueError, TypeError):
+            raise
+        except Exception:  # not a misconfiguration (out of memory, a failure on one process only):
+            return  # the probes meet it under their own rules (skipped or raised, agreed by every process)
 
 
 def _checked_forward(

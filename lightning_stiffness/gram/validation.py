@@ -166,24 +166,57 @@ def floating_dtype(params: dict[str, Tensor]) -> torch.dtype:
     raise ValueError("`params` must include at least one floating-point parameter to differentiate.")
 
 
+#: Example counts the loss is checked on before any Gram matrix or probe: two counts, so that a loss whose output
+#: has a fixed length (a mean over the batch of [N, C] outputs, stacked scalar terms) cannot pass as per-example.
+LOSS_CHECK_COUNTS = (2, 3)
+
+
+def loss_check_counts(available: int) -> list[int]:
+    """The counts of :data:`LOSS_CHECK_COUNTS` that ``available`` examples allow (at least one: ``available``)."""
+    return [n for n in LOSS_CHECK_COUNTS if n <= available] or [available]
+
+
+def called_loss(loss_fn: LossFn, outputs: Any, targets: Tensor) -> Any:
+    """``loss_fn(outputs, targets)``; an error it raises (other than ``ValueError``, ``TypeError`` and running out
+    of memory) becomes a ``ValueError`` naming ``loss_fn``, what it was given and the cause: a loss that cannot take
+    the model's outputs (shapes that do not broadcast, integer targets for a regression loss, a loss class given
+    where an instance belongs) fails the same way on every example, so it is a misconfiguration.
+    """
+    try:
+        return loss_fn(outputs, targets)
+    except (ValueError, TypeError, torch.OutOfMemoryError):
+        raise
+    except Exception as err:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"`loss_fn` cannot take the model's outputs ({shape}) and targets ({tuple(targets.shape)}, "
+            f"{str(targets.dtype).removeprefix('torch.')}): {type(err).__name__}: {err}"
+        ) from err
+
+
 def check_loss_fn(forward: Callable[[Inputs], Any], loss_fn: LossFn, inputs: Inputs, targets: Tensor) -> None:
-    """Run the loss on a few examples (``forward(x) -> outputs``) and check it returns one loss per example."""
-    n = min(2, targets.shape[0])
+    """Run the loss on a few examples (``forward(x) -> outputs``), twice with different counts, and check it
+    returns one loss per example each time.
+
+    Raises:
+        ValueError: from :func:`checked_losses` or :func:`called_loss`.
+    """
     with torch.no_grad():
-        checked_losses(loss_fn(forward(take(inputs, slice(0, n))), targets[:n]), n)
+        for n in loss_check_counts(targets.shape[0]):
+            checked_losses(called_loss(loss_fn, forward(take(inputs, slice(0, n))), targets[:n]), n)
 
 
 def checked_losses(losses: Any, n: int) -> Tensor:
     """``losses``, checked to be what ``loss_fn`` must return on ``n`` examples: a tensor of shape [n].
 
     Raises:
-        ValueError: naming ``loss_fn``, the shape it returned and ``reduction='none'`` (a mean or a sum over the
+        ValueError: naming ``loss_fn``, the shape it returned and ``reduction="none"`` (a mean or a sum over the
             batch is the usual cause).
     """
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (n,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
             f"`loss_fn` must return per-example losses of shape [N]; on {n} examples it returned {shape}. "
-            "Use reduction='none' (for example `nn.CrossEntropyLoss(reduction='none')`)."
+            'Use `reduction="none"` (for example `nn.CrossEntropyLoss(reduction="none")`).'
         )
     return losses
